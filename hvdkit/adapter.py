@@ -1,0 +1,98 @@
+"""The contract between the framework-free trainer and a framework (torch now, Keras next).
+
+An adapter owns the model, the optimizer and Horovod's collectives for one framework; the
+trainer owns everything else (data order, steps, metrics, checkpoints, side effects). Every
+method here is called on every rank in the same order, so the collectives inside line up.
+
+Example (what :class:`hvdkit.Trainer` does with it)::
+
+    adapter.init(seed=0, threads=1)
+    adapter.prepare(lr_factor=adapter.size, accumulation=1)   # wrap optimizer, broadcast
+    loss_sum, count = adapter.train_step(data, step)
+    sums = adapter.eval_batch(data, ids)         # {"loss": .., "correct": .., "count": ..}
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from .sharding import Step
+
+
+class Adapter(abc.ABC):
+    """One framework behind the trainer. Subclasses: ``hvdkit.torch.TorchAdapter``."""
+
+    framework: str = "?"
+
+    # ---- process and collectives ---------------------------------------------------------
+    @abc.abstractmethod
+    def init(self, seed: int, threads: int) -> None:
+        """Initialise Horovod, pin ``threads`` compute threads, seed the framework's RNG."""
+
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def local_rank(self) -> int: ...
+
+    @abc.abstractmethod
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """Elementwise float64 sum over ranks (metrics, counts)."""
+
+    @abc.abstractmethod
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Rank ``root``'s picklable ``obj`` on every rank."""
+
+    @abc.abstractmethod
+    def allgather_object(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+
+    # ---- model and optimizer -------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, lr_factor: float, accumulation: int) -> None:
+        """Wrap the optimizer for allreduce (reducing every ``accumulation`` backward passes),
+        scale the LR by ``lr_factor``, broadcast model and optimizer from rank 0."""
+
+    @abc.abstractmethod
+    def set_lr_factor(self, factor: float) -> None:
+        """Set every LR to ``factor`` times the LR the user gave (warmup, rescaling)."""
+
+    @abc.abstractmethod
+    def dataset_len(self, data: Any) -> int:
+        """Number of samples in ``data`` (same on every rank)."""
+
+    @abc.abstractmethod
+    def train_step(self, data: Any, step: Step) -> Tuple[float, int]:
+        """One optimizer step over ``step.micro_batches``; returns (sum of sample losses, samples) here."""
+
+    @abc.abstractmethod
+    def eval_batch(self, data: Any, ids: np.ndarray) -> Dict[str, float]:
+        """Sums over the samples ``ids``: at least ``loss`` (summed sample losses) and ``count``."""
+
+    @abc.abstractmethod
+    def parameter_checksums(self) -> List[Tuple[str, int]]:
+        """(name, checksum of the exact bytes) for every parameter, in a fixed order."""
+
+    # ---- state -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
+        """Model, optimizer and ``progress`` as one blob (rank 0 calls this alone)."""
+
+    @abc.abstractmethod
+    def state_from_bytes(self, blob: bytes) -> Dict[str, Any]:
+        """Load a blob from :meth:`state_to_bytes` into model and optimizer; return its progress."""
+
+    @abc.abstractmethod
+    def broadcast_state(self) -> None:
+        """Make every rank's model and optimizer equal to rank 0's."""
+
+    def close(self) -> None:
+        """Release what :meth:`init` took; Horovod itself is shut down at exit."""

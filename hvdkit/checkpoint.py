@@ -1,0 +1,139 @@
+"""Atomic, checksummed checkpoints; framework-free (the adapter turns its state into bytes).
+
+Layout of a checkpoint directory::
+
+    ckpt-00000042.bin    the adapter's bytes (for torch: a plain ``torch.save`` file)
+    ckpt-00000042.json   manifest: sha256 and size of the .bin, progress, world size, time
+
+Both are written to a temporary name, fsynced and renamed, the manifest last: a checkpoint
+exists only once its manifest does, and a reader checks the .bin against the manifest's
+sha256, so a crash mid-write or a truncated copy is detected, reported, and never loaded.
+Only rank 0 writes; the newest ``keep`` checkpoints are kept.
+
+Example::
+
+    store = CheckpointStore("/tmp/run1", keep=3)
+    store.save(b"...", {"epoch": 1, "position": 0})
+    blob, manifest = store.load_latest()
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .errors import HvdkitError
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def ensure_writable_dir(path: str) -> str:
+    """Create ``path`` if needed and prove it is writable; raise one clear HvdkitError otherwise."""
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
+        probe.close()
+    except OSError as e:
+        raise HvdkitError(f"checkpoint directory {path} cannot be created or written ({e.strerror}); "
+                          "pass a writable --checkpoint-dir") from None
+    return path
+
+
+class CheckpointStore:
+    """Numbered checkpoints in one directory; see the module docstring for the format."""
+
+    def __init__(self, directory: str, keep: int = 3, log: Callable[[str], None] = lambda msg: None):
+        if keep < 1:
+            raise HvdkitError(f"keep must be >= 1 (got {keep})")
+        self.directory = os.path.abspath(directory)
+        self.keep = keep
+        self.log = log
+
+    def _paths(self, number: int) -> Tuple[str, str]:
+        base = os.path.join(self.directory, f"ckpt-{number:08d}")
+        return base + ".bin", base + ".json"
+
+    def numbers(self) -> List[int]:
+        """Checkpoint numbers that have a manifest, oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        found = (_NAME.match(name) for name in os.listdir(self.directory))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save(self, blob: bytes, meta: Dict) -> str:
+        """Write one checkpoint atomically, then drop the oldest beyond ``keep``. Returns its path."""
+        ensure_writable_dir(self.directory)
+        existing = self.numbers()
+        number = existing[-1] + 1 if existing else 0
+        bin_path, json_path = self._paths(number)
+        atomic_write(bin_path, blob)
+        manifest = dict(meta, sha256=hashlib.sha256(blob).hexdigest(), size=len(blob),
+                        file=os.path.basename(bin_path), saved_at=time.time())
+        atomic_write(json_path, json.dumps(manifest, sort_keys=True).encode())
+        for old in existing[:max(0, len(existing) + 1 - self.keep)]:
+            for p in self._paths(old):
+                if os.path.exists(p):
+                    os.unlink(p)
+        return bin_path
+
+    def verify(self, number: int) -> Tuple[bytes, Dict]:
+        """Read checkpoint ``number``; raise HvdkitError naming the file when it is damaged."""
+        bin_path, json_path = self._paths(number)
+        try:
+            with open(json_path, "rb") as f:
+                manifest = json.loads(f.read())
+            with open(bin_path, "rb") as f:
+                blob = f.read()
+        except (OSError, ValueError) as e:
+            raise HvdkitError(f"checkpoint {bin_path} is unreadable ({e}); delete it to skip it") from None
+        if len(blob) != manifest.get("size") or hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
+            raise HvdkitError(
+                f"checkpoint {bin_path} is corrupt: {len(blob)} bytes, sha256 does not match its manifest "
+                f"({manifest.get('size')} bytes expected); it was not loaded")
+        return blob, manifest
+
+    def load_latest(self) -> Optional[Tuple[bytes, Dict]]:
+        """The newest checkpoint that verifies; damaged newer ones are reported and skipped.
+
+        Returns None for an empty directory. Raises when checkpoints exist but none verifies:
+        starting from scratch silently would overwrite the run the user meant to resume.
+        """
+        problems = []
+        for number in reversed(self.numbers()):
+            try:
+                blob, manifest = self.verify(number)
+            except HvdkitError as e:
+                problems.append(str(e))
+                self.log(f"hvdkit: warning: {e}; falling back to an older checkpoint")
+                continue
+            return blob, manifest
+        if problems:
+            raise HvdkitError(f"no usable checkpoint in {self.directory}: {problems[0]}; "
+                              "remove the damaged files to start from scratch")
+        return None

@@ -1,0 +1,73 @@
+"""Training settings shared by every adapter, validated before anything runs.
+
+Example::
+
+    cfg = TrainConfig(epochs=5, batch_size=64, lr_scaling="linear", warmup_steps=50)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Union
+
+from .errors import HvdkitError
+
+LrScaling = Union[str, Callable[[int], float]]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What the trainer does; every field has a default a user would expect.
+
+    batch_size: samples per worker per backward pass; the global batch is
+        ``batch_size * world_size * accumulation``.
+    lr_scaling: "linear" (LR x world size, Goyal et al.), "none", or ``f(world_size) -> factor``.
+    warmup_steps: ramp the LR factor linearly from 1 to its scaled value over this many steps.
+    checkpoint_every: also checkpoint every N optimizer steps (0: only at the end of each epoch).
+    stop_after_steps: end the run after this many global steps (to split a run in tests and demos).
+    """
+    epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None
+    seed: int = 0
+    shuffle: bool = True
+    accumulation: int = 1
+    lr_scaling: LrScaling = "linear"
+    warmup_steps: int = 0
+    threads: int = 1
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = True
+    stop_after_steps: Optional[int] = None
+    check_divergence: bool = True
+    progress_bar: bool = True
+    tensorboard_dir: Optional[str] = None
+    log_every: int = 0
+
+    def validate(self) -> "TrainConfig":
+        def need(ok, msg):
+            if not ok:
+                raise HvdkitError(msg)
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs}); pass --epochs 1 or more")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1,
+             f"batch_size must be >= 1 (got {self.batch_size}); pass e.g. --batch-size 32")
+        need(self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
+        need(self.accumulation >= 1, f"accumulation must be >= 1 (got {self.accumulation})")
+        need(self.threads >= 1, f"threads must be >= 1 (got {self.threads})")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
+        need(callable(self.lr_scaling) or self.lr_scaling in ("linear", "none"),
+             f"lr_scaling must be 'linear', 'none' or a function of the world size (got {self.lr_scaling!r})")
+        return self
+
+    def lr_factor(self, world_size: int, global_step: int) -> float:
+        """LR multiplier at ``global_step``: the scaled factor, ramped up over ``warmup_steps``."""
+        if callable(self.lr_scaling):
+            target = float(self.lr_scaling(world_size))
+        else:
+            target = float(world_size) if self.lr_scaling == "linear" else 1.0
+        if self.warmup_steps and global_step < self.warmup_steps:
+            return 1.0 + (target - 1.0) * (global_step + 1) / self.warmup_steps
+        return target
