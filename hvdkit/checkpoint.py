@@ -130,7 +130,7 @@ class CheckpointStore:
                 blob, manifest = self.verify(number)
             except HvdkitError as e:
                 problems.append(str(e))
-                self.log(f"hvdkit: warning: {e}; falling back to an older checkpoint")
+                self.log(f"warning: {e}; falling back to an older checkpoint")
                 continue
             return blob, manifest
         if problems:

@@ -1,2 +1,54 @@
-def main(argv=None):
+"""``hvdkit`` command line: ``doctor`` (preflight report) and ``launch`` (run a script on N workers).
+
+Example::
+
+    hvdkit doctor --json
+    hvdkit launch -np 2 examples/torch_digits.py --epochs 3
+    hvdkit launch --launcher mpirun -np 2 --print examples/torch_digits.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from .errors import HvdkitError
+from .launch import LAUNCHERS, launch_command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hvdkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    doctor = sub.add_parser("doctor", help="check that this machine can run Horovod jobs")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    launch = sub.add_parser("launch", help="run a Python script on N workers")
+    launch.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun")
+    launch.add_argument("-np", "--num-proc", dest="np", type=int, default=2)
+    launch.add_argument("-H", "--hosts", default=None, help="host1:slots,host2:slots (default localhost:NP)")
+    launch.add_argument("--print", action="store_true", help="print the command instead of running it")
+    launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "doctor":
+            from .doctor import run_doctor
+            return run_doctor(as_json=args.json)
+        if not args.script:
+            raise HvdkitError("launch needs a script to run, e.g. hvdkit launch -np 2 examples/torch_digits.py")
+        cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=args.hosts)
+        print(shlex.join(cmd), file=sys.stdout if args.print else sys.stderr, flush=True)
+        if args.print:
+            return 0
+        os.execvp(cmd[0], cmd)
+    except HvdkitError as e:
+        print(f"hvdkit: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,7 +48,9 @@ def patch(src):
         'set(Pytorch_CXX17 ${Pytorch_CXX17} PARENT_SCOPE)\n'
         'if(HAVE_GLOO AND Pytorch_CXX17)\n'
         '    list(REMOVE_ITEM PYTORCH_LINKER_LIBS gloo compatible_gloo)\n'
-        '    list(APPEND PYTORCH_LINKER_LIBS compatible17_gloo)\n'
+        # First in the link line: libtorch_cpu.so exports its own (different) Gloo, and a shared
+        # library listed earlier would satisfy the symbols and leave them bound to torch's copy.
+        '    list(INSERT PYTORCH_LINKER_LIBS 0 compatible17_gloo)\n'
         'endif()',
     )
     # 1b. top level: build compatible17_gloo for torch too; its ABI follows whichever framework needs it.

@@ -1,0 +1,37 @@
+"""Train a small network on scikit-learn's 8x8 digits with PyTorch on N Horovod workers.
+
+    hvdkit launch -np 2 examples/torch_digits.py --metrics-json results/torch_digits.json
+    hvdkit launch --launcher mpirun -np 2 examples/torch_digits.py
+"""
+import torch
+from torch import nn
+
+from hvdkit import Trainer
+from hvdkit.datasets import digits_split
+from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
+from hvdkit.torch import TorchAdapter
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+@main_guard
+def main():
+    args = training_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, lr=0.05).parse_args()
+    x_train, y_train, x_test, y_test = digits_split()
+    if args.limit_train is not None:
+        x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
+    torch.manual_seed(args.seed)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression)
+    result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
+    write_metrics(args.metrics_json, result, "torch", adapter.rank)
+    if adapter.rank == 0:
+        print(f"test accuracy {result.eval['accuracy']:.4f} on {result.eval['samples']} samples, "
+              f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)
+
+
+if __name__ == "__main__":
+    main()

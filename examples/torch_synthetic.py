@@ -1,0 +1,43 @@
+"""Throughput of a small CNN (2 conv + 2 fc, 28x28 inputs) on synthetic data, PyTorch on N workers.
+
+    hvdkit launch -np 2 examples/torch_synthetic.py --metrics-json results/torch_synthetic.json
+"""
+import torch
+from torch import nn
+
+from hvdkit import Trainer
+from hvdkit.datasets import synthetic_images
+from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
+from hvdkit.torch import TorchAdapter
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x.permute(0, 3, 1, 2)))  # data is NHWC like the Keras example
+
+
+@main_guard
+def main():
+    parser = training_parser(__doc__.splitlines()[0], epochs=1, batch_size=64, lr=0.01)
+    parser.add_argument("--samples", type=int, default=8192, help="synthetic training samples")
+    args = parser.parse_args()
+    x, y = synthetic_images(args.samples, seed=args.seed)
+    x_test, y_test = synthetic_images(1024, seed=args.seed + 1)
+    torch.manual_seed(args.seed)
+    model = SmallCNN()
+    adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
+                           nn.functional.cross_entropy, compression=args.compression)
+    result = Trainer(adapter, config_from_args(args)).fit((x, y), (x_test, y_test))
+    write_metrics(args.metrics_json, result, "torch", adapter.rank)
+    if adapter.rank == 0:
+        print(f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)
+
+
+if __name__ == "__main__":
+    main()

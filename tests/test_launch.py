@@ -1,0 +1,133 @@
+"""Launch commands (hvdkit.launch): pure argv construction, nothing is run."""
+import os
+import sys
+
+import pytest
+
+from hvdkit.errors import HvdkitError
+from hvdkit.launch import FORWARDED_ENV, launch_command
+
+SCRIPT = ["train.py", "--epochs", "1"]
+
+
+# ---------------------------------------------------------------- helpers
+
+def tool_name(cmd):
+    return os.path.basename(cmd[0])
+
+
+def value_after(cmd, flag):
+    return cmd[cmd.index(flag) + 1]
+
+
+def x_values(cmd):
+    return [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-x"]
+
+
+def mpirun(monkeypatch, np=2, euid=1000, cpus=64, **kw):
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    return launch_command(SCRIPT, np=np, launcher="mpirun", python="python", **kw)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in FORWARDED_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+# ---------------------------------------------------------------- horovodrun
+
+def test_horovodrun_default_command():
+    cmd = launch_command(SCRIPT, np=2, launcher="horovodrun", python="python")
+    assert tool_name(cmd) == "horovodrun"
+    assert cmd[1:] == ["-np", "2", "-H", "localhost:2", "--gloo", "python", "train.py", "--epochs", "1"]
+
+
+def test_horovodrun_is_the_default_launcher_and_np_default_is_2():
+    cmd = launch_command(SCRIPT, python="python")
+    assert tool_name(cmd) == "horovodrun"
+    assert value_after(cmd, "-np") == "2" and value_after(cmd, "-H") == "localhost:2"
+
+
+def test_horovodrun_hosts_passed_through():
+    cmd = launch_command(SCRIPT, np=4, hosts="node1:2,node2:2", python="python")
+    assert value_after(cmd, "-np") == "4"
+    assert value_after(cmd, "-H") == "node1:2,node2:2"
+
+
+def test_horovodrun_extra_goes_before_python_and_env_is_a_prefix():
+    cmd = launch_command(SCRIPT, np=3, python="python", env={"B": "2", "A": "1"},
+                         extra=["--verbose"])
+    assert cmd[:3] == ["env", "A=1", "B=2"]
+    rest = cmd[3:]
+    assert tool_name(rest) == "horovodrun"
+    assert rest[1:] == ["-np", "3", "-H", "localhost:3", "--gloo", "--verbose",
+                        "python", "train.py", "--epochs", "1"]
+
+
+def test_python_defaults_to_current_interpreter():
+    cmd = launch_command(SCRIPT, np=1)
+    assert cmd[-4:] == [sys.executable, *SCRIPT]
+
+
+def test_tool_next_to_python_is_preferred(tmp_path):
+    python = tmp_path / "python"
+    horovodrun = tmp_path / "horovodrun"
+    for path in (python, horovodrun):
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+    cmd = launch_command(SCRIPT, np=1, python=str(python))
+    assert cmd[0] == str(horovodrun)
+    assert cmd[-4:] == [str(python), *SCRIPT]
+
+
+# ---------------------------------------------------------------- mpirun
+
+def test_mpirun_basic_command(monkeypatch, clean_env):
+    cmd = mpirun(monkeypatch, np=2)
+    assert tool_name(cmd) == "mpirun"
+    assert value_after(cmd, "-np") == "2" and value_after(cmd, "-H") == "localhost:2"
+    assert value_after(cmd, "--bind-to") == "none"
+    assert cmd[-4:] == ["python", *SCRIPT]
+    assert "--gloo" not in cmd
+
+
+def test_mpirun_allow_run_as_root_only_for_root(monkeypatch, clean_env):
+    assert "--allow-run-as-root" in mpirun(monkeypatch, euid=0)
+    assert "--allow-run-as-root" not in mpirun(monkeypatch, euid=1000)
+
+
+def test_mpirun_oversubscribe_only_beyond_cpu_count(monkeypatch, clean_env):
+    assert "--oversubscribe" not in mpirun(monkeypatch, np=4, cpus=4)
+    assert "--oversubscribe" in mpirun(monkeypatch, np=5, cpus=4)
+    assert "--oversubscribe" in mpirun(monkeypatch, np=2, cpus=None)  # unknown count counts as 1
+
+
+def test_mpirun_env_forwarded_with_x(monkeypatch, clean_env):
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    cmd = mpirun(monkeypatch, env={"OMP_NUM_THREADS": "1", "A": "x y"}, extra=["--tag-output"])
+    assert x_values(cmd) == ["PYTHONPATH", "A=x y", "OMP_NUM_THREADS=1"]
+    assert cmd[-5:] == ["--tag-output", "python", *SCRIPT]
+
+
+def test_mpirun_without_env_has_no_x(monkeypatch, clean_env):
+    assert x_values(mpirun(monkeypatch)) == []
+
+
+def test_mpirun_hosts_passed_through(monkeypatch, clean_env):
+    cmd = mpirun(monkeypatch, np=4, hosts="a:2,b:2")
+    assert value_after(cmd, "-H") == "a:2,b:2"
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_launcher_raises():
+    with pytest.raises(HvdkitError, match="unknown launcher 'srun'.*horovodrun, mpirun"):
+        launch_command(SCRIPT, np=2, launcher="srun")
+
+
+@pytest.mark.parametrize("np", [0, -1])
+def test_np_below_one_raises(np):
+    with pytest.raises(HvdkitError, match="-np must be >= 1"):
+        launch_command(SCRIPT, np=np, python="python")

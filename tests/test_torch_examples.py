@@ -1,0 +1,55 @@
+"""The torch examples as a user runs them: real digits data, both launchers, bad input."""
+import json
+import os
+
+import pytest
+
+from proc import explain, launch
+
+DIGITS = "examples/torch_digits.py"
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+def test_torch_digits_reaches_95_percent_on_two_workers(tmp_path, launcher):
+    metrics, tb, ckpt = tmp_path / "m.json", tmp_path / "tb", tmp_path / "ckpt"
+    result = launch(DIGITS, ["--metrics-json", str(metrics), "--tensorboard-dir", str(tb),
+                             "--checkpoint-dir", str(ckpt)], np=2, launcher=launcher, timeout=240)
+    assert result.returncode == 0, explain(result)
+    m = json.loads(metrics.read_text())
+    assert m["framework"] == "torch" and m["world_size"] == 2 and m["epochs"] == 20
+    assert m["global_batch_size"] == 64
+    assert m["train_samples_per_epoch"] == 1437          # summed over ranks: the whole train split
+    assert m["test_samples"] == 360                      # each test sample counted once
+    assert m["test_accuracy"] >= 0.95
+    assert m["samples_per_sec"] > 0
+    # Rank-0-only side effects: one TensorBoard event file, one set of checkpoints.
+    events = [f for f in os.listdir(tb) if f.startswith("events.out.tfevents")]
+    assert len(events) == 1
+    import torch
+    newest = sorted(f for f in os.listdir(ckpt) if f.endswith(".bin"))[-1]
+    state = torch.load(ckpt / newest, weights_only=True)
+    assert state["progress"]["epoch"] == 20 and "model" in state and "optimizer" in state
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--limit-train", "0"], "training dataset is empty"),
+    (["--checkpoint-dir", "{file}/sub"], "cannot be created or written"),
+])
+def test_bad_input_is_one_clear_line_on_every_rank(tmp_path, flags, message):
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file where a directory is expected")
+    flags = [f.format(file=blocker) for f in flags]
+    result = launch(DIGITS, flags + ["--epochs", "1"], np=2, launcher="horovodrun", timeout=120)
+    assert result.returncode != 0, explain(result)
+    lines = [l for l in result.stderr.splitlines() + result.stdout.splitlines() if "hvdkit: error:" in l]
+    assert len(lines) == 2, explain(result)                 # one line per rank
+    assert {l.split("]")[0] for l in lines} == {"[0", "[1"}  # horovodrun prefixes [rank]<stderr>
+    assert all(message in l for l in lines)
+    assert "Traceback" not in result.stderr.split("Horovod detected")[0]
+
+
+def test_bad_input_under_mpirun_exits_without_hanging(tmp_path):
+    result = launch(DIGITS, ["--batch-size", "0"], np=2, launcher="mpirun", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("hvdkit: error: batch_size must be >= 1") == 2, explain(result)

@@ -1,0 +1,65 @@
+"""The torch adapter on 2 real workers, under horovodrun (Gloo) and mpirun: one launch per launcher
+runs tests/workers/torch_checks.py, and each test below asserts one of its outcomes."""
+import json
+
+import pytest
+
+from proc import explain, launch
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", params=["horovodrun", "mpirun"])
+def ranks(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"torch_{request.param}")
+    result = launch("tests/workers/torch_checks.py", [str(out)], np=2, launcher=request.param, timeout=240)
+    assert result.returncode == 0, explain(result)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_workers_equal_one_worker_with_double_batch(ranks):
+    for r in ranks:
+        assert r["size"] == 2
+        assert r["equiv_plain_maxdiff"] < TOLERANCE
+        assert r["equiv_accumulation_maxdiff"] < TOLERANCE
+
+
+def test_uneven_data_trains_every_sample_and_finishes(ranks):
+    # 50 samples, 2 workers x batch 4: 7 steps per epoch (the last holds 2 samples), 3 epochs
+    for r in ranks:
+        assert r["equiv_plain_steps"] == 3 * 7
+        assert r["equiv_plain_samples"] == 50
+        assert r["equiv_accumulation_steps"] == 3 * 4  # 16 samples per step with 2 passes
+        assert r["equiv_accumulation_samples"] == 50
+
+
+def test_ranks_hold_identical_parameters(ranks):
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
+def test_exact_evaluation_counts_each_sample_once(ranks):
+    for r in ranks:
+        assert r["eval"]["samples"] == 37
+        assert r["eval"]["accuracy"] == pytest.approx(r["eval_expected_accuracy"], abs=1e-6)
+        assert r["eval"]["loss"] == pytest.approx(r["eval_expected_loss"], abs=1e-5)
+
+
+def test_resume_mid_epoch_gives_the_uninterrupted_result(ranks):
+    for r in ranks:
+        assert r["resume_stopped_early"] is True
+        assert r["resume_from"] == {"epoch": 1, "position": 16, "global_step": 9}
+        assert r["resume_final_step"] == 21
+        assert r["resume_maxdiff"] == 0.0
+
+
+def test_corrupt_checkpoint_is_reported_not_loaded(ranks):
+    assert ranks[0]["corrupted_file"] == "ckpt-00000002.bin"
+    for r in ranks:
+        assert r["fallback_resumed_from"] == "ckpt-00000001.bin"
+        assert r["fallback_epochs"] == 4
+        assert r["all_corrupt_error"] and "corrupt" in r["all_corrupt_error"]
+
+
+def test_divergence_check_names_rank_and_tensor(ranks):
+    for r in ranks:
+        assert "rank 1" in r["divergence_error"] and "2.bias" in r["divergence_error"]
