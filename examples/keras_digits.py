@@ -1,0 +1,37 @@
+"""Train a small Keras 3 network on scikit-learn's 8x8 digits on N Horovod workers (TensorFlow backend).
+
+    hvdkit launch -np 2 examples/keras_digits.py --metrics-json results/keras_digits.json
+    hvdkit launch --launcher mpirun -np 2 examples/keras_digits.py
+"""
+from hvdkit import Trainer
+from hvdkit.datasets import digits_split
+from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
+
+
+def make_model(keras):
+    return keras.Sequential([keras.Input(shape=(64,)), keras.layers.Dense(128, activation="relu"),
+                             keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
+
+
+@main_guard
+def main():
+    args = training_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, lr=0.05).parse_args()
+    from hvdkit.keras import KerasAdapter  # imports TensorFlow quietly
+    import keras
+    x_train, y_train, x_test, y_test = digits_split()
+    if args.limit_train is not None:
+        x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
+    keras.utils.set_random_seed(args.seed)
+    model = make_model(keras)
+    adapter = KerasAdapter(model, keras.optimizers.SGD(args.lr, momentum=0.9),
+                           keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                           compression=args.compression)
+    result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
+    write_metrics(args.metrics_json, result, "tensorflow", adapter.rank)
+    if adapter.rank == 0:
+        print(f"test accuracy {result.eval['accuracy']:.4f} on {result.eval['samples']} samples, "
+              f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)
+
+
+if __name__ == "__main__":
+    main()

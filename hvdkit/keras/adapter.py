@@ -1,0 +1,178 @@
+"""Keras 3 model + optimizer on Horovod TF collectives, with a ``tf.GradientTape`` step in ``tf.function``.
+
+Example::
+
+    adapter = KerasAdapter(model, keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy())
+"""
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from typing import Any, Dict, List, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..adapter import Adapter
+from ..errors import HvdkitError
+from ..sharding import Step
+
+
+def tf_variables(variables) -> List[tf.Variable]:
+    """The tf.Variables under Keras 3 variables: Horovod's TF collectives need those (no ``.ref`` on Keras')."""
+    return [v.value for v in variables]
+
+
+class KerasAdapter(Adapter):
+    """A built Keras 3 model, a Keras optimizer and a mean-reducing ``loss_fn(y_true, y_pred)``.
+
+    compression: "none" or "fp16" on the wire. accuracy: count argmax-correct predictions in eval.
+    Batches are ``(inputs, targets)``; the model is called as ``model(inputs, training=...)``.
+    """
+
+    framework = "tensorflow"
+
+    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_fn,
+                 compression: str = "none", accuracy: bool = True):
+        if compression not in ("none", "fp16"):
+            raise HvdkitError(f"unknown compression {compression!r}; use one of none, fp16")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.compression, self.accuracy = compression, accuracy
+        self.hvd = None
+        self._base_lr = None
+        self._sources: Dict[int, Tuple[np.ndarray, ...]] = {}
+
+    # ---- process and collectives ---------------------------------------------------------
+    def init(self, seed: int, threads: int) -> None:
+        import horovod.tensorflow as hvd
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:  # TF already started its thread pools; keep them
+            pass
+        hvd.init()
+        self.hvd = hvd
+        keras.utils.set_random_seed(seed)
+
+    @property
+    def rank(self) -> int:
+        return self.hvd.rank()
+
+    @property
+    def size(self) -> int:
+        return self.hvd.size()
+
+    @property
+    def local_rank(self) -> int:
+        return self.hvd.local_rank()
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        return self.hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=self.hvd.Sum,
+                                  name="hvdkit.metrics").numpy()
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=root, name="hvdkit.object")
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        return self.hvd.allgather_object(obj, name="hvdkit.gather")
+
+    # ---- model and optimizer -------------------------------------------------------------
+    def prepare(self, lr_factor: float, accumulation: int) -> None:
+        if not self.model.built:
+            raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
+                              "model.build(input_shape) before training")
+        if not isinstance(self.optimizer.learning_rate, keras.Variable):
+            raise HvdkitError("the optimizer's learning rate is a schedule; hvdkit scales and warms up the LR "
+                              "itself, so pass a float learning rate")
+        # Optimizer variables exist only once built; build now so they can be broadcast (horovod #2652).
+        self.optimizer.build(self.model.trainable_variables)
+        self._base_lr = float(self.optimizer.learning_rate.numpy())
+        self._grad_step = tf.function(self._grads, reduce_retracing=True)
+        self._apply_step = tf.function(self._apply, reduce_retracing=True)
+        self.broadcast_state()
+        self.set_lr_factor(lr_factor)
+
+    def broadcast_state(self) -> None:
+        self.hvd.broadcast_variables(tf_variables(self.model.variables) + tf_variables(self.optimizer.variables),
+                                     root_rank=0)
+
+    def set_lr_factor(self, factor: float) -> None:
+        self.optimizer.learning_rate.assign(self._base_lr * factor)
+
+    def _arrays(self, data) -> Tuple[np.ndarray, ...]:
+        key = id(data)
+        if key not in self._sources:
+            if not (isinstance(data, (tuple, list)) and data and all(hasattr(d, "shape") for d in data)):
+                raise HvdkitError(f"cannot use a {type(data).__name__} as a dataset here; pass (features, labels) "
+                                  "numpy arrays (for tf.data use hvdkit.keras.data)")
+            if len({len(d) for d in data}) != 1:
+                raise HvdkitError("the arrays of one dataset have different lengths; features and labels must match")
+            self._sources[key] = tuple(np.asarray(d) for d in data)
+        return self._sources[key]
+
+    def dataset_len(self, data) -> int:
+        return len(self._arrays(data)[0])
+
+    def _grads(self, x, y, weight):
+        with tf.GradientTape() as tape:
+            loss = self.loss_fn(y, self.model(x, training=True))
+            scaled = loss * tf.cast(weight, loss.dtype)
+        return loss, tape.gradient(scaled, self.model.trainable_variables)
+
+    def _apply(self, grads):
+        compression = self.hvd.Compression.fp16 if self.compression == "fp16" else self.hvd.Compression.none
+        reduced = self.hvd.grouped_allreduce(list(grads), op=self.hvd.Average, compression=compression)
+        self.optimizer.apply(reduced, self.model.trainable_variables)
+
+    def train_step(self, data, step: Step) -> Tuple[float, int]:
+        x_all, y_all = self._arrays(data)[:2]
+        total, loss_sum, count = None, 0.0, 0
+        for ids, weight in zip(step.micro_batches, step.weights):
+            if not len(ids):
+                continue  # no samples here: contributes zeros to the allreduce below
+            loss, grads = self._grad_step(x_all[ids], y_all[ids], tf.constant(weight, tf.float32))
+            total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+            loss_sum += float(loss) * len(ids)
+            count += len(ids)
+        if total is None:
+            total = [tf.zeros_like(v) for v in tf_variables(self.model.trainable_variables)]
+        self._apply_step(total)
+        return loss_sum, count
+
+    def eval_batch(self, data, ids: np.ndarray) -> Dict[str, float]:
+        sums = {"loss": 0.0, "count": float(len(ids))}
+        if self.accuracy:
+            sums["correct"] = 0.0
+        if len(ids):
+            x_all, y_all = self._arrays(data)[:2]
+            outputs = self.model(x_all[ids], training=False)
+            sums["loss"] = float(self.loss_fn(y_all[ids], outputs)) * len(ids)
+            if self.accuracy:
+                sums["correct"] = float(np.sum(np.argmax(outputs, axis=-1) == y_all[ids]))
+        return sums
+
+    def parameter_checksums(self) -> List[Tuple[str, int]]:
+        return [(v.path, zlib.crc32(np.ascontiguousarray(v.numpy()).tobytes())) for v in self.model.variables]
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
+        arrays = {f"model/{i}": v.numpy() for i, v in enumerate(self.model.variables)}
+        arrays.update({f"optimizer/{i}": v.numpy() for i, v in enumerate(self.optimizer.variables)})
+        buffer = io.BytesIO()
+        np.savez(buffer, progress=np.array(json.dumps(progress)), **arrays)
+        return buffer.getvalue()
+
+    def state_from_bytes(self, blob: bytes) -> Dict[str, Any]:
+        try:
+            saved = np.load(io.BytesIO(blob), allow_pickle=False)
+            for prefix, variables in (("model", self.model.variables), ("optimizer", self.optimizer.variables)):
+                names = [k for k in saved.files if k.startswith(prefix + "/")]
+                if len(names) != len(variables):
+                    raise ValueError(f"{len(names)} saved {prefix} variables, this one has {len(variables)}")
+                for i, v in enumerate(variables):
+                    v.assign(saved[f"{prefix}/{i}"])
+            return json.loads(str(saved["progress"]))
+        except (ValueError, KeyError, OSError) as e:
+            raise HvdkitError(f"checkpoint does not fit this model or optimizer ({e}); use another --checkpoint-dir") from None
