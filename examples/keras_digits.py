@@ -15,19 +15,26 @@ def make_model(keras):
 
 @main_guard
 def main():
-    args = training_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, lr=0.05).parse_args()
-    from hvdkit.keras import KerasAdapter  # imports TensorFlow quietly
+    parser = training_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, lr=0.05)
+    parser.add_argument("--mode", choices=["fit", "loop"], default="fit",
+                        help="fit: Keras model.fit; loop: hvdkit's GradientTape step in tf.function")
+    args = parser.parse_args()
+    from hvdkit.keras import KerasAdapter, KerasFitAdapter  # imports TensorFlow quietly
     import keras
     x_train, y_train, x_test, y_test = digits_split()
     if args.limit_train is not None:
         x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
     keras.utils.set_random_seed(args.seed)
     model = make_model(keras)
-    adapter = KerasAdapter(model, keras.optimizers.SGD(args.lr, momentum=0.9),
-                           keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                           compression=args.compression)
+    optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if args.mode == "fit":
+        model.compile(optimizer=optimizer, loss=loss)
+        adapter = KerasFitAdapter(model, compression=args.compression)
+    else:
+        adapter = KerasAdapter(model, optimizer, loss, compression=args.compression)
     result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "tensorflow", adapter.rank)
+    write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode)
     if adapter.rank == 0:
         print(f"test accuracy {result.eval['accuracy']:.4f} on {result.eval['samples']} samples, "
               f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)

@@ -14,7 +14,7 @@ Example (what :class:`hvdkit.Trainer` does with it)::
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -72,6 +72,23 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def train_step(self, data: Any, step: Step) -> Tuple[float, int]:
         """One optimizer step over ``step.micro_batches``; returns (sum of sample losses, samples) here."""
+
+    def run_epoch(self, data: Any, steps: List[Step], before_step: Callable[[Step], None],
+                  after_step: Callable[[Step, float, int], bool]) -> Tuple[float, int]:
+        """Run ``steps`` (every rank the same number); ``after_step`` returning True ends the epoch early.
+
+        Returns this rank's (sum of sample losses, samples). Adapters whose framework owns the loop
+        (Keras ``model.fit``) override this and call the two hooks from that loop.
+        """
+        loss_sum, count = 0.0, 0
+        for step in steps:
+            before_step(step)
+            step_loss, step_count = self.train_step(data, step)
+            loss_sum += step_loss
+            count += step_count
+            if after_step(step, step_loss, step_count):
+                break
+        return loss_sum, count
 
     @abc.abstractmethod
     def eval_batch(self, data: Any, ids: np.ndarray) -> Dict[str, float]:

@@ -170,13 +170,15 @@ class Trainer:
                                cfg.accumulation, start=progress["position"], shuffle=cfg.shuffle)
             for cb in callbacks:
                 cb.on_epoch_begin(self, epoch, len(steps))
-            loss_sum, count, epoch_samples = 0.0, 0, 0
+            epoch_samples = 0
             started = time.perf_counter()
-            for step in steps:
+
+            def before_step(step):
                 a.set_lr_factor(cfg.lr_factor(a.size, progress["global_step"]))
-                step_loss, step_count = a.train_step(train, step)
-                loss_sum += step_loss
-                count += step_count
+
+            def after_step(step, step_loss, step_count) -> bool:
+                """Bookkeeping after each optimizer step; True asks the adapter to end the epoch now."""
+                nonlocal epoch_samples, checked_first, stopped
                 epoch_samples += step.samples_in_step
                 progress.update(position=step.end, global_step=progress["global_step"] + 1)
                 if cfg.check_divergence and not checked_first:
@@ -186,9 +188,12 @@ class Trainer:
                     cb.on_step_end(self, progress["global_step"], step_loss / max(step_count, 1))
                 if cfg.stop_after_steps and progress["global_step"] >= cfg.stop_after_steps:
                     stopped = True
-                    break
+                    return True
                 if cfg.checkpoint_every and progress["global_step"] % cfg.checkpoint_every == 0 and step.end < n:
                     self._save(store, progress)
+                return False
+
+            loss_sum, count = a.run_epoch(train, steps, before_step, after_step)
             sums = a.allreduce_sum(np.array([loss_sum, count], dtype=np.float64))
             train_time += time.perf_counter() - started
             trained += epoch_samples

@@ -1,20 +1,33 @@
-"""The TensorFlow / Keras 3 adapter, on Horovod's plain TF collectives.
+"""The TensorFlow / Keras 3 adapters, on Horovod's plain TF collectives.
 
 Horovod 0.28.1's own Keras helpers break on Keras 3 (its DistributedOptimizer silently stops
-averaging; BroadcastGlobalVariablesCallback and DistributedGradientTape raise): this adapter
-uses ``horovod.tensorflow`` allreduce/broadcast on the variables instead. Importing it imports
-tensorflow (quietly: TF's C++ log lines are off unless TF_CPP_MIN_LOG_LEVEL is set).
+averaging; BroadcastGlobalVariablesCallback and DistributedGradientTape raise): these adapters
+use ``horovod.tensorflow`` allreduce/broadcast on the variables instead.
+
+- :class:`KerasFitAdapter`: a compiled model trained by Keras' own ``model.fit``.
+- :class:`KerasAdapter`: hvdkit's ``tf.GradientTape`` step inside ``tf.function``.
+
+Importing this imports TensorFlow without its native log lines; set ``HVDKIT_TF_LOGS=1`` to see them.
 
 Example::
 
-    from hvdkit.keras import KerasAdapter
-    adapter = KerasAdapter(model, keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy())
-    Trainer(adapter, TrainConfig(epochs=5)).fit((x, y), (x_test, y_test))
+    from hvdkit.keras import KerasFitAdapter
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy())
+    Trainer(KerasFitAdapter(model), TrainConfig(epochs=5)).fit((x, y), (x_test, y_test))
 """
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from .quiet import native_stderr_silenced
+
+_show_logs = os.environ.get("HVDKIT_TF_LOGS") == "1"
+if not _show_logs:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+with native_stderr_silenced(enabled=not _show_logs):
+    import horovod.tensorflow  # noqa: F401,E402
+    import keras  # noqa: F401,E402
+    import tensorflow  # noqa: F401,E402
 
 from .adapter import KerasAdapter  # noqa: E402
+from .fit import KerasFitAdapter  # noqa: E402
 
-__all__ = ["KerasAdapter"]
+__all__ = ["KerasAdapter", "KerasFitAdapter"]

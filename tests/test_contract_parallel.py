@@ -1,5 +1,8 @@
-"""The torch adapter on 2 real workers, under horovodrun (Gloo) and mpirun: one launch per launcher
-runs tests/workers/torch_checks.py, and each test below asserts one of its outcomes."""
+"""The adapter contract, one test suite for every adapter: torch, Keras GradientTape loop, Keras model.fit.
+
+Each (adapter, launcher) pair is one launch of tests/workers/contract_checks.py on 2 real workers, in its
+own processes (one framework per interpreter); each test below asserts one of its outcomes.
+"""
 import json
 
 import pytest
@@ -7,14 +10,19 @@ import pytest
 from proc import explain, launch
 
 TOLERANCE = 1e-5
+BACKENDS = ["torch", "keras-loop", "keras-fit"]
+LAUNCHERS = ["horovodrun", "mpirun"]
 
 
-@pytest.fixture(scope="module", params=["horovodrun", "mpirun"])
+@pytest.fixture(scope="module", params=[(b, l) for b in BACKENDS for l in LAUNCHERS], ids=lambda p: f"{p[0]}-{p[1]}")
 def ranks(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"torch_{request.param}")
-    result = launch("tests/workers/torch_checks.py", [str(out)], np=2, launcher=request.param, timeout=240)
+    backend, launcher = request.param
+    out = tmp_path_factory.mktemp(f"{backend}_{launcher}")
+    result = launch("tests/workers/contract_checks.py", [backend, str(out)], np=2, launcher=launcher, timeout=300)
     assert result.returncode == 0, explain(result)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["backend"] == backend for r in records)
+    return records
 
 
 def test_two_workers_equal_one_worker_with_double_batch(ranks):
@@ -61,5 +69,7 @@ def test_corrupt_checkpoint_is_reported_not_loaded(ranks):
 
 
 def test_divergence_check_names_rank_and_tensor(ranks):
+    perturbed = ranks[1]["perturbed"]
+    assert perturbed
     for r in ranks:
-        assert "rank 1" in r["divergence_error"] and "2.bias" in r["divergence_error"]
+        assert "rank 1" in r["divergence_error"] and perturbed in r["divergence_error"]
