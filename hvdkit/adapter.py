@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
-from .sharding import Step
+from .sharding import Step, eval_indices, plan_epoch
 
 
 class Adapter(abc.ABC):
@@ -72,6 +72,20 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def train_step(self, data: Any, step: Step) -> Tuple[float, int]:
         """One optimizer step over ``step.micro_batches``; returns (sum of sample losses, samples) here."""
+
+    def plan_epoch(self, data: Any, epoch: int, start: int, config) -> List[Step]:
+        """This rank's steps of ``epoch`` from sample ``start`` on; the same count on every rank."""
+        return plan_epoch(self.dataset_len(data), self.rank, self.size, config.batch_size, config.seed, epoch,
+                          config.accumulation, start=start, shuffle=config.shuffle)
+
+    def eval_sums(self, data: Any, batch_size: int) -> Dict[str, float]:
+        """This rank's metric sums over its unpadded evaluation share (see ``eval_indices``)."""
+        ids = eval_indices(self.dataset_len(data), self.rank, self.size)
+        totals: Dict[str, float] = {}
+        for lo in range(0, max(len(ids), 1), batch_size):  # a rank with no samples still reports zeros
+            for key, value in self.eval_batch(data, ids[lo:lo + batch_size]).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return totals
 
     def run_epoch(self, data: Any, steps: List[Step], before_step: Callable[[Step], None],
                   after_step: Callable[[Step, float, int], bool]) -> Tuple[float, int]:

@@ -36,7 +36,7 @@ import numpy as np
 from .errors import HvdkitError
 
 __all__ = ["Step", "epoch_permutation", "plan_epoch", "steps_per_epoch", "eval_indices",
-           "shard_files", "check_train_config"]
+           "shard_files", "check_train_config", "even_sizes", "stream_plan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,3 +139,36 @@ def shard_files(files: Sequence[str], rank: int, world_size: int, seed: int = 0,
                           f"some rank would get none; split the data into at least {world_size} files")
     order = epoch_permutation(len(files), seed, epoch, shuffle)
     return [files[i] for i in order[rank::world_size]]
+
+
+def even_sizes(n: int, world_size: int) -> List[int]:
+    """Samples per rank when element ``i`` goes to rank ``i % world_size`` (``tf.data``'s ``shard``)."""
+    return [n // world_size + (1 if r < n % world_size else 0) for r in range(world_size)]
+
+
+def stream_plan(sizes: Sequence[int], rank: int, batch_size: int, start: int = 0) -> List[Step]:
+    """Steps for streamed shards (a tf.data pipeline, whole files) that hold ``sizes[r]`` samples on rank r.
+
+    A stream cannot be permuted globally, so each rank reads its own shard, shuffled locally, in
+    batches of ``batch_size``. Every rank runs ``ceil(max(sizes) / batch_size)`` steps; a rank whose
+    shard is used up joins the remaining steps with an empty batch (weight 0), so nothing hangs.
+    Here ``micro_batches[0]`` holds positions ``0..k-1`` of this rank's next ``k`` streamed samples,
+    not sample ids; weights and ``end`` follow the same rules as :func:`plan_epoch`, and ``start``
+    (samples of the epoch already done, a step boundary) skips the steps before it.
+    """
+    world = len(sizes)
+    check_train_config(sum(sizes), world, batch_size)
+    if min(sizes) == 0:
+        raise HvdkitError(f"some rank would get no data at all (samples per rank: {list(sizes)}); "
+                          "use fewer workers or split the data into more, smaller files")
+    steps, done = [], 0
+    for s in range(-(-max(sizes) // batch_size)):
+        here = [min(max(size - s * batch_size, 0), batch_size) for size in sizes]
+        total = sum(here)
+        done += total
+        if done > start:
+            steps.append(Step([np.arange(here[rank], dtype=np.int64)], [here[rank] * world / total], total, done))
+    if start and steps and steps[0].end - steps[0].samples_in_step != start:
+        raise HvdkitError(f"resume position {start} is not a step boundary of this stream; the checkpoint does "
+                          "not belong to this dataset and batch size")
+    return steps

@@ -29,7 +29,7 @@ from .checkpoint import CheckpointStore, ensure_writable_dir
 from .config import TrainConfig
 from .errors import HvdkitError
 from .log import get_logger
-from .sharding import check_train_config, eval_indices, plan_epoch
+from .sharding import check_train_config
 
 
 @dataclasses.dataclass
@@ -123,12 +123,7 @@ class Trainer:
     def evaluate(self, data) -> Dict[str, float]:
         """Exact metrics over ``data``: each sample counted once, sums reduced over ranks."""
         a, cfg = self.adapter, self.config
-        ids = eval_indices(a.dataset_len(data), a.rank, a.size)
-        size = cfg.eval_batch_size or cfg.batch_size
-        totals: Dict[str, float] = {}
-        for lo in range(0, max(len(ids), 1), size):  # a rank with no samples still reports zeros
-            for key, value in a.eval_batch(data, ids[lo:lo + size]).items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+        totals = a.eval_sums(data, cfg.eval_batch_size or cfg.batch_size)
         keys = sorted(totals)
         reduced = dict(zip(keys, a.allreduce_sum(np.array([totals[k] for k in keys], dtype=np.float64))))
         count = reduced.pop("count")
@@ -166,8 +161,7 @@ class Trainer:
         global_batch = cfg.batch_size * a.size * cfg.accumulation
         epoch = progress["epoch"]
         while epoch < cfg.epochs and not stopped:
-            steps = plan_epoch(n, a.rank, a.size, cfg.batch_size, cfg.seed, epoch,
-                               cfg.accumulation, start=progress["position"], shuffle=cfg.shuffle)
+            steps = a.plan_epoch(train, epoch, progress["position"], cfg)
             for cb in callbacks:
                 cb.on_epoch_begin(self, epoch, len(steps))
             epoch_samples = 0

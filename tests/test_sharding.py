@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from hvdkit.errors import HvdkitError
+from hvdkit.sharding import even_sizes, stream_plan
 from hvdkit.sharding import (check_train_config, epoch_permutation, eval_indices, plan_epoch,
                              shard_files, steps_per_epoch)
 
@@ -317,3 +318,46 @@ def test_plan_epoch_checks_config_first():
         plan_epoch(10, 0, 2, 0, seed=0, epoch=0)
     with pytest.raises(HvdkitError, match="use at most 1 workers"):
         plan_epoch(1, 0, 2, 4, seed=0, epoch=0)
+
+
+# ---- stream_plan: tf.data shards and whole files -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes, batch", [([5, 4], 4), ([3, 3, 2], 4), ([9, 1], 4), ([23, 27], 4), ([1, 1, 1, 1], 2),
+                                          ([100, 3, 50], 7)])
+def test_stream_plan_equal_steps_exact_weights_and_resume(sizes, batch):
+    world = len(sizes)
+    plans = [stream_plan(sizes, r, batch) for r in range(world)]
+    steps = -(-max(sizes) // batch)
+    assert all(len(p) == steps for p in plans)
+    for r, plan in enumerate(plans):
+        assert sum(len(s.micro_batches[0]) for s in plan) == sizes[r]  # every example of the shard, once
+    for s in range(steps):
+        here = [len(p[s].micro_batches[0]) for p in plans]
+        total = plans[0][s].samples_in_step
+        assert sum(here) == total and all(p[s].samples_in_step == total for p in plans)
+        # weighted mean over ranks == the mean over every sample of the step
+        assert sum(p[s].weights[0] for p in plans) / world == pytest.approx(1.0)
+        assert [p[s].weights[0] for p in plans] == pytest.approx([h * world / total for h in here])
+    assert plans[0][-1].end == sum(sizes)
+    # resuming at any step boundary gives the remaining steps, identically
+    for s in range(1, steps):
+        start = plans[0][s - 1].end
+        for r in range(world):
+            assert [x.end for x in stream_plan(sizes, r, batch, start)] == [x.end for x in plans[r][s:]]
+
+
+def test_stream_plan_errors():
+    with pytest.raises(HvdkitError, match="no data at all"):
+        stream_plan([5, 0], 0, 4)
+    with pytest.raises(HvdkitError, match="batch_size"):
+        stream_plan([5, 5], 0, 0)
+    with pytest.raises(HvdkitError, match="step boundary"):
+        stream_plan([5, 4], 0, 4, start=3)
+
+
+def test_even_sizes_matches_tf_data_shard():
+    for n in range(0, 30):
+        for world in range(1, 5):
+            sizes = even_sizes(n, world)
+            assert sizes == [len(range(r, n, world)) for r in range(world)]

@@ -28,6 +28,7 @@ with native_stderr_silenced(enabled=not _show_logs):
     import tensorflow  # noqa: F401,E402
 
 from .adapter import KerasAdapter  # noqa: E402
+from .data import TFFiles, TFStream  # noqa: E402
 from .fit import KerasFitAdapter  # noqa: E402
 
-__all__ = ["KerasAdapter", "KerasFitAdapter"]
+__all__ = ["KerasAdapter", "KerasFitAdapter", "TFFiles", "TFStream"]

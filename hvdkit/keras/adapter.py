@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from ..adapter import Adapter
 from ..errors import HvdkitError
-from ..sharding import Step
+from ..sharding import Step, stream_plan
+from .data import TFSource
 
 
 def tf_variables(variables) -> List[tf.Variable]:
@@ -113,7 +114,47 @@ class KerasAdapter(Adapter):
         return self._sources[key]
 
     def dataset_len(self, data) -> int:
-        return len(self._arrays(data)[0])
+        return data.n if isinstance(data, TFSource) else len(self._arrays(data)[0])
+
+    def plan_epoch(self, data, epoch, start, config) -> List[Step]:
+        if not isinstance(data, TFSource):
+            return super().plan_epoch(data, epoch, start, config)
+        if config.accumulation != 1:
+            raise HvdkitError("gradient accumulation is not supported with tf.data inputs yet; use "
+                              "accumulation=1 or pass numpy arrays")
+        self._stream_epoch = (epoch, config.seed, config.batch_size)
+        return stream_plan(data.sizes(self.size), self.rank, config.batch_size, start)
+
+    def _stream_batches(self, data: TFSource, steps: List[Step]) -> tf.data.Dataset:
+        """(x, y, weight) per step of ``steps``: this rank's shuffled shard in batches, then empty steps.
+
+        An empty step is fed one real example with weight 0, so the rank still joins the allreduce.
+        """
+        epoch, seed, batch_size = self._stream_epoch
+        full = stream_plan(data.sizes(self.size), self.rank, batch_size)
+        already = sum(1 for s in full[:len(full) - len(steps)] if len(s.micro_batches[0]))
+        weights = [s.weights[0] for s in steps if len(s.micro_batches[0])]
+        real = data.rank_dataset(self.rank, self.size, seed, epoch).batch(batch_size).skip(already)
+        ds = tf.data.Dataset.zip((real, tf.data.Dataset.from_tensor_slices(tf.constant(weights, tf.float32))))
+        ds = ds.map(lambda xy, w: (xy[0], xy[1], w))
+        if len(steps) > len(weights):
+            filler = data.rank_dataset(self.rank, self.size).take(1).batch(1)
+            ds = ds.concatenate(filler.map(lambda x, y: (x, y, tf.constant(0.0))).repeat(len(steps) - len(weights)))
+        return ds
+
+    def run_epoch(self, data, steps, before_step, after_step) -> Tuple[float, int]:
+        if not isinstance(data, TFSource):
+            return super().run_epoch(data, steps, before_step, after_step)
+        loss_sum, count = 0.0, 0
+        for step, (x, y, weight) in zip(steps, self._stream_batches(data, steps)):
+            before_step(step)
+            here = len(step.micro_batches[0])
+            step_loss, step_count = self._train_on([(x, y, weight, here)] if here else [])
+            loss_sum += step_loss
+            count += step_count
+            if after_step(step, step_loss, step_count):
+                break
+        return loss_sum, count
 
     def _grads(self, x, y, weight):
         with tf.GradientTape() as tape:
@@ -128,30 +169,45 @@ class KerasAdapter(Adapter):
 
     def train_step(self, data, step: Step) -> Tuple[float, int]:
         x_all, y_all = self._arrays(data)[:2]
+        return self._train_on([(x_all[ids], y_all[ids], weight, len(ids))
+                               for ids, weight in zip(step.micro_batches, step.weights) if len(ids)])
+
+    def _train_on(self, batches) -> Tuple[float, int]:
+        """One optimizer step over (x, y, weight, samples) micro-batches; none: a zero gradient."""
         total, loss_sum, count = None, 0.0, 0
-        for ids, weight in zip(step.micro_batches, step.weights):
-            if not len(ids):
-                continue  # no samples here: contributes zeros to the allreduce below
-            loss, grads = self._grad_step(x_all[ids], y_all[ids], tf.constant(weight, tf.float32))
+        for x, y, weight, samples in batches:
+            loss, grads = self._grad_step(x, y, tf.cast(weight, tf.float32))
             total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
-            loss_sum += float(loss) * len(ids)
-            count += len(ids)
+            loss_sum += float(loss) * samples
+            count += samples
         if total is None:
             total = [tf.zeros_like(v) for v in tf_variables(self.model.trainable_variables)]
         self._apply_step(total)
         return loss_sum, count
 
-    def eval_batch(self, data, ids: np.ndarray) -> Dict[str, float]:
-        sums = {"loss": 0.0, "count": float(len(ids))}
+    def _eval_sums(self, x, y) -> Dict[str, float]:
+        sums = {"loss": 0.0, "count": float(len(y))}
         if self.accuracy:
             sums["correct"] = 0.0
-        if len(ids):
-            x_all, y_all = self._arrays(data)[:2]
-            outputs = self.model(x_all[ids], training=False)
-            sums["loss"] = float(self.loss_fn(y_all[ids], outputs)) * len(ids)
+        if len(y):
+            outputs = self.model(x, training=False)
+            sums["loss"] = float(self.loss_fn(y, outputs)) * len(y)
             if self.accuracy:
-                sums["correct"] = float(np.sum(np.argmax(outputs, axis=-1) == y_all[ids]))
+                sums["correct"] = float(np.sum(np.argmax(outputs, axis=-1) == np.asarray(y)))
         return sums
+
+    def eval_batch(self, data, ids: np.ndarray) -> Dict[str, float]:
+        x_all, y_all = self._arrays(data)[:2]
+        return self._eval_sums(x_all[ids], y_all[ids])
+
+    def eval_sums(self, data, batch_size: int) -> Dict[str, float]:
+        if not isinstance(data, TFSource):
+            return super().eval_sums(data, batch_size)
+        totals = self._eval_sums(np.zeros((0,)), np.zeros((0,)))  # the keys, zeroed
+        for x, y in data.rank_dataset(self.rank, self.size).batch(batch_size):  # unshuffled, each example once
+            for key, value in self._eval_sums(x, y).items():
+                totals[key] += value
+        return totals
 
     def parameter_checksums(self) -> List[Tuple[str, int]]:
         return [(v.path, zlib.crc32(np.ascontiguousarray(v.numpy()).tobytes())) for v in self.model.variables]

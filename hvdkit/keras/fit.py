@@ -23,6 +23,7 @@ import tensorflow as tf
 from ..errors import HvdkitError
 from ..sharding import Step
 from .adapter import KerasAdapter
+from .data import TFSource
 
 
 class _StepHooks(keras.callbacks.Callback):
@@ -90,6 +91,9 @@ class KerasFitAdapter(KerasAdapter):
         optimizer.apply = apply
 
     def run_epoch(self, data, steps, before_step, after_step) -> Tuple[float, int]:
+        if isinstance(data, TFSource):
+            dataset = self._stream_batches(data, steps).map(lambda x, y, w: (x, y, tf.fill([tf.shape(x)[0]], w)))
+            return self._fit(dataset, steps, len(steps), before_step, after_step)
         x, y = self._arrays(data)[:2]
         k = self.accumulation
         micro = [(ids, weight) for step in steps for ids, weight in zip(step.micro_batches, step.weights)]
@@ -106,7 +110,10 @@ class KerasFitAdapter(KerasAdapter):
                      tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
                      tf.TensorSpec((None,), tf.float32))
         dataset = tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
-        hooks = _StepHooks(steps, k, before_step, after_step)
-        self.model.fit(dataset, epochs=1, steps_per_epoch=len(micro), verbose=0, shuffle=False,
+        return self._fit(dataset, steps, len(micro), before_step, after_step)
+
+    def _fit(self, dataset, steps, batches, before_step, after_step) -> Tuple[float, int]:
+        hooks = _StepHooks(steps, self.accumulation, before_step, after_step)
+        self.model.fit(dataset, epochs=1, steps_per_epoch=batches, verbose=0, shuffle=False,
                        callbacks=[hooks, *self.keras_callbacks])
         return hooks.loss_sum, hooks.count

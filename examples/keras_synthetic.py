@@ -1,0 +1,45 @@
+"""Throughput of a small CNN (2 conv + 2 fc, 28x28 inputs) on synthetic data, Keras 3 on N workers.
+
+    hvdkit launch -np 2 examples/keras_synthetic.py --metrics-json results/keras_synthetic.json
+"""
+from hvdkit import Trainer
+from hvdkit.datasets import synthetic_images
+from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
+
+
+def small_cnn(keras):
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        layers.Conv2D(16, 3, padding="same", activation="relu"), layers.MaxPooling2D(),
+        layers.Conv2D(32, 3, padding="same", activation="relu"), layers.MaxPooling2D(),
+        layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dense(10)])
+
+
+@main_guard
+def main():
+    parser = training_parser(__doc__.splitlines()[0], epochs=1, batch_size=64, lr=0.01)
+    parser.add_argument("--samples", type=int, default=8192, help="synthetic training samples")
+    parser.add_argument("--mode", choices=["fit", "loop"], default="fit")
+    args = parser.parse_args()
+    from hvdkit.keras import KerasAdapter, KerasFitAdapter
+    import keras
+    x, y = synthetic_images(args.samples, seed=args.seed)
+    x_test, y_test = synthetic_images(1024, seed=args.seed + 1)
+    keras.utils.set_random_seed(args.seed)
+    model = small_cnn(keras)
+    optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if args.mode == "fit":
+        model.compile(optimizer=optimizer, loss=loss)
+        adapter = KerasFitAdapter(model, compression=args.compression)
+    else:
+        adapter = KerasAdapter(model, optimizer, loss, compression=args.compression)
+    result = Trainer(adapter, config_from_args(args)).fit((x, y), (x_test, y_test))
+    write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode)
+    if adapter.rank == 0:
+        print(f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers ({args.mode})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

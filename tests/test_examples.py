@@ -1,0 +1,77 @@
+"""The examples as a user runs them: real digits data, both launchers, both frameworks, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from proc import explain, launch
+
+DIGITS = {"torch": "examples/torch_digits.py", "tensorflow": "examples/keras_digits.py"}
+
+
+def newest_checkpoint_progress(ckpt, framework):
+    newest = ckpt / sorted(f for f in os.listdir(ckpt) if f.endswith(".bin"))[-1]
+    if framework == "torch":
+        import torch
+        state = torch.load(newest, weights_only=True)   # a plain torch file, safe loader
+        assert "model" in state and "optimizer" in state
+        return state["progress"]
+    saved = np.load(newest, allow_pickle=False)           # Keras: an .npz of variables
+    assert any(k.startswith("model/") for k in saved.files)
+    return json.loads(str(saved["progress"]))
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_digits_reaches_95_percent_on_two_workers(tmp_path, framework, launcher):
+    metrics, tb, ckpt = tmp_path / "m.json", tmp_path / "tb", tmp_path / "ckpt"
+    result = launch(DIGITS[framework], ["--metrics-json", str(metrics), "--tensorboard-dir", str(tb),
+                                        "--checkpoint-dir", str(ckpt)], np=2, launcher=launcher, timeout=300)
+    assert result.returncode == 0, explain(result)
+    m = json.loads(metrics.read_text())
+    assert m["framework"] == framework and m["world_size"] == 2 and m["epochs"] == 20
+    assert m["global_batch_size"] == 64
+    assert m["train_samples_per_epoch"] == 1437          # summed over ranks: the whole train split
+    assert m["test_samples"] == 360                      # each test sample counted once
+    assert m["test_accuracy"] >= 0.95
+    assert m["samples_per_sec"] > 0
+    # Rank-0-only side effects: one TensorBoard event file, one set of checkpoints.
+    assert len([f for f in os.listdir(tb) if f.startswith("events.out.tfevents")]) == 1
+    assert newest_checkpoint_progress(ckpt, framework)["epoch"] == 20
+
+
+@pytest.mark.parametrize("script", ["examples/torch_synthetic.py", "examples/keras_synthetic.py"])
+def test_synthetic_throughput_examples_run(tmp_path, script):
+    metrics = tmp_path / "m.json"
+    result = launch(script, ["--samples", "512", "--metrics-json", str(metrics)], np=2, timeout=240)
+    assert result.returncode == 0, explain(result)
+    m = json.loads(metrics.read_text())
+    assert m["world_size"] == 2 and m["train_samples_per_epoch"] == 512 and m["test_samples"] == 1024
+    assert m["samples_per_sec"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--limit-train", "0"], "training dataset is empty"),
+    (["--checkpoint-dir", "{file}/sub"], "cannot be created or written"),
+])
+def test_bad_input_is_one_clear_line_on_every_rank(tmp_path, flags, message):
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file where a directory is expected")
+    flags = [f.format(file=blocker) for f in flags]
+    result = launch(DIGITS["torch"], flags + ["--epochs", "1"], np=2, launcher="horovodrun", timeout=120)
+    assert result.returncode != 0, explain(result)
+    lines = [l for l in result.stderr.splitlines() + result.stdout.splitlines() if "hvdkit: error:" in l]
+    assert len(lines) == 2, explain(result)                 # one line per rank
+    assert {l.split("]")[0] for l in lines} == {"[0", "[1"}  # horovodrun prefixes [rank]<stderr>
+    assert all(message in l for l in lines)
+    # the workers print no traceback (horovodrun itself reports the failed job with one)
+    assert not [l for l in result.stderr.splitlines() if "<stderr>:Traceback" in l], explain(result)
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_bad_input_under_mpirun_exits_without_hanging(framework):
+    result = launch(DIGITS[framework], ["--batch-size", "0"], np=2, launcher="mpirun", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("hvdkit: error: batch_size must be >= 1") == 2, explain(result)

@@ -1,0 +1,58 @@
+"""tf.data inputs (a pipeline, and uneven TFRecord files read whole) sharded by rank, on 2 real workers.
+
+One horovodrun launch and one mpirun launch of tests/workers/tfdata_checks.py; each test asserts one outcome.
+"""
+import json
+
+import pytest
+
+from proc import explain, launch
+
+N = 50
+KEYS = ["files_fit", "files_loop", "stream_fit", "stream_loop"]
+
+
+@pytest.fixture(scope="module", params=["horovodrun", "mpirun"])
+def ranks(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"tfdata_{request.param}")
+    result = launch("tests/workers/tfdata_checks.py", [str(out)], np=2, launcher=request.param, timeout=300)
+    assert result.returncode == 0, explain(result)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("source", ["files", "stream"])
+def test_shards_are_an_exact_partition_reshuffled_each_epoch(ranks, source):
+    for epoch in (0, 1):
+        ids = [i for r in ranks for i in r[f"{source}_ids"][epoch]]
+        assert sorted(ids) == list(range(N))               # every example on exactly one rank
+    for r in ranks:
+        first, second = r[f"{source}_ids"]
+        assert sorted(first) == sorted(second) and first != second   # same shard, new order
+
+
+def test_files_are_read_whole_by_one_rank(ranks):
+    # files of 7, 12, 9, 15, 7 examples: rank 0 reads files 0, 2, 4 (ids 0-6, 19-27, 43-49), rank 1 the others
+    assert sorted(ranks[0]["files_ids"][0]) == list(range(0, 7)) + list(range(19, 28)) + list(range(43, 50))
+    assert len(ranks[1]["files_ids"][0]) == 27
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_uneven_shards_train_everything_in_equal_steps(ranks, key):
+    for r in ranks:
+        result = r[key]
+        assert result["samples"] == N
+        # the larger shard decides: ceil(27 / 4) = 7 steps per epoch (files), ceil(25 / 4) = 7 (stream), 2 epochs
+        assert result["steps"] == 14
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_gradients_equal_one_process_over_the_same_batches(ranks, key):
+    for r in ranks:
+        assert r[key]["maxdiff"] < 1e-5
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_exact_evaluation_over_a_stream(ranks, key):
+    for r in ranks:
+        assert r[key]["eval_samples"] == 37
+        assert r[key]["eval_accuracy"] == pytest.approx(r[key]["expected_accuracy"], abs=1e-9)
