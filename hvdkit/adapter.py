@@ -7,7 +7,8 @@ method here is called on every rank in the same order, so the collectives inside
 Example (what :class:`hvdkit.Trainer` does with it)::
 
     adapter.init(seed=0, threads=1)
-    adapter.prepare(lr_factor=adapter.size, accumulation=1)   # wrap optimizer, broadcast
+    adapter.prepare(lr_factor=adapter.size, accumulation=1)   # wrap optimizer, scale LR
+    adapter.broadcast_state()                                 # rank 0's model everywhere
     loss_sum, count = adapter.train_step(data, step)
     sums = adapter.eval_batch(data, ids)         # {"loss": .., "correct": .., "count": ..}
 """
@@ -58,8 +59,8 @@ class Adapter(abc.ABC):
     # ---- model and optimizer -------------------------------------------------------------
     @abc.abstractmethod
     def prepare(self, lr_factor: float, accumulation: int) -> None:
-        """Wrap the optimizer for allreduce (reducing every ``accumulation`` backward passes),
-        scale the LR by ``lr_factor``, broadcast model and optimizer from rank 0."""
+        """Wrap the optimizer for allreduce (reducing every ``accumulation`` backward passes) and
+        scale the LR by ``lr_factor``. No collective: the trainer broadcasts the state next."""
 
     @abc.abstractmethod
     def set_lr_factor(self, factor: float) -> None:
@@ -124,6 +125,10 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def broadcast_state(self) -> None:
         """Make every rank's model and optimizer equal to rank 0's."""
+
+    @abc.abstractmethod
+    def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``fn(state)`` wrapped in Horovod's elastic retry loop for this framework."""
 
     def close(self) -> None:
         """Release what :meth:`init` took; Horovod itself is shut down at exit."""

@@ -1,10 +1,11 @@
-"""``hvdkit`` command line: ``doctor`` (preflight report) and ``launch`` (run a script on N workers).
+"""``hvdkit`` command line: ``doctor`` (preflight), ``launch`` (run a script on N workers), ``audit``.
 
 Example::
 
     hvdkit doctor --json
     hvdkit launch -np 2 examples/torch_digits.py --epochs 3
     hvdkit launch --launcher mpirun -np 2 --print examples/torch_digits.py
+    hvdkit audit results/audit --samples 1437 --epochs 3
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("-H", "--hosts", default=None, help="host1:slots,host2:slots (default localhost:NP)")
     launch.add_argument("--print", action="store_true", help="print the command instead of running it")
     launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
+    audit = sub.add_parser("audit", help="prove exactly-once training from --audit-dir records")
+    audit.add_argument("directory")
+    audit.add_argument("--samples", type=int, required=True, help="training samples per epoch")
+    audit.add_argument("--epochs", type=int, required=True)
     return parser
 
 
@@ -37,6 +42,9 @@ def main(argv=None) -> int:
         if args.command == "doctor":
             from .doctor import run_doctor
             return run_doctor(as_json=args.json)
+        if args.command == "audit":
+            from .audit import main as audit_main
+            return audit_main([args.directory, "--samples", str(args.samples), "--epochs", str(args.epochs)])
         if not args.script:
             raise HvdkitError("launch needs a script to run, e.g. hvdkit launch -np 2 examples/torch_digits.py")
         cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=args.hosts)

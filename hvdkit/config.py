@@ -24,6 +24,10 @@ class TrainConfig:
     warmup_steps: ramp the LR factor linearly from 1 to its scaled value over this many steps.
     checkpoint_every: also checkpoint every N optimizer steps (0: only at the end of each epoch).
     stop_after_steps: end the run after this many global steps (to split a run in tests and demos).
+    elastic: run inside Horovod's elastic loop; None: when started by an elastic horovodrun.
+    commit_every: elastic only: commit the state in memory every N steps (and at each epoch end).
+    durable_every: elastic only: also write every k-th commit to ``checkpoint_dir`` (when set).
+    audit_dir: record the sample ids each rank trains on, for ``hvdkit audit`` (exactly-once proof).
     """
     epochs: int = 1
     batch_size: int = 32
@@ -43,6 +47,10 @@ class TrainConfig:
     progress_bar: bool = True
     tensorboard_dir: Optional[str] = None
     log_every: int = 0
+    elastic: Optional[bool] = None
+    commit_every: int = 10
+    durable_every: int = 1
+    audit_dir: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
         def need(ok, msg):
@@ -57,6 +65,8 @@ class TrainConfig:
         need(self.threads >= 1, f"threads must be >= 1 (got {self.threads})")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
+        need(self.commit_every >= 1, f"commit_every must be >= 1 (got {self.commit_every})")
+        need(self.durable_every >= 1, f"durable_every must be >= 1 (got {self.durable_every})")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
         need(callable(self.lr_scaling) or self.lr_scaling in ("linear", "none"),
              f"lr_scaling must be 'linear', 'none' or a function of the world size (got {self.lr_scaling!r})")

@@ -7,10 +7,12 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import shlex
 import shutil
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import HvdkitError
 
@@ -27,15 +29,53 @@ def _tool(name: str, python: str) -> str:
     return shutil.which(name) or name
 
 
+@dataclasses.dataclass
+class Elastic:
+    """Elastic launch settings (horovodrun only). ``discovery``: a shell command printing host:slots lines.
+
+    Defaults suit real clusters: 600 s for hosts to (re)appear, a failed host kept out 60-300 s
+    before it may rejoin, and no limit on resets. ``network_interface`` (e.g. "eth0"; "lo" on one
+    machine) lets a job start on one host; without it horovodrun waits for two hosts to compare NICs.
+    """
+    discovery: str
+    min_np: int = 1
+    max_np: Optional[int] = None
+    timeout: int = 600
+    reset_limit: Optional[int] = None
+    cooldown: Optional[Tuple[int, int]] = (60, 300)
+    network_interface: Optional[str] = None
+
+    def args(self) -> List[str]:
+        out = ["--min-np", str(self.min_np), "--host-discovery-script", self.discovery,
+               "--elastic-timeout", str(self.timeout)]
+        if self.max_np:
+            out += ["--max-np", str(self.max_np)]
+        if self.reset_limit is not None:
+            out += ["--reset-limit", str(self.reset_limit)]
+        if self.cooldown:
+            out += ["--blacklist-cooldown-range", str(self.cooldown[0]), str(self.cooldown[1])]
+        if self.network_interface:
+            out += ["--network-interface", self.network_interface]
+        return out
+
+
+def discovery_command(hosts_file: str, python: Optional[str] = None) -> str:
+    """The shell command horovodrun runs to discover hosts: mpi/discover_hosts.py reading ``hosts_file``."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpi", "discover_hosts.py")
+    return f"{shlex.quote(python or sys.executable)} {shlex.quote(script)} {shlex.quote(os.path.abspath(hosts_file))}"
+
+
 def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodrun",
                    hosts: Optional[str] = None, python: Optional[str] = None,
-                   env: Optional[Dict[str, str]] = None, extra: Sequence[str] = ()) -> List[str]:
+                   env: Optional[Dict[str, str]] = None, extra: Sequence[str] = (),
+                   elastic: Optional[Elastic] = None) -> List[str]:
     """argv that runs ``python script...`` on ``np`` workers.
 
     horovodrun: Gloo controller (``--gloo``), the mode elastic training also needs.
     mpirun (OpenMPI): no core binding, ``--allow-run-as-root`` when root, ``--oversubscribe`` when
     ``np`` exceeds the cores, environment forwarded with ``-x``.
     hosts: ``"host1:2,host2:2"``; default ``localhost:np``. ``env`` adds variables for every rank.
+    elastic: an :class:`Elastic` (horovodrun only): hosts then come from its discovery command.
     """
     if launcher not in LAUNCHERS:
         raise HvdkitError(f"unknown launcher {launcher!r}; use one of {', '.join(LAUNCHERS)}")
@@ -44,8 +84,11 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     python = python or sys.executable
     hosts = hosts or f"localhost:{np}"
     env = dict(env or {})
+    if elastic is not None and launcher != "horovodrun":
+        raise HvdkitError("elastic training runs under horovodrun (Gloo) only; mpirun launches are static")
     if launcher == "horovodrun":
-        cmd = [_tool("horovodrun", python), "-np", str(np), "-H", hosts, "--gloo", *extra]
+        where = elastic.args() if elastic else ["-H", hosts]
+        cmd = [_tool("horovodrun", python), "-np", str(np), *where, "--gloo", *extra]
         # horovodrun passes its own environment to the workers; set extra variables with `env`.
         if env:
             cmd = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *cmd]

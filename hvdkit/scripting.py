@@ -39,6 +39,10 @@ def training_parser(description: str, epochs: int, batch_size: int, lr: float) -
     p.add_argument("--metrics-json", default=None, help="rank 0 writes the run's metrics here")
     p.add_argument("--tensorboard-dir", default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--commit-every", type=int, default=10, help="elastic: commit state every N steps")
+    p.add_argument("--durable-every", type=int, default=1,
+                   help="elastic: write every k-th commit to --checkpoint-dir")
+    p.add_argument("--audit-dir", default=None, help="record trained sample ids (check with `hvdkit audit`)")
     return p
 
 
@@ -47,7 +51,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, accumulation=args.accumulation,
         lr_scaling=args.lr_scaling, warmup_steps=args.warmup_steps, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, stop_after_steps=args.stop_after_steps,
-        tensorboard_dir=args.tensorboard_dir, progress_bar=not args.no_progress and sys.stderr.isatty())
+        tensorboard_dir=args.tensorboard_dir, progress_bar=not args.no_progress and sys.stderr.isatty(),
+        commit_every=args.commit_every, durable_every=args.durable_every, audit_dir=args.audit_dir)
 
 
 def write_metrics(path: Optional[str], result, framework: str, rank: int, **extra: Any) -> Dict[str, Any]:
@@ -59,7 +64,7 @@ def write_metrics(path: Optional[str], result, framework: str, rank: int, **extr
         "test_accuracy": result.eval.get("accuracy"), "test_loss": result.eval.get("loss"),
         "test_samples": result.eval.get("samples"), "samples_per_sec": round(result.samples_per_sec, 1),
         "stopped_early": result.stopped_early,
-        "resumed": bool(result.resumed_from), "history": result.history, **extra}
+        "resumed": bool(result.resumed_from), "resets": result.resets, "history": result.history, **extra}
     if path and rank == 0:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)

@@ -37,6 +37,9 @@ class KerasAdapter(Adapter):
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_fn,
                  compression: str = "none", accuracy: bool = True):
+        if type(optimizer).__module__.startswith("horovod"):
+            raise HvdkitError("pass a plain Keras optimizer: Horovod's Keras DistributedOptimizer does not average "
+                              "gradients on Keras 3; hvdkit does the allreduce itself")
         if compression not in ("none", "fp16"):
             raise HvdkitError(f"unknown compression {compression!r}; use one of none, fp16")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -92,12 +95,15 @@ class KerasAdapter(Adapter):
         self._base_lr = float(self.optimizer.learning_rate.numpy())
         self._grad_step = tf.function(self._grads, reduce_retracing=True)
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
-        self.broadcast_state()
         self.set_lr_factor(lr_factor)
 
     def broadcast_state(self) -> None:
         self.hvd.broadcast_variables(tf_variables(self.model.variables) + tf_variables(self.optimizer.variables),
                                      root_rank=0)
+
+    def elastic_run(self, fn):
+        import horovod.tensorflow.elastic
+        return horovod.tensorflow.elastic.run(fn)
 
     def set_lr_factor(self, factor: float) -> None:
         self.optimizer.learning_rate.assign(self._base_lr * factor)

@@ -91,7 +91,6 @@ class TorchAdapter(Adapter):
             compression=hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none,
             backward_passes_per_step=accumulation,
             op=hvd.Adasum if self.op == "adasum" else hvd.Average)
-        self.broadcast_state()
         self.set_lr_factor(lr_factor)
 
     def broadcast_state(self) -> None:
@@ -102,6 +101,10 @@ class TorchAdapter(Adapter):
         state = self.broadcast_object(self.optimizer.state_dict() if self.rank == 0 else None)
         if self.rank != 0:
             self.optimizer.load_state_dict(state)
+
+    def elastic_run(self, fn):
+        import horovod.torch.elastic
+        return horovod.torch.elastic.run(fn)
 
     def set_lr_factor(self, factor: float) -> None:
         for group, base in zip(self.optimizer.param_groups, self._base_lrs):
