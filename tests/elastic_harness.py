@@ -63,7 +63,7 @@ class ElasticJob:
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(f"job ended (exit {self.proc.returncode}) before {what}\n{self.output()[-5000:]}")
-            time.sleep(0.3)
+            time.sleep(0.1)
         self.kill()
         raise AssertionError(f"timed out waiting for {what}\n{self.output()[-5000:]}")
 

@@ -1,0 +1,101 @@
+"""Elastic training on one machine ('localhost' and '127.0.0.1' are two hosts to Horovod), torch and Keras.
+
+Each test runs an example script under an elastic horovodrun whose host discovery reads a hosts file the
+test edits; audit records (written at commits) prove every sample of every epoch was trained exactly once.
+"""
+import glob
+import json
+import os
+import time
+
+import pytest
+
+from elastic_harness import ElasticJob
+from hvdkit.audit import check
+
+FRAMEWORKS = ["torch", "tensorflow"]
+TRAIN_SAMPLES, EPOCHS = 1437, 8
+EXTRA = ["--epochs", str(EPOCHS), "--batch-size", "16", "--commit-every", "5"]
+BOTH = ["localhost:1", "127.0.0.1:1"]
+
+
+def finished_exactly_once(job, world_sizes_seen, epochs=EPOCHS):
+    rc = job.finish()
+    assert rc == 0, job.output()[-5000:]
+    report = check(job.audit_dir, TRAIN_SAMPLES, epochs)
+    assert report["ok"], report["problems"]
+    seen = {w for ws in report["world_sizes"].values() for w in ws}
+    assert seen == world_sizes_seen, report
+    with open(job.metrics) as f:
+        metrics = json.load(f)
+    assert metrics["epochs"] == epochs and metrics["train_samples_per_epoch"] == TRAIN_SAMPLES
+    return metrics
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_host_added_mid_training(tmp_path, framework):
+    job = ElasticJob(str(tmp_path), framework, ["localhost:1"], np=1, extra=EXTRA)
+    job.wait_for(lambda: job.max_step() >= 20, "20 steps on one worker")
+    job.set_hosts(BOTH)
+    job.wait_for(lambda: job.max_step(world=2) > 0, "a step on two workers")
+    metrics = finished_exactly_once(job, {1, 2})
+    assert metrics["world_size"] == 2 and metrics["resets"] >= 1
+    assert "workers 1 -> 2 (joined: 127.0.0.1/0" in job.output()
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_host_removed_mid_training(tmp_path, framework):
+    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=EXTRA)
+    job.wait_for(lambda: job.max_step(world=2) >= 20, "20 steps on two workers")
+    job.set_hosts(["localhost:1"])
+    job.wait_for(lambda: job.max_step(world=1) > 0, "a step on one worker")
+    metrics = finished_exactly_once(job, {1, 2})
+    assert metrics["world_size"] == 1
+    assert "left: 127.0.0.1/0" in job.output()
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_worker_killed_mid_epoch_rolls_back_and_finishes(tmp_path, framework):
+    # the example's own batch size and 15 epochs: the accuracy bar of a run without failures applies
+    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=["--epochs", "15", "--commit-every", "5"])
+    job.wait_for(lambda: job.max_step(world=2) >= 28, "28 steps on two workers")  # epoch 2, between commits
+    victim = job.worker_pids()["127.0.0.1"]
+    os.kill(victim, 9)
+    killed = time.time()
+    job.wait_for(lambda: job.max_step(world=1) > 0, "a committed step after the kill")
+    print(f"{framework}: {time.time() - killed:.2f} s from SIGKILL to the next committed step")
+    metrics = finished_exactly_once(job, {1, 2}, epochs=15)
+    assert "rolled back to the commit" in job.output()
+    assert metrics["test_accuracy"] >= 0.95          # the bar a run without failures meets
+    assert metrics["test_samples"] == 360
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_every_worker_failing_ends_the_job_with_a_clear_error(tmp_path, framework):
+    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=["--batch-size", "0"], timeout=10)
+    assert job.finish(timeout=120) != 0
+    errors = [l for l in job.output().splitlines() if "hvdkit: error: batch_size must be >= 1" in l]
+    assert len(errors) == 2, job.output()[-3000:]
+
+
+def test_every_worker_killed_ends_the_job_without_hanging(tmp_path):
+    job = ElasticJob(str(tmp_path), "torch", BOTH, np=2, extra=EXTRA, timeout=10)
+    job.wait_for(lambda: job.max_step(world=2) >= 20, "20 steps on two workers")
+    for pid in job.worker_pids().values():
+        os.kill(pid, 9)
+    assert job.finish(timeout=120) != 0
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_whole_job_restarted_on_fewer_workers_resumes_from_last_good_durable_commit(tmp_path, framework):
+    first = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=EXTRA, tag="first")
+    first.wait_for(lambda: first.max_step(world=2) >= 40, "40 steps on two workers")
+    first.kill()                                                   # the whole job, SIGKILL
+    newest = sorted(glob.glob(os.path.join(first.ckpt, "ckpt-*.bin")))[-1]
+    with open(newest, "r+b") as f:                                 # and its newest durable commit damaged
+        f.truncate(50)
+    second = ElasticJob(str(tmp_path), framework, ["localhost:1"], np=1, extra=EXTRA, tag="second")
+    finished_exactly_once(second, {1, 2})
+    out = second.output()
+    assert f"{os.path.basename(newest)} is corrupt" in out
+    assert "resumed from ckpt-" in out and "(written by 2 workers, now 1)" in out
