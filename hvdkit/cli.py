@@ -1,4 +1,4 @@
-"""``hvdkit`` command line: ``doctor`` (preflight), ``launch`` (run a script on N workers), ``audit``.
+"""``hvdkit`` command line: ``doctor`` (preflight), ``launch`` (run a script on N workers), ``audit``, ``bench``.
 
 Example::
 
@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("-H", "--hosts", default=None, help="host1:slots,host2:slots (default localhost:NP)")
     launch.add_argument("--print", action="store_true", help="print the command instead of running it")
     launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
+    bench = sub.add_parser("bench", help="benchmarks against the peers (allreduce, train); see hvdkit bench -h",
+                           add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
     audit = sub.add_parser("audit", help="prove exactly-once training from --audit-dir records")
     audit.add_argument("directory")
     audit.add_argument("--samples", type=int, required=True, help="training samples per epoch")
@@ -42,6 +45,9 @@ def main(argv=None) -> int:
         if args.command == "doctor":
             from .doctor import run_doctor
             return run_doctor(as_json=args.json)
+        if args.command == "bench":
+            from .bench.run import main as bench_main
+            return bench_main(args.rest)
         if args.command == "audit":
             from .audit import main as audit_main
             return audit_main([args.directory, "--samples", str(args.samples), "--epochs", str(args.epochs)])

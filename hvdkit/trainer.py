@@ -244,7 +244,7 @@ class Trainer:
             steps = a.plan_epoch(train, epoch, resumed_at, cfg)
             for cb in callbacks:
                 cb.on_epoch_begin(self, epoch, len(steps))
-            started, trained_before = time.perf_counter(), run.trained
+            started = time.perf_counter()
 
             def before_step(step):
                 a.set_lr_factor(cfg.lr_factor(a.size, progress["global_step"]))
@@ -271,14 +271,16 @@ class Trainer:
 
             loss_sum, count = a.run_epoch(train, steps, before_step, after_step)
             sums = a.allreduce_sum(np.array([loss_sum, count], dtype=np.float64))
-            run.train_time += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            run.train_time += elapsed
             if run.stopped and progress["position"] < n:
                 commit()
                 break
             if cfg.check_divergence:
                 self.check_same_parameters(f"at the end of epoch {epoch + 1}")
             # samples of this epoch: those trained since this (re)start plus those committed before it
-            metrics = {"loss": float(sums[0] / max(sums[1], 1)), "train_samples": int(sums[1]) + resumed_at}
+            metrics = {"loss": float(sums[0] / max(sums[1], 1)), "train_samples": int(sums[1]) + resumed_at,
+                       "samples_per_sec": float(sums[1]) / elapsed if elapsed else 0.0}
             if eval_data is not None:
                 run.eval_metrics = self.evaluate(eval_data)
                 metrics.update({f"eval_{k}": v for k, v in run.eval_metrics.items()})

@@ -62,7 +62,10 @@ main() {
     step "installing torch $TORCH_VERSION (CPU), tensorflow-cpu $TF_VERSION, mpi4py and hvdkit (editable) — a few minutes the first time"
     quiet "${PIP[@]}" install --upgrade pip setuptools wheel
     quiet "${PIP[@]}" install "torch==$TORCH_VERSION" "tensorflow-cpu==$TF_VERSION" mpi4py
-    quiet "${PIP[@]}" install -e "$ROOT[torch,tensorflow,test]"
+    quiet "${PIP[@]}" install -e "$ROOT[torch,tensorflow,test,bench]"
+    # tf_keras only for the MultiWorkerMirroredStrategy baseline of `hvdkit bench`; --no-deps because it
+    # requires the `tensorflow` distribution, which would overwrite tensorflow-cpu's files.
+    quiet "${PIP[@]}" install --no-deps "tf_keras==${TF_VERSION%.*}.*"
     echo "$deps_key" >"$VENV/.hvdkit-deps"
   else
     step "Python packages up to date"

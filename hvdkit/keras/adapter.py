@@ -18,6 +18,7 @@ import tensorflow as tf
 from ..adapter import Adapter
 from ..errors import HvdkitError
 from ..sharding import Step, stream_plan
+from ..tuning import apply_defaults
 from .data import TFSource
 
 
@@ -56,6 +57,7 @@ class KerasAdapter(Adapter):
             tf.config.threading.set_inter_op_parallelism_threads(threads)
         except RuntimeError:  # TF already started its thread pools; keep them
             pass
+        apply_defaults()  # hvdkit's measured Horovod settings, unless the user set them
         hvd.init()
         self.hvd = hvd
         keras.utils.set_random_seed(seed)

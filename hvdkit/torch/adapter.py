@@ -18,6 +18,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import HvdkitError
 from ..sharding import Step
+from ..tuning import apply_defaults
 from .data import TorchData
 
 COMPRESSIONS = ("none", "fp16")
@@ -51,6 +52,7 @@ class TorchAdapter(Adapter):
     # ---- process and collectives ---------------------------------------------------------
     def init(self, seed: int, threads: int) -> None:
         import horovod.torch as hvd
+        apply_defaults()  # hvdkit's measured Horovod settings, unless the user set them
         hvd.init()
         self.hvd = hvd
         torch.set_num_threads(threads)

@@ -1,0 +1,207 @@
+"""Drivers of ``hvdkit bench``: launch the workers, collect their JSON, write table, JSON and plot.
+
+Example::
+
+    hvdkit bench allreduce --out results/bench
+    hvdkit bench train --repeats 3 --out results/bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Sequence
+
+from ..errors import HvdkitError
+from ..launch import launch_command
+
+DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+TORCH_MODES = ["hvdkit-torch", "raw-horovod-torch", "torch-ddp"]
+KERAS_MODES = ["hvdkit-keras", "raw-horovod-tf", "tf-mwms"]
+
+
+def _run(args: Sequence[str], np: int, timeout: float, launcher: str = "mpirun") -> None:
+    cmd = launch_command(["-m", *args], np=np, launcher=launcher,
+                         env={"HVDKIT_BENCH_PORT": str(random.randint(20000, 40000))})
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise HvdkitError(f"benchmark job timed out after {timeout}s: {' '.join(cmd)}") from None
+    if done.returncode != 0:
+        raise HvdkitError(f"benchmark job failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+
+
+def _human(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def _progress(i: int, total: int, what: str) -> None:
+    print(f"[bench {i}/{total}] {what}", file=sys.stderr, flush=True)
+
+
+def bench_allreduce(out_dir: str, sizes: List[int], iters: int, timeout: float = 900) -> Dict:
+    os.makedirs(out_dir, exist_ok=True)
+    jobs = [("mpirun", "mpi4py,torch.distributed gloo,horovod mpi ops,hvdkit default"),
+            ("horovodrun", "horovod gloo ops")]   # Gloo tensor ops need the Gloo controller
+    data = {"results": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (launcher, impls) in enumerate(jobs, start=1):
+            _progress(i, len(jobs), f"allreduce under {launcher}: {impls}; {len(sizes)} sizes, 2 ranks")
+            raw = os.path.join(tmp, f"allreduce-{i}.json")
+            _run(["hvdkit.bench.allreduce_worker", raw, ",".join(map(str, sizes)), str(iters), impls],
+                 np=2, timeout=timeout, launcher=launcher)
+            with open(raw) as f:
+                part = json.load(f)
+            data["world_size"] = part["world_size"]
+            for impl, by_size in part["results"].items():
+                data["results"].setdefault(impl, by_size)
+    world = data["world_size"]
+    table = {}
+    for impl, by_size in data["results"].items():
+        for size, seconds in by_size.items():
+            algbw = int(size) / seconds
+            busbw = algbw if impl.startswith("memcpy") else algbw * 2 * (world - 1) / world
+            table.setdefault(impl, {})[int(size)] = {"seconds": seconds, "algbw_GBps": algbw / 1e9, "busbw_GBps": busbw / 1e9}
+    biggest = max(sizes)
+    ref = table["mpi4py"][biggest]["busbw_GBps"]
+    report = {"world_size": world, "sizes": sizes, "iters": iters, "results": table,
+              "ratio_hvdkit_vs_mpi4py_at_max": table["hvdkit default"][biggest]["busbw_GBps"] / ref}
+    _write(out_dir, "allreduce", report, _allreduce_markdown(report), _allreduce_plot)
+    return report
+
+
+def _allreduce_markdown(r: Dict) -> str:
+    impls = [k for k in r["results"] if not k.startswith("memcpy")]
+    lines = ["| size | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
+    for size in r["sizes"]:
+        cells = [f"{r['results'][i][size]['busbw_GBps']:.2f}" for i in impls]
+        lines.append(f"| {_human(size)} | " + " | ".join(cells) + " |")
+    memcpy = next(iter(r["results"]["memcpy (1 process)"].values()))["busbw_GBps"]
+    lines.append("")
+    lines.append(f"Bus bandwidth in GB/s, in place, {r['world_size']} ranks (median of {r['iters']}). One-process "
+                 f"memcpy: {memcpy:.2f} GB/s. hvdkit / mpi4py at {_human(max(r['sizes']))}: "
+                 f"{r['ratio_hvdkit_vs_mpi4py_at_max']:.2f}x.")
+    return "\n".join(lines) + "\n"
+
+
+def _allreduce_plot(r: Dict, ax) -> None:
+    for impl, by_size in r["results"].items():
+        if impl.startswith("memcpy"):
+            ax.axhline(next(iter(by_size.values()))["busbw_GBps"], linestyle="--", color="grey", label=impl)
+            continue
+        ax.plot(r["sizes"], [by_size[s]["busbw_GBps"] for s in r["sizes"]], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes, float32)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title(f"allreduce, {r['world_size']} ranks, in place")
+    ax.legend(fontsize=8)
+
+
+def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, batch: int, repeats: int,
+                timeout: float = 900) -> Dict:
+    os.makedirs(out_dir, exist_ok=True)
+    runs = {(m, w): [] for m in modes for w in workers}
+    total, i = len(runs) * repeats, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):  # interleaved: the machine's speed drifts, so each repeat visits every config
+            for mode, world in runs:
+                i += 1
+                _progress(i, total, f"train {mode} on {world} worker(s)")
+                out = os.path.join(tmp, f"{mode}-{world}.json")
+                _run(["hvdkit.bench.train_worker", mode, out, str(steps), str(batch)], np=world, timeout=timeout)
+                with open(out) as f:
+                    runs[(mode, world)].append(json.load(f)["samples_per_sec"])
+    results = {mode: {str(w): {"best": max(runs[(mode, w)]), "min": min(runs[(mode, w)]), "runs": runs[(mode, w)]}
+                      for w in workers} for mode in modes}
+    ratios = {}
+    for family in (TORCH_MODES, KERAS_MODES):
+        ours = family[0]
+        for other in family[1:]:
+            for w in workers:
+                if ours in results and other in results:
+                    ratios[f"{ours} / {other} @{w}"] = results[ours][str(w)]["best"] / results[other][str(w)]["best"]
+    scaling = {m: results[m][str(max(workers))]["best"] / (max(workers) * results[m][str(min(workers))]["best"])
+               for m in modes if len(workers) > 1}
+    report = {"steps": steps, "batch_per_worker": batch, "repeats": repeats, "workers": workers,
+              "results": results, "ratios": ratios, "scaling_efficiency": scaling}
+    _write(out_dir, "train", report, _train_markdown(report), _train_plot)
+    return report
+
+
+def _train_markdown(r: Dict) -> str:
+    ws = r["workers"]
+    lines = ["| mode | " + " | ".join(f"{w} worker(s), samples/s (best, spread)" for w in ws) + " | scaling |",
+             "|---|" + "---|" * (len(ws) + 1)]
+    for mode, by_w in r["results"].items():
+        cells = [f"{by_w[str(w)]['best']:.0f} ({by_w[str(w)]['min']:.0f}-{by_w[str(w)]['best']:.0f})" for w in ws]
+        eff = r["scaling_efficiency"].get(mode)
+        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {eff:.2f} |" if eff is not None else " | - |")
+    lines.append("")
+    lines.append(f"Batch {r['batch_per_worker']} per worker, {r['steps']} timed steps after as many warm-up steps, "
+                 f"best of {r['repeats']} interleaved runs. Ratios (best vs best):")
+    lines += [f"- {k}: {v:.2f}x" for k, v in r["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _train_plot(r: Dict, ax) -> None:
+    modes, ws = list(r["results"]), r["workers"]
+    width = 0.8 / len(ws)
+    for j, w in enumerate(ws):
+        ax.bar([i + j * width for i in range(len(modes))], [r["results"][m][str(w)]["best"] for m in modes],
+               width, label=f"{w} worker(s)")
+    ax.set_xticks([i + width * (len(ws) - 1) / 2 for i in range(len(modes))])
+    ax.set_xticklabels(modes, rotation=20, fontsize=8)
+    ax.set_ylabel("samples/s (best)")
+    ax.set_title(f"small CNN, batch {r['batch_per_worker']} per worker")
+    ax.legend(fontsize=8)
+
+
+def _write(out_dir: str, name: str, report: Dict, markdown: str, plot) -> None:
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    plot(report, ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
+    plt.close(fig)
+    print(markdown)
+    print(f"wrote {out_dir}/{name}.md, .json and .png", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hvdkit bench")
+    sub = parser.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("allreduce", help="allreduce bus bandwidth vs message size, 2 ranks")
+    a.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="bytes, comma separated")
+    a.add_argument("--iters", type=int, default=20)
+    a.add_argument("--out", default="results/bench")
+    t = sub.add_parser("train", help="training samples/s at 1 and 2 workers against the peers")
+    t.add_argument("--modes", default=",".join(TORCH_MODES + KERAS_MODES))
+    t.add_argument("--workers", default="1,2")
+    t.add_argument("--steps", type=int, default=40)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--out", default="results/bench")
+    args = parser.parse_args(argv)
+    started = time.time()
+    if args.what == "allreduce":
+        bench_allreduce(args.out, [int(s) for s in args.sizes.split(",")], args.iters)
+    else:
+        modes = args.modes.split(",")
+        unknown = set(modes) - set(TORCH_MODES + KERAS_MODES)
+        if unknown:
+            raise HvdkitError(f"unknown bench modes {sorted(unknown)}; choose from {', '.join(TORCH_MODES + KERAS_MODES)}")
+        bench_train(args.out, modes, [int(w) for w in args.workers.split(",")], args.steps, args.batch, args.repeats)
+    print(f"bench: done in {time.time() - started:.0f} s", file=sys.stderr)
+    return 0

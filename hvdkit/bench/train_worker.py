@@ -1,0 +1,162 @@
+"""One rank of ``hvdkit bench train`` (run under mpirun): one way of training the same small CNN.
+
+argv: MODE OUT_JSON STEPS BATCH, MODE one of hvdkit-torch, raw-horovod-torch, torch-ddp,
+hvdkit-keras, raw-horovod-tf, tf-mwms. Every mode trains on synthetic 28x28 images with batch
+BATCH per worker, one compute thread per worker, for one warm-up pass of STEPS steps and one timed
+pass of STEPS steps; rank 0 writes {"samples_per_sec": ...} for the timed pass.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from hvdkit.bench.models import keras_cnn, torch_cnn
+from hvdkit.datasets import synthetic_images
+
+MODE, OUT, STEPS, BATCH = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", 0)))
+WORLD = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("HOROVOD_SIZE", 1)))
+LR = 0.01
+
+
+def write(samples_per_sec, **extra):
+    if RANK == 0:
+        with open(OUT, "w") as f:
+            json.dump({"mode": MODE, "world_size": WORLD, "samples_per_sec": samples_per_sec, **extra}, f)
+
+
+def shard():
+    x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
+    return x[RANK::WORLD], y[RANK::WORLD]
+
+
+def timed_torch_loop(model, opt, x, y):
+    import torch
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def one_pass():
+        for s in range(STEPS):
+            opt.zero_grad()
+            loss_fn(model(xs[s * BATCH:(s + 1) * BATCH]), ys[s * BATCH:(s + 1) * BATCH]).backward()
+            opt.step()
+    one_pass()
+    start = time.perf_counter()
+    one_pass()
+    return STEPS * BATCH * WORLD / (time.perf_counter() - start)
+
+
+def hvdkit_torch():
+    import torch
+    from hvdkit import TrainConfig, Trainer
+    from hvdkit.torch import TorchAdapter
+    x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
+    torch.manual_seed(0)
+    model = torch_cnn()
+    adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), torch.nn.functional.cross_entropy)
+    result = Trainer(adapter, TrainConfig(epochs=2, batch_size=BATCH, progress_bar=False)).fit((x, y))
+    write(result.history[-1]["samples_per_sec"])
+
+
+def raw_horovod_torch():
+    import horovod.torch as hvd
+    import torch
+    hvd.init()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch_cnn()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR * hvd.size(), momentum=0.9),
+                                   named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    write(timed_torch_loop(model, opt, *shard()))
+
+
+def torch_ddp():
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ.get('HVDKIT_BENCH_PORT', '29534')}",
+                            rank=RANK, world_size=WORLD)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch_cnn())
+    opt = torch.optim.SGD(model.parameters(), lr=LR * WORLD, momentum=0.9)
+    write(timed_torch_loop(model, opt, *shard()))
+    dist.destroy_process_group()
+
+
+def hvdkit_keras():
+    from hvdkit import TrainConfig, Trainer
+    from hvdkit.keras import KerasFitAdapter
+    import keras
+    x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
+    keras.utils.set_random_seed(0)
+    model = keras_cnn(keras)
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    result = Trainer(KerasFitAdapter(model), TrainConfig(epochs=2, batch_size=BATCH, progress_bar=False)).fit((x, y))
+    write(result.history[-1]["samples_per_sec"])
+
+
+def raw_horovod_tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import horovod.tensorflow as hvd
+    import keras
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    hvd.init()
+    keras.utils.set_random_seed(0)
+    model = keras_cnn(keras)
+    opt = keras.optimizers.SGD(LR * hvd.size(), momentum=0.9)
+    opt.build(model.trainable_variables)
+    hvd.broadcast_variables([v.value for v in model.variables + opt.variables], root_rank=0)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = hvd.grouped_allreduce(tape.gradient(loss, model.trainable_variables))
+        opt.apply(grads, model.trainable_variables)
+
+    x, y = shard()
+    batches = [(tf.constant(x[s * BATCH:(s + 1) * BATCH]), tf.constant(y[s * BATCH:(s + 1) * BATCH])) for s in range(STEPS)]
+    for b in batches:
+        step(*b)
+    start = time.perf_counter()
+    for b in batches:
+        step(*b)
+    write(STEPS * BATCH * WORLD / (time.perf_counter() - start))
+
+
+def tf_mwms():
+    # Keras 3 model.fit fails under MWMS (keras-team/keras#20585); tf_keras works.
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    base = int(os.environ.get("HVDKIT_BENCH_PORT", "29535"))
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{base + i}" for i in range(WORLD)]},
+                                          "task": {"type": "worker", "index": RANK}})
+    import tensorflow as tf
+    import tf_keras
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = keras_cnn(tf_keras)
+        model.compile(optimizer=tf_keras.optimizers.SGD(LR * WORLD, momentum=0.9),
+                      loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH * WORLD).repeat()
+    model.fit(ds, epochs=1, steps_per_epoch=STEPS, verbose=0)
+    start = time.perf_counter()
+    model.fit(ds, epochs=1, steps_per_epoch=STEPS, verbose=0)
+    write(STEPS * BATCH * WORLD / (time.perf_counter() - start))
+
+
+MODES = {"hvdkit-torch": hvdkit_torch, "raw-horovod-torch": raw_horovod_torch, "torch-ddp": torch_ddp,
+         "hvdkit-keras": hvdkit_keras, "raw-horovod-tf": raw_horovod_tf, "tf-mwms": tf_mwms}
+
+if __name__ == "__main__":
+    MODES[MODE]()
