@@ -141,7 +141,7 @@ def _train_markdown(r: Dict) -> str:
     for mode, by_w in r["results"].items():
         cells = [f"{by_w[str(w)]['best']:.0f} ({by_w[str(w)]['min']:.0f}-{by_w[str(w)]['best']:.0f})" for w in ws]
         eff = r["scaling_efficiency"].get(mode)
-        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {eff:.2f} |" if eff is not None else " | - |")
+        lines.append(f"| {mode} | " + " | ".join(cells) + (f" | {eff:.2f} |" if eff is not None else " | - |"))
     lines.append("")
     lines.append(f"Batch {r['batch_per_worker']} per worker, {r['steps']} timed steps after as many warm-up steps, "
                  f"best of {r['repeats']} interleaved runs. Ratios (best vs best):")
