@@ -3,17 +3,9 @@
     hvdkit launch -np 2 examples/keras_synthetic.py --metrics-json results/keras_synthetic.json
 """
 from hvdkit import Trainer
+from hvdkit.bench.models import keras_cnn  # the same CNN `hvdkit bench train` measures
 from hvdkit.datasets import synthetic_images
 from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
-
-
-def small_cnn(keras):
-    layers = keras.layers
-    return keras.Sequential([
-        keras.Input(shape=(28, 28, 1)),
-        layers.Conv2D(16, 3, padding="same", activation="relu"), layers.MaxPooling2D(),
-        layers.Conv2D(32, 3, padding="same", activation="relu"), layers.MaxPooling2D(),
-        layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dense(10)])
 
 
 @main_guard
@@ -27,7 +19,7 @@ def main():
     x, y = synthetic_images(args.samples, seed=args.seed)
     x_test, y_test = synthetic_images(1024, seed=args.seed + 1)
     keras.utils.set_random_seed(args.seed)
-    model = small_cnn(keras)
+    model = keras_cnn(keras)
     optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if args.mode == "fit":

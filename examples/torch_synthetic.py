@@ -6,20 +6,10 @@ import torch
 from torch import nn
 
 from hvdkit import Trainer
+from hvdkit.bench.models import torch_cnn  # the same CNN `hvdkit bench train` measures
 from hvdkit.datasets import synthetic_images
 from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
 from hvdkit.torch import TorchAdapter
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
-
-    def forward(self, x):
-        return self.head(self.features(x.permute(0, 3, 1, 2)))  # data is NHWC like the Keras example
 
 
 @main_guard
@@ -30,7 +20,7 @@ def main():
     x, y = synthetic_images(args.samples, seed=args.seed)
     x_test, y_test = synthetic_images(1024, seed=args.seed + 1)
     torch.manual_seed(args.seed)
-    model = SmallCNN()
+    model = torch_cnn()
     adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
                            nn.functional.cross_entropy, compression=args.compression)
     result = Trainer(adapter, config_from_args(args)).fit((x, y), (x_test, y_test))

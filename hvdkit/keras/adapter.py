@@ -19,7 +19,7 @@ from ..adapter import Adapter
 from ..errors import HvdkitError
 from ..sharding import Step, stream_plan
 from ..tuning import apply_defaults
-from .data import TFSource
+from .data import TFSource, one_thread_options
 
 
 def tf_variables(variables) -> List[tf.Variable]:
@@ -148,7 +148,7 @@ class KerasAdapter(Adapter):
         if len(steps) > len(weights):
             filler = data.rank_dataset(self.rank, self.size).take(1).batch(1)
             ds = ds.concatenate(filler.map(lambda x, y: (x, y, tf.constant(0.0))).repeat(len(steps) - len(weights)))
-        return ds
+        return ds.with_options(one_thread_options())
 
     def run_epoch(self, data, steps, before_step, after_step) -> Tuple[float, int]:
         if not isinstance(data, TFSource):

@@ -23,7 +23,7 @@ import tensorflow as tf
 from ..errors import HvdkitError
 from ..sharding import Step
 from .adapter import KerasAdapter
-from .data import TFSource
+from .data import TFSource, one_thread_options
 
 
 class _StepHooks(keras.callbacks.Callback):
@@ -112,7 +112,7 @@ class KerasFitAdapter(KerasAdapter):
             part = tf.data.Dataset.from_tensor_slices((xs[cut:cut + size], ys[cut:cut + size], weights[cut:cut + size]))
             dataset = dataset.concatenate(part.batch(size))
             cut += size
-        return self._fit(dataset.prefetch(2), steps, len(micro), before_step, after_step)
+        return self._fit(dataset.with_options(one_thread_options()), steps, len(micro), before_step, after_step)
 
     def _fit(self, dataset, steps, batches, before_step, after_step) -> Tuple[float, int]:
         hooks = _StepHooks(steps, self.accumulation, before_step, after_step)
