@@ -81,6 +81,8 @@ class KerasFitAdapter(KerasAdapter):
 
     def _wrap_apply(self) -> None:
         hvd, optimizer = self.hvd, self.optimizer
+        if getattr(optimizer, "_hvdkit_allreduce", False):  # a second fit() with the same optimizer
+            return
         original = optimizer.apply
         compression = hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none
 
@@ -89,6 +91,7 @@ class KerasFitAdapter(KerasAdapter):
                             trainable_variables)
 
         optimizer.apply = apply
+        optimizer._hvdkit_allreduce = True
 
     def run_epoch(self, data, steps, before_step, after_step) -> Tuple[float, int]:
         if isinstance(data, TFSource):
