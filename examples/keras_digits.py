@@ -19,7 +19,7 @@ def main():
     parser.add_argument("--mode", choices=["fit", "loop"], default="fit",
                         help="fit: Keras model.fit; loop: hvdkit's GradientTape step in tf.function")
     args = parser.parse_args()
-    from hvdkit.keras import KerasAdapter, KerasFitAdapter  # imports TensorFlow quietly
+    from hvdkit.keras import make_adapter  # imports TensorFlow quietly
     import keras
     x_train, y_train, x_test, y_test = digits_split()
     if args.limit_train is not None:
@@ -28,11 +28,7 @@ def main():
     model = make_model(keras)
     optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if args.mode == "fit":
-        model.compile(optimizer=optimizer, loss=loss)
-        adapter = KerasFitAdapter(model, compression=args.compression)
-    else:
-        adapter = KerasAdapter(model, optimizer, loss, compression=args.compression)
+    adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
     result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
     write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode)
     if adapter.rank == 0:

@@ -14,7 +14,7 @@ def main():
     parser.add_argument("--samples", type=int, default=8192, help="synthetic training samples")
     parser.add_argument("--mode", choices=["fit", "loop"], default="fit")
     args = parser.parse_args()
-    from hvdkit.keras import KerasAdapter, KerasFitAdapter
+    from hvdkit.keras import make_adapter
     import keras
     x, y = synthetic_images(args.samples, seed=args.seed)
     x_test, y_test = synthetic_images(1024, seed=args.seed + 1)
@@ -22,11 +22,7 @@ def main():
     model = keras_cnn(keras)
     optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if args.mode == "fit":
-        model.compile(optimizer=optimizer, loss=loss)
-        adapter = KerasFitAdapter(model, compression=args.compression)
-    else:
-        adapter = KerasAdapter(model, optimizer, loss, compression=args.compression)
+    adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
     result = Trainer(adapter, config_from_args(args)).fit((x, y), (x_test, y_test))
     write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode)
     if adapter.rank == 0:

@@ -132,3 +132,30 @@ class Adapter(abc.ABC):
 
     def close(self) -> None:
         """Release what :meth:`init` took; Horovod itself is shut down at exit."""
+
+
+class HorovodProcess:
+    """Rank, size and object collectives, identical in ``horovod.torch`` and ``horovod.tensorflow``.
+
+    Mixed into an adapter that sets ``self.hvd`` to the framework's Horovod module in ``init``.
+    """
+
+    hvd: Any = None
+
+    @property
+    def rank(self) -> int:
+        return self.hvd.rank()
+
+    @property
+    def size(self) -> int:
+        return self.hvd.size()
+
+    @property
+    def local_rank(self) -> int:
+        return self.hvd.local_rank()
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=root, name="hvdkit.object")
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        return self.hvd.allgather_object(obj, name="hvdkit.gather")

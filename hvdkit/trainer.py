@@ -188,6 +188,9 @@ class Trainer:
             from .elastic import TrainerState
             state = TrainerState(self, run.progress, store, audit, durable_every=cfg.durable_every)
             a.elastic_run(lambda st: self._elastic_body(st, run, train, eval_data))(state)
+            if run.progress["epoch"] < cfg.epochs and not run.stopped:  # never report a cut-short run as done
+                raise HvdkitError(f"elastic training ended early at epoch {run.progress['epoch'] + 1}, step "
+                                  f"{run.progress['global_step']}; see the workers' errors above")
         else:
             if cfg.checkpoint_dir:
                 directory = self._agree(lambda: ensure_writable_dir(cfg.checkpoint_dir))

@@ -73,7 +73,7 @@ def test_keep_only_newest_k_on_disk(tmp_path):
 
 
 def test_keep_one(tmp_path):
-    store = store_with(tmp_path, 3, keep=1)
+    store_with(tmp_path, 3, keep=1)
     assert sorted(os.listdir(tmp_path)) == [ckpt_name(2, "bin"), ckpt_name(2, "json")]
 
 

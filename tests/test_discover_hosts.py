@@ -36,7 +36,7 @@ def test_malformed_line_is_reported_with_its_line_number(tmp_path, line, why):
     out = discover(tmp_path, f"node0:1\n{line}\n")
     assert out.returncode == 1
     assert out.stdout == ""                                   # nothing half-parsed reaches horovodrun
-    assert f"hosts.txt:2:" in out.stderr and why in out.stderr and len(out.stderr.splitlines()) == 1
+    assert "hosts.txt:2:" in out.stderr and why in out.stderr and len(out.stderr.splitlines()) == 1
 
 
 def test_empty_file_prints_nothing_on_purpose(tmp_path):

@@ -10,8 +10,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from hvdkit.bench.models import keras_cnn, torch_cnn
 from hvdkit.datasets import synthetic_images
 

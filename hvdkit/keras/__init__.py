@@ -31,4 +31,16 @@ from .adapter import KerasAdapter  # noqa: E402
 from .data import TFFiles, TFStream  # noqa: E402
 from .fit import KerasFitAdapter  # noqa: E402
 
-__all__ = ["KerasAdapter", "KerasFitAdapter", "TFFiles", "TFStream"]
+
+def make_adapter(model, optimizer, loss, mode: str = "fit", compression: str = "none"):
+    """``mode="fit"``: compile ``model`` and train with Keras' ``model.fit``; ``"loop"``: hvdkit's tf.function step."""
+    if mode == "fit":
+        model.compile(optimizer=optimizer, loss=loss)
+        return KerasFitAdapter(model, compression=compression)
+    if mode == "loop":
+        return KerasAdapter(model, optimizer, loss, compression=compression)
+    from ..errors import HvdkitError
+    raise HvdkitError(f"unknown Keras mode {mode!r}; use fit or loop")
+
+
+__all__ = ["KerasAdapter", "KerasFitAdapter", "TFFiles", "TFStream", "make_adapter"]

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..adapter import Adapter
+from ..adapter import Adapter, HorovodProcess
 from ..errors import HvdkitError
 from ..sharding import Step, stream_plan
 from ..tuning import apply_defaults
@@ -27,7 +27,7 @@ def tf_variables(variables) -> List[tf.Variable]:
     return [v.value for v in variables]
 
 
-class KerasAdapter(Adapter):
+class KerasAdapter(HorovodProcess, Adapter):
     """A built Keras 3 model, a Keras optimizer and a mean-reducing ``loss_fn(y_true, y_pred)``.
 
     compression: "none" or "fp16" on the wire. accuracy: count argmax-correct predictions in eval.
@@ -62,27 +62,9 @@ class KerasAdapter(Adapter):
         self.hvd = hvd
         keras.utils.set_random_seed(seed)
 
-    @property
-    def rank(self) -> int:
-        return self.hvd.rank()
-
-    @property
-    def size(self) -> int:
-        return self.hvd.size()
-
-    @property
-    def local_rank(self) -> int:
-        return self.hvd.local_rank()
-
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         return self.hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=self.hvd.Sum,
                                   name="hvdkit.metrics").numpy()
-
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank=root, name="hvdkit.object")
-
-    def allgather_object(self, obj: Any) -> List[Any]:
-        return self.hvd.allgather_object(obj, name="hvdkit.gather")
 
     # ---- model and optimizer -------------------------------------------------------------
     def prepare(self, lr_factor: float, accumulation: int) -> None:
@@ -104,8 +86,24 @@ class KerasAdapter(Adapter):
                                      root_rank=0)
 
     def elastic_run(self, fn):
-        import horovod.tensorflow.elastic
-        return horovod.tensorflow.elastic.run(fn)
+        # Not horovod.tensorflow.elastic.run: it returns None on any TF error whose message lacks
+        # "HorovodAllreduce" (a failed "HorovodGroupedAllreduce" ended training silently, seen here).
+        from horovod.common.elastic import run_fn
+        from horovod.common.exceptions import HorovodInternalError
+        hvd = self.hvd
+
+        def body(state):
+            try:
+                return fn(state)
+            except tf.errors.OpError as e:
+                if "Horovod" in (e.message or ""):
+                    raise HorovodInternalError(e) from e
+                raise
+
+        def reset():
+            hvd.shutdown()
+            hvd.init()
+        return run_fn(body, reset)
 
     def set_lr_factor(self, factor: float) -> None:
         self.optimizer.learning_rate.assign(self._base_lr * factor)

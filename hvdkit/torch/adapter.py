@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, HorovodProcess
 from ..errors import HvdkitError
 from ..sharding import Step
 from ..tuning import apply_defaults
@@ -25,7 +25,7 @@ COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
 
 
-class TorchAdapter(Adapter):
+class TorchAdapter(HorovodProcess, Adapter):
     """A torch model, its optimizer and a mean-reducing ``loss_fn(outputs, targets)``.
 
     compression: "none" or "fp16" (gradients cast to fp16 on the wire).
@@ -62,27 +62,9 @@ class TorchAdapter(Adapter):
             pass
         torch.manual_seed(seed)
 
-    @property
-    def rank(self) -> int:
-        return self.hvd.rank()
-
-    @property
-    def size(self) -> int:
-        return self.hvd.size()
-
-    @property
-    def local_rank(self) -> int:
-        return self.hvd.local_rank()
-
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
         return self.hvd.allreduce(tensor, op=self.hvd.Sum, name="hvdkit.metrics").numpy()
-
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank=root, name="hvdkit.object")
-
-    def allgather_object(self, obj: Any) -> List[Any]:
-        return self.hvd.allgather_object(obj, name="hvdkit.gather")
 
     # ---- model and optimizer -------------------------------------------------------------
     def prepare(self, lr_factor: float, accumulation: int) -> None:
