@@ -5,6 +5,7 @@ Example::
     hvdkit doctor --json
     hvdkit launch -np 2 examples/torch_digits.py --epochs 3
     hvdkit launch --launcher mpirun -np 2 --print examples/torch_digits.py
+    hvdkit launch -np 2 --hosts-file hosts.txt --max-np 4 examples/torch_digits.py     # elastic
     hvdkit audit results/audit --samples 1437 --epochs 3
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shlex
 import sys
 
 from .errors import HvdkitError
-from .launch import LAUNCHERS, launch_command
+from .launch import LAUNCHERS, Elastic, discovery_command, launch_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("-np", "--num-proc", dest="np", type=int, default=2)
     launch.add_argument("-H", "--hosts", default=None, help="host1:slots,host2:slots (default localhost:NP)")
     launch.add_argument("--print", action="store_true", help="print the command instead of running it")
+    elastic = launch.add_argument_group("elastic (horovodrun only)")
+    elastic.add_argument("--hosts-file", help="elastic: hosts come from this file (mpi/discover_hosts.py reads it)")
+    elastic.add_argument("--min-np", type=int, default=1)
+    elastic.add_argument("--max-np", type=int, default=None)
+    elastic.add_argument("--elastic-timeout", type=int, default=600)
+    elastic.add_argument("--network-interface", default=None, help='e.g. eth0; "lo" to start on one machine')
     launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
     bench = sub.add_parser("bench", help="benchmarks against the peers (allreduce, train); see hvdkit bench -h",
                            add_help=False)
@@ -53,7 +60,11 @@ def main(argv=None) -> int:
             return audit_main([args.directory, "--samples", str(args.samples), "--epochs", str(args.epochs)])
         if not args.script:
             raise HvdkitError("launch needs a script to run, e.g. hvdkit launch -np 2 examples/torch_digits.py")
-        cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=args.hosts)
+        spec = None
+        if args.hosts_file:
+            spec = Elastic(discovery_command(args.hosts_file), min_np=args.min_np, max_np=args.max_np,
+                           timeout=args.elastic_timeout, network_interface=args.network_interface)
+        cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=args.hosts, elastic=spec)
         print(shlex.join(cmd), file=sys.stdout if args.print else sys.stderr, flush=True)
         if args.print:
             return 0

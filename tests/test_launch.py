@@ -1,5 +1,6 @@
 """Launch commands (hvdkit.launch): pure argv construction, nothing is run."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -131,3 +132,22 @@ def test_unknown_launcher_raises():
 def test_np_below_one_raises(np):
     with pytest.raises(HvdkitError, match="-np must be >= 1"):
         launch_command(SCRIPT, np=np, python="python")
+
+
+def test_cli_builds_the_elastic_line(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    out = subprocess.run([sys.executable, "-m", "hvdkit.cli", "launch", "-np", "2", "--hosts-file", str(hosts),
+                          "--max-np", "4", "--network-interface", "lo", "--print", "train.py", "--epochs", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert "--min-np 1" in line and "--max-np 4" in line and "--elastic-timeout 600" in line
+    assert "--network-interface lo" in line and "--blacklist-cooldown-range 60 300" in line
+    assert f"mpi/discover_hosts.py {hosts}" in line and line.endswith("train.py --epochs 1")
+    assert " -H " not in line
+
+
+def test_elastic_under_mpirun_is_refused():
+    from hvdkit.launch import Elastic
+    with pytest.raises(HvdkitError, match="horovodrun"):
+        launch_command(["t.py"], np=2, launcher="mpirun", elastic=Elastic("discover"))
