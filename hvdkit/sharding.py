@@ -169,6 +169,8 @@ def stream_plan(sizes: Sequence[int], rank: int, batch_size: int, start: int = 0
         if done > start:
             steps.append(Step([np.arange(here[rank], dtype=np.int64)], [here[rank] * world / total], total, done))
     if start and steps and steps[0].end - steps[0].samples_in_step != start:
-        raise HvdkitError(f"resume position {start} is not a step boundary of this stream; the checkpoint does "
-                          "not belong to this dataset and batch size")
+        raise HvdkitError(f"cannot resume a tf.data stream at sample {start}: that is not a step boundary for "
+                          f"{world} workers and batch {batch_size} (a stream cannot be re-split mid-epoch); resume "
+                          "with the same workers and batch size, or in elastic training commit only at epoch "
+                          "ends (commit_every above the steps per epoch)")
     return steps

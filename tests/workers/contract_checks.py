@@ -36,8 +36,8 @@ class TorchBackend:
         model = self.nn.Sequential(self.nn.Linear(6, 8), self.nn.Tanh(), self.nn.Linear(8, 3))
         return model, self.torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
-    def adapter(self, model, opt):
-        return self.Adapter(model, opt, self.nn.functional.cross_entropy)
+    def adapter(self, model, opt, compression="none"):
+        return self.Adapter(model, opt, self.nn.functional.cross_entropy, compression=compression)
 
     def flat(self, model):
         return np.concatenate([p.detach().numpy().ravel() for p in model.state_dict().values()]).astype(np.float64)
@@ -78,11 +78,11 @@ class KerasBackend:
                                   keras.layers.Dense(3, name="head")])
         return model, keras.optimizers.SGD(0.1, momentum=0.9)
 
-    def adapter(self, model, opt):
+    def adapter(self, model, opt, compression="none"):
         if self.fit:
             model.compile(optimizer=opt, loss=self.loss_fn)
-            return self.FitAdapter(model)
-        return self.Adapter(model, opt, self.loss_fn)
+            return self.FitAdapter(model, compression=compression)
+        return self.Adapter(model, opt, self.loss_fn, compression=compression)
 
     def flat(self, model):
         return np.concatenate([v.numpy().ravel() for v in model.variables]).astype(np.float64)
@@ -121,10 +121,10 @@ def reference(epochs, batch, accumulation, seed=0):
     return model
 
 
-def fit(cfg, seed_model=None, eval_data=None):
+def fit(cfg, seed_model=None, eval_data=None, compression="none"):
     # Each rank starts from different weights: the broadcast from rank 0 must make them equal.
     model, opt = B.model_and_opt(seed=seed_model if seed_model is not None else 123 + 1000 * LAUNCH_RANK)
-    adapter = B.adapter(model, opt)
+    adapter = B.adapter(model, opt, compression)
     result = Trainer(adapter, cfg).fit((X, Y), eval_data)
     return adapter, model, result
 
@@ -141,6 +141,10 @@ for name, accumulation in (("plain", 1), ("accumulation", 2)):
     record[f"equiv_{name}_samples"] = result.train_samples_per_epoch
 record["rank"], record["size"] = adapter.rank, adapter.size
 record["checksum"] = zlib.crc32(B.flat(model).tobytes())
+# fp16 compression: gradients travel as fp16, so close to the exact result but not equal; ranks stay identical.
+_, model16, _ = fit(TrainConfig(epochs=3, batch_size=4, **quiet), compression="fp16")
+record["fp16_maxdiff"] = float(np.abs(B.flat(model16) - B.flat(reference(3, 4 * adapter.size, 1))).max())
+record["fp16_checksum"] = zlib.crc32(B.flat(model16).tobytes())
 
 # 2. Exact evaluation: every eval sample counted once, metrics equal to a one-process evaluation.
 adapter, model, result = fit(TrainConfig(epochs=1, batch_size=4, eval_batch_size=5, **quiet), eval_data=(X_EVAL, Y_EVAL))
