@@ -1,9 +1,11 @@
 """Audit mode: each rank records which sample ids it trained on, and a checker proves exactly-once.
 
-Records are JSON lines in ``DIR/audit-<host>-<pid>.jsonl``, written only for committed steps (a
-step rolled back by elastic recovery is never recorded). Every process first writes a ``start``
-line with the global step it resumed at; records of earlier processes beyond that step were
-undone by the restart (a whole job restarted from a durable commit) and the checker drops them.
+Records are JSON lines in ``DIR/audit-<host>-<pid>.jsonl``. A rank writes a step's ids as soon as the
+step (and so its allreduce) has completed. When training rolls back — elastic recovery from a lost
+worker, or a whole job restarted from a durable commit — the process writes a marker with the step
+it resumed at, and the checker drops every record of a later step written before that marker: that
+work was undone. (Writing at commit time instead would lose the ids of a rank killed between a
+step's allreduce and its commit, although the survivors' commit includes its gradients.)
 
 Example::
 
@@ -21,37 +23,30 @@ from typing import Dict, List, Optional
 
 
 class AuditLog:
-    """Buffers (epoch, step, ids) per step; ``commit`` appends them, ``discard`` forgets them."""
+    """Appends one line per completed step, and a marker line where training resumed or rolled back."""
 
     def __init__(self, directory: str):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"audit-{socket.gethostname()}-{os.getpid()}.jsonl")
-        self.pending: List[dict] = []
         self.started = False
 
-    def _write(self, lines: List[dict]) -> None:
-        with open(self.path, "a") as f:
-            f.write("".join(json.dumps(line) + "\n" for line in lines))
+    def _write(self, line: dict) -> None:
+        with open(self.path, "a") as f:  # one write per line; survives the process being killed
+            f.write(json.dumps(dict(line, time=time.time())) + "\n")
 
     def start(self, global_step: int, rank: int, world_size: int) -> None:
-        """Called once this process knows where it resumed (after the first state sync)."""
+        """Once per process, when it knows the step it starts from (after the first state sync)."""
         if not self.started:
-            self._write([{"kind": "start", "time": time.time(), "step": global_step, "rank": rank,
-                          "world": world_size}])
+            self._write({"kind": "start", "step": global_step, "rank": rank, "world": world_size})
             self.started = True
 
+    def rolled_back(self, global_step: int) -> None:
+        """Training went back to the commit at ``global_step``: later steps recorded so far were undone."""
+        self._write({"kind": "rollback", "step": global_step})
+
     def record(self, epoch: int, global_step: int, rank: int, world_size: int, ids) -> None:
-        self.pending.append({"kind": "step", "epoch": epoch, "step": global_step, "rank": rank,
-                             "world": world_size, "ids": [int(i) for i in ids]})
-
-    def commit(self) -> None:
-        if self.pending:
-            now = time.time()
-            self._write([dict(line, time=now) for line in self.pending])
-            self.pending = []
-
-    def discard(self) -> None:
-        self.pending = []
+        self._write({"kind": "step", "epoch": epoch, "step": global_step, "rank": rank, "world": world_size,
+                     "ids": [int(i) for i in ids]})
 
 
 def load(directory: str) -> List[dict]:
@@ -70,10 +65,11 @@ def check(directory: str, samples: int, epochs: int) -> Dict[str, object]:
     ``report["ok"]`` is True when so; ``report["problems"]`` lists one line per epoch that fails.
     """
     lines = load(directory)
-    starts = sorted((l for l in lines if l["kind"] == "start"), key=lambda l: l["time"])
+    starts = [l for l in lines if l["kind"] == "start"]
+    resumes = [l for l in lines if l["kind"] in ("start", "rollback")]
     steps = [l for l in lines if l["kind"] == "step"]
-    # A process that started later at step g undoes whatever earlier processes recorded beyond g.
-    kept = [s for s in steps if not any(st["time"] > s["time"] and s["step"] > st["step"] for st in starts)]
+    # Resuming at step g (a restart or a rollback) undoes every later step recorded before it.
+    kept = [s for s in steps if not any(r["time"] > s["time"] and s["step"] > r["step"] for r in resumes)]
     per_epoch: Dict[int, List[int]] = defaultdict(list)
     worlds = defaultdict(set)
     for s in kept:
@@ -92,7 +88,7 @@ def check(directory: str, samples: int, epochs: int) -> Dict[str, object]:
             problems.append(f"epoch {epoch}: {len(missing)} samples never trained (e.g. {missing[:5]}), "
                             f"{len(twice)} trained more than once (e.g. {twice[:5]}), {len(outside)} unknown ids")
     return {"ok": not problems, "problems": problems, "records": len(steps), "dropped": len(steps) - len(kept),
-            "processes": len(starts), "world_sizes": {e: sorted(w) for e, w in sorted(worlds.items())}}
+            "processes": len(starts), "rollbacks": len(resumes) - len(starts), "world_sizes": {e: sorted(w) for e, w in sorted(worlds.items())}}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -2,8 +2,8 @@
 
 Built on Horovod's own ``horovod.common.elastic.State`` (so its host-update notifications and
 retry loop work unchanged), with hvdkit's content: the adapter's model and optimizer bytes, the
-progress dict (epoch, position in samples, global step), the audit buffer, and optionally a
-durable copy on rank 0. Imported only in elastic mode.
+progress dict (epoch, position in samples, global step), and optionally a
+durable copy on rank 0; a rollback is marked in the audit log. Imported only in elastic mode.
 
 Example (what :class:`hvdkit.Trainer` does when started by ``horovodrun --host-discovery-script``)::
 
@@ -21,7 +21,7 @@ from .checkpoint import CheckpointStore
 
 
 class TrainerState(State):
-    """Commit = snapshot in memory (+ audit lines, + every ``durable_every``-th commit on disk)."""
+    """Commit = snapshot in memory (+ every ``durable_every``-th commit on disk)."""
 
     def __init__(self, trainer, progress: Dict[str, Any], store: Optional[CheckpointStore],
                  audit: Optional[AuditLog], durable_every: int = 1):
@@ -39,8 +39,6 @@ class TrainerState(State):
     def save(self) -> None:
         self._snapshot()
         self.commits += 1
-        if self.audit:
-            self.audit.commit()
         if self.store is not None and self.adapter.rank == 0 and self.commits % self.durable_every == 0:
             self.trainer.save_checkpoint(self.store, self.progress, blob=self.committed[0])
 
@@ -50,7 +48,7 @@ class TrainerState(State):
         self.progress.clear()
         self.progress.update(progress)
         if self.audit:
-            self.audit.discard()
+            self.audit.rolled_back(progress["global_step"])
         self.restored = True
 
     def sync(self) -> None:

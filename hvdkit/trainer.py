@@ -258,8 +258,6 @@ class Trainer:
                 progress.update(position=step.end, global_step=progress["global_step"] + 1)
                 if audit:
                     audit.record(epoch, progress["global_step"], a.rank, a.size, np.concatenate(step.micro_batches))
-                    if not self.elastic:  # nothing is ever rolled back: record at once
-                        audit.commit()
                 if cfg.check_divergence and not run.checked_first:
                     self.check_same_parameters("after the first step")
                     run.checked_first = True

@@ -82,7 +82,7 @@ main() {
     if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
       build=$(mktemp -d)
       trap 'rm -rf "$build"' EXIT
-      step "building Horovod $HOROVOD_VERSION from source (MPI + Gloo, PyTorch + TensorFlow) — about 10-20 minutes on 2 cores"
+      step "building Horovod $HOROVOD_VERSION from source (MPI + Gloo, PyTorch + TensorFlow) — about 5 minutes on 2 cores"
       quiet "${PIP[@]}" download --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$build"
       tar xzf "$build/horovod-$HOROVOD_VERSION.tar.gz" -C "$build"
       "$VENV/bin/python" "$ROOT/mpi/patch_horovod.py" "$build/horovod-$HOROVOD_VERSION"

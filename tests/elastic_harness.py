@@ -71,6 +71,17 @@ class ElasticJob:
         steps = [r["step"] for r in self.records() if r["kind"] == "step" and (world is None or r["world"] == world)]
         return max(steps, default=0)
 
+    def newest_commit_world(self) -> int:
+        """World size of the newest durable commit (every commit is durable in these jobs), 0 if none."""
+        manifests = sorted(glob.glob(os.path.join(self.ckpt, "ckpt-*.json")))
+        for path in reversed(manifests):
+            try:
+                with open(path) as f:
+                    return json.load(f)["world_size"]
+            except (OSError, ValueError):
+                continue  # replaced or pruned while we looked
+        return 0
+
     def worker_pids(self) -> Dict[str, int]:
         """HOROVOD_HOSTNAME -> pid of this job's live workers (horovodrun starts them in their own sessions)."""
         return {env.get("HOROVOD_HOSTNAME", "?"): pid for pid, env in marked_processes(self.tmp)
