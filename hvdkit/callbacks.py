@@ -55,7 +55,8 @@ class LogLines(Callback):
             trainer.log.info(f"step {global_step} loss {loss:.4f}")
 
     def on_epoch_end(self, trainer, epoch, metrics):
-        shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        shown = " ".join(f"{k} {v:.0f}" if k.endswith("per_sec") else f"{k} {v:.4f}" if isinstance(v, float)
+                         else f"{k} {v}" for k, v in metrics.items())
         trainer.log.info(f"epoch {epoch + 1}/{trainer.config.epochs}: {shown}")
 
 
