@@ -130,9 +130,6 @@ class Adapter(abc.ABC):
     def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``fn(state)`` wrapped in Horovod's elastic retry loop for this framework."""
 
-    def close(self) -> None:
-        """Release what :meth:`init` took; Horovod itself is shut down at exit."""
-
 
 class HorovodProcess:
     """Rank, size and object collectives, identical in ``horovod.torch`` and ``horovod.tensorflow``.
