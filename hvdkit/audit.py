@@ -1,11 +1,11 @@
 """Audit mode: each rank records which sample ids it trained on, and a checker proves exactly-once.
 
-Records are JSON lines in ``DIR/audit-<host>-<pid>.jsonl``. A rank writes a step's ids as soon as the
-step (and so its allreduce) has completed. When training rolls back — elastic recovery from a lost
-worker, or a whole job restarted from a durable commit — the process writes a marker with the step
-it resumed at, and the checker drops every record of a later step written before that marker: that
-work was undone. (Writing at commit time instead would lose the ids of a rank killed between a
-step's allreduce and its commit, although the survivors' commit includes its gradients.)
+Records are JSON lines in ``DIR/audit-<host>-<pid>.jsonl``. A rank writes a step's ids just before it
+trains the step. When training rolls back — elastic recovery from a lost worker, or a whole job
+restarted from a durable commit — the process writes a marker with the step it resumed at, and the
+checker drops every record of a later step written before that marker: that work was undone or
+never finished. (Writing after the step, or at commit time, loses the ids of a rank killed between a
+step's allreduce and the write, although the survivors' state includes its gradients: seen in CI.)
 
 Example::
 
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 
 class AuditLog:
-    """Appends one line per completed step, and a marker line where training resumed or rolled back."""
+    """Appends one line per step as it starts, and a marker line where training resumed or rolled back."""
 
     def __init__(self, directory: str):
         os.makedirs(directory, exist_ok=True)
@@ -55,7 +55,7 @@ def load(directory: str) -> List[dict]:
         with open(path) as f:
             for raw in f:
                 if raw.strip():
-                    lines.append(json.loads(raw))
+                    lines.append(dict(json.loads(raw), file=path))
     return lines
 
 
@@ -66,10 +66,19 @@ def check(directory: str, samples: int, epochs: int) -> Dict[str, object]:
     """
     lines = load(directory)
     starts = [l for l in lines if l["kind"] == "start"]
-    resumes = [l for l in lines if l["kind"] in ("start", "rollback")]
+    rollbacks = [l for l in lines if l["kind"] == "rollback"]
     steps = [l for l in lines if l["kind"] == "step"]
-    # Resuming at step g (a restart or a rollback) undoes every later step recorded before it.
-    kept = [s for s in steps if not any(r["time"] > s["time"] and s["step"] > r["step"] for r in resumes)]
+    last_write = {}
+    for l in lines:
+        last_write[l["file"]] = max(last_write.get(l["file"], 0.0), l["time"])
+
+    def undone(s):
+        # A rollback to step g undoes every later step recorded before it. A process starting at step g
+        # (a restarted job) undoes later steps of processes that were gone by then — not of live peers,
+        # which record their next step before a slower peer's start line.
+        return (any(r["time"] > s["time"] and s["step"] > r["step"] for r in rollbacks) or
+                any(st["time"] > last_write[s["file"]] and s["step"] > st["step"] for st in starts))
+    kept = [s for s in steps if not undone(s)]
     per_epoch: Dict[int, List[int]] = defaultdict(list)
     worlds = defaultdict(set)
     for s in kept:
@@ -88,7 +97,7 @@ def check(directory: str, samples: int, epochs: int) -> Dict[str, object]:
             problems.append(f"epoch {epoch}: {len(missing)} samples never trained (e.g. {missing[:5]}), "
                             f"{len(twice)} trained more than once (e.g. {twice[:5]}), {len(outside)} unknown ids")
     return {"ok": not problems, "problems": problems, "records": len(steps), "dropped": len(steps) - len(kept),
-            "processes": len(starts), "rollbacks": len(resumes) - len(starts), "world_sizes": {e: sorted(w) for e, w in sorted(worlds.items())}}
+            "processes": len(starts), "rollbacks": len(rollbacks), "world_sizes": {e: sorted(w) for e, w in sorted(worlds.items())}}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

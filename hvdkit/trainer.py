@@ -251,13 +251,13 @@ class Trainer:
 
             def before_step(step):
                 a.set_lr_factor(cfg.lr_factor(a.size, progress["global_step"]))
+                if audit:  # before the step: a rank killed mid-step has recorded it; a rollback marker drops it
+                    audit.record(epoch, progress["global_step"] + 1, a.rank, a.size, np.concatenate(step.micro_batches))
 
             def after_step(step, step_loss, step_count) -> bool:
                 """Bookkeeping after each optimizer step; True asks the adapter to end the epoch now."""
                 run.trained += step.samples_in_step
                 progress.update(position=step.end, global_step=progress["global_step"] + 1)
-                if audit:
-                    audit.record(epoch, progress["global_step"], a.rank, a.size, np.concatenate(step.micro_batches))
                 if cfg.check_divergence and not run.checked_first:
                     self.check_same_parameters("after the first step")
                     run.checked_first = True

@@ -65,3 +65,18 @@ def test_missing_samples_are_reported(tmp_path):
     assert report["problems"][1].startswith("epoch 1: 5 samples never trained")
     lines = [json.loads(l) for l in open(log.path)]
     assert [l["kind"] for l in lines] == ["start", "step"]
+
+
+def test_a_slower_peer_starting_does_not_undo_a_live_peer(tmp_path):
+    fast = AuditLog(str(tmp_path))
+    fast.start(0, 0, 2)
+    fast.record(0, 1, 0, 2, [0, 1])        # step 1 recorded before the peer's start line...
+    slow = AuditLog(str(tmp_path))
+    slow.path = str(tmp_path / "audit-peer-2.jsonl")
+    slow.start(0, 1, 2)
+    slow.record(0, 1, 1, 2, [2, 3])
+    fast.record(0, 2, 0, 2, [4])           # ...and the fast peer lives on
+    slow.record(0, 2, 1, 2, [5])
+    report = check(str(tmp_path), samples=6, epochs=1)
+    assert report["ok"], report["problems"]
+    assert report["dropped"] == 0
