@@ -2,6 +2,7 @@
 
     hvdkit launch -np 2 examples/keras_digits.py --metrics-json results/keras_digits.json
     hvdkit launch --launcher mpirun -np 2 examples/keras_digits.py
+    hvdkit launch -np 2 examples/keras_digits.py --input tfdata --mode loop
 """
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
@@ -18,19 +19,26 @@ def main():
     parser = training_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, lr=0.05)
     parser.add_argument("--mode", choices=["fit", "loop"], default="fit",
                         help="fit: Keras model.fit; loop: hvdkit's GradientTape step in tf.function")
+    parser.add_argument("--input", choices=["arrays", "tfdata"], default="arrays",
+                        help="arrays: numpy arrays; tfdata: the same data as tf.data pipelines (hvdkit.keras.TFStream)")
     args = parser.parse_args()
-    from hvdkit.keras import make_adapter  # imports TensorFlow quietly
+    from hvdkit.keras import TFStream, make_adapter  # imports TensorFlow quietly
     import keras
+    import tensorflow as tf
     x_train, y_train, x_test, y_test = digits_split()
     if args.limit_train is not None:
         x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
+    train, test = (x_train, y_train), (x_test, y_test)
+    if args.input == "tfdata":
+        train = TFStream(tf.data.Dataset.from_tensor_slices(train), n=len(x_train))
+        test = TFStream(tf.data.Dataset.from_tensor_slices(test), n=len(x_test))
     keras.utils.set_random_seed(args.seed)
     model = make_model(keras)
     optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
-    result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode)
+    result = Trainer(adapter, config_from_args(args)).fit(train, test)
+    write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode, input=args.input)
     if adapter.rank == 0:
         print(f"test accuracy {result.eval['accuracy']:.4f} on {result.eval['samples']} samples, "
               f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)

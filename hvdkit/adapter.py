@@ -26,6 +26,9 @@ class Adapter(abc.ABC):
     """One framework behind the trainer. Subclasses: ``hvdkit.torch.TorchAdapter``."""
 
     framework: str = "?"
+    #: Set by the trainer when ``before_step`` must see real sample ids (audit mode); adapters whose
+    #: steps carry only positions (streams) then pay to look the ids up.
+    record_ids: bool = False
 
     # ---- process and collectives ---------------------------------------------------------
     @abc.abstractmethod
@@ -74,8 +77,12 @@ class Adapter(abc.ABC):
     def train_step(self, data: Any, step: Step) -> Tuple[float, int]:
         """One optimizer step over ``step.micro_batches``; returns (sum of sample losses, samples) here."""
 
-    def plan_epoch(self, data: Any, epoch: int, start: int, config) -> List[Step]:
-        """This rank's steps of ``epoch`` from sample ``start`` on; the same count on every rank."""
+    def plan_epoch(self, data: Any, epoch: int, start: int, config, layout=None) -> List[Step]:
+        """This rank's steps of ``epoch`` from sample ``start`` on; the same count on every rank.
+
+        layout: ``[world_size, start]`` of each stretch of this epoch (see ``sharding.stream_segments``);
+        sample ids permuted globally need none, since the rest of the permutation is simply re-split.
+        """
         return plan_epoch(self.dataset_len(data), self.rank, self.size, config.batch_size, config.seed, epoch,
                           config.accumulation, start=start, shuffle=config.shuffle)
 

@@ -2,7 +2,7 @@
 
 Built on Horovod's own ``horovod.common.elastic.State`` (so its host-update notifications and
 retry loop work unchanged), with hvdkit's content: the adapter's model and optimizer bytes, the
-progress dict (epoch, position in samples, global step), and optionally a
+progress dict (epoch, position in samples, global step, the epoch's world-size layout), and optionally a
 durable copy on rank 0; a rollback is marked in the audit log. Imported only in elastic mode.
 
 Example (what :class:`hvdkit.Trainer` does when started by ``horovodrun --host-discovery-script``)::
@@ -12,6 +12,7 @@ Example (what :class:`hvdkit.Trainer` does when started by ``horovodrun --host-d
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Optional
 
 from horovod.common.elastic import State
@@ -34,7 +35,7 @@ class TrainerState(State):
         self._snapshot()
 
     def _snapshot(self) -> None:
-        self.committed = (self.adapter.state_to_bytes(self.progress), dict(self.progress))
+        self.committed = (self.adapter.state_to_bytes(self.progress), copy.deepcopy(self.progress))
 
     def save(self) -> None:
         self._snapshot()
@@ -46,7 +47,7 @@ class TrainerState(State):
         blob, progress = self.committed
         self.adapter.state_from_bytes(blob)
         self.progress.clear()
-        self.progress.update(progress)
+        self.progress.update(copy.deepcopy(progress))
         if self.audit:
             self.audit.rolled_back(progress["global_step"])
         self.restored = True

@@ -29,14 +29,15 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 from .errors import HvdkitError
 
 __all__ = ["Step", "epoch_permutation", "plan_epoch", "steps_per_epoch", "eval_indices",
-           "shard_files", "check_train_config", "even_sizes", "stream_plan"]
+           "shard_files", "check_train_config", "even_sizes", "stream_plan", "stream_consumed",
+           "Segment", "stream_segments"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ def even_sizes(n: int, world_size: int) -> List[int]:
     return [n // world_size + (1 if r < n % world_size else 0) for r in range(world_size)]
 
 
-def stream_plan(sizes: Sequence[int], rank: int, batch_size: int, start: int = 0) -> List[Step]:
+def stream_plan(sizes: Sequence[int], rank: int, batch_size: int, start: int = 0, offset: int = 0) -> List[Step]:
     """Steps for streamed shards (a tf.data pipeline, whole files) that hold ``sizes[r]`` samples on rank r.
 
     A stream cannot be permuted globally, so each rank reads its own shard, shuffled locally, in
@@ -155,22 +156,84 @@ def stream_plan(sizes: Sequence[int], rank: int, batch_size: int, start: int = 0
     Here ``micro_batches[0]`` holds positions ``0..k-1`` of this rank's next ``k`` streamed samples,
     not sample ids; weights and ``end`` follow the same rules as :func:`plan_epoch`, and ``start``
     (samples of the epoch already done, a step boundary) skips the steps before it.
+
+    ``offset``: the shards hold what was left of the epoch after ``offset`` samples (a segment of
+    :func:`stream_segments`); positions and ``end`` still count from the epoch's start. Such a
+    remainder may leave some ranks with nothing to read.
     """
     world = len(sizes)
-    check_train_config(sum(sizes), world, batch_size)
-    if min(sizes) == 0:
-        raise HvdkitError(f"some rank would get no data at all (samples per rank: {list(sizes)}); "
-                          "use fewer workers or split the data into more, smaller files")
-    steps, done = [], 0
+    if offset == 0:
+        check_train_config(sum(sizes), world, batch_size)
+        if min(sizes) == 0:
+            raise HvdkitError(f"some rank would get no data at all (samples per rank: {list(sizes)}); "
+                              "use fewer workers or split the data into more, smaller files")
+    steps, done = [], offset
     for s in range(-(-max(sizes) // batch_size)):
         here = [min(max(size - s * batch_size, 0), batch_size) for size in sizes]
         total = sum(here)
         done += total
         if done > start:
             steps.append(Step([np.arange(here[rank], dtype=np.int64)], [here[rank] * world / total], total, done))
-    if start and steps and steps[0].end - steps[0].samples_in_step != start:
+    if start > offset and steps and steps[0].end - steps[0].samples_in_step != start:
         raise HvdkitError(f"cannot resume a tf.data stream at sample {start}: that is not a step boundary for "
-                          f"{world} workers and batch {batch_size} (a stream cannot be re-split mid-epoch); resume "
-                          "with the same workers and batch size, or in elastic training commit only at epoch "
-                          "ends (commit_every above the steps per epoch)")
+                          f"{world} workers and batch {batch_size}; resume with the batch size the run was "
+                          "started with")
     return steps
+
+
+def stream_consumed(sizes: Sequence[int], batch_size: int, done: int) -> List[int]:
+    """Samples each rank of :func:`stream_plan` over ``sizes`` has read once ``done`` of them are trained."""
+    if batch_size < 1:
+        raise HvdkitError(f"batch_size must be >= 1 (got {batch_size})")
+    steps = 0
+    total = 0
+    while total < done and steps * batch_size < max(sizes, default=0):
+        total += sum(min(max(size - steps * batch_size, 0), batch_size) for size in sizes)
+        steps += 1
+    if total != done:
+        raise HvdkitError(f"cannot resume a tf.data stream at {done} samples into a segment: not a step boundary "
+                          f"for {len(sizes)} workers and batch {batch_size}; resume with the batch size the run "
+                          "was started with")
+    return [min(size, steps * batch_size) for size in sizes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A stretch of an epoch that ran on one world size (see :func:`stream_segments`).
+
+    start: the epoch's position where it began; sizes: samples per rank of what was left then;
+    consumed: samples per rank read before the next segment began (None for the last one).
+    """
+    world_size: int
+    start: int
+    sizes: List[int]
+    consumed: Optional[List[int]]
+
+
+def stream_segments(first_sizes: Sequence[int], layout: Sequence[Sequence[int]], batch_size: int) -> List[Segment]:
+    """The shards of an epoch of a stream that changed world size mid-epoch, segment by segment.
+
+    ``layout`` lists ``[world_size, start]`` per segment: ``[[2, 0], [3, 640]]`` means 2 workers
+    began the epoch and 3 took over at sample 640. Segment 0 holds ``first_sizes`` (the source's
+    own split over ``layout[0][0]`` ranks). Each later segment splits what the previous one left
+    (every old rank's shuffled shard minus what it consumed, concatenated in rank order) element
+    ``i`` to new rank ``i % world``, so every sample of the epoch is read exactly once overall.
+
+    Example::
+
+        >>> [s.sizes for s in stream_segments([5, 5], [[2, 0], [3, 4]], batch_size=2)]
+        [[5, 5], [2, 2, 2]]
+    """
+    if not layout or layout[0][1] != 0:
+        raise HvdkitError(f"a stream layout must start at sample 0 (got {list(layout)})")
+    segments, sizes = [], list(first_sizes)
+    for i, (world, start) in enumerate(layout):
+        if len(sizes) != world:
+            raise HvdkitError(f"segment {i} of the layout has {world} workers but {len(sizes)} shards")
+        consumed = None
+        if i + 1 < len(layout):
+            consumed = stream_consumed(sizes, batch_size, layout[i + 1][1] - start)
+        segments.append(Segment(int(world), int(start), sizes, consumed))
+        if consumed is not None:
+            sizes = even_sizes(sum(sizes) - sum(consumed), layout[i + 1][0])
+    return segments

@@ -166,8 +166,9 @@ class Trainer:
             raise HvdkitError("the evaluation dataset is empty; pass a non-empty test split or none")
         elastic = self.elastic = cfg.elastic if cfg.elastic is not None else os.environ.get("HOROVOD_ELASTIC") == "1"
         audit = AuditLog(cfg.audit_dir) if cfg.audit_dir else None
+        a.record_ids = audit is not None
         a.prepare(lr_factor=cfg.lr_factor(a.size, 0), accumulation=cfg.accumulation)
-        run = _Run(progress={"epoch": 0, "position": 0, "global_step": 0, "n": n, "seed": cfg.seed})
+        run = _Run(progress={"epoch": 0, "position": 0, "global_step": 0, "n": n, "seed": cfg.seed, "layout": []})
         self._active_callbacks = self._callbacks()
         for cb in self._active_callbacks:
             cb.on_train_begin(self)
@@ -184,7 +185,8 @@ class Trainer:
                     if resumed and a.rank == 0:
                         self._announce_resume(resumed, n)
             if resumed:
-                run.progress.update({k: resumed[k] for k in ("epoch", "position", "global_step")})
+                run.progress.update({k: resumed[k] for k in ("epoch", "position", "global_step")},
+                                    layout=resumed.get("layout", []))
             from .elastic import TrainerState
             state = TrainerState(self, run.progress, store, audit, durable_every=cfg.durable_every)
             a.elastic_run(lambda st: self._elastic_body(st, run, train, eval_data))(state)
@@ -198,7 +200,8 @@ class Trainer:
                 if cfg.resume:
                     resumed = self._agree(lambda: self._load_latest(store, n))
             if resumed:
-                run.progress.update({k: resumed[k] for k in ("epoch", "position", "global_step")})
+                run.progress.update({k: resumed[k] for k in ("epoch", "position", "global_step")},
+                                    layout=resumed.get("layout", []))
                 self._announce_resume(resumed, n)
             a.broadcast_state()
             if audit:
@@ -236,6 +239,18 @@ class Trainer:
             state.audit.start(run.progress["global_step"], a.rank, a.size)
         self._loop(run, train, eval_data, state.commit, state.audit)
 
+    def _layout(self, layout: Optional[List[List[int]]], position: int) -> List[List[int]]:
+        """``[world_size, start]`` per stretch of the current epoch, ending with this world (a new list:
+        committed snapshots share the old one). A stream re-splits its remainder with it on a resize."""
+        size = self.adapter.size
+        if position == 0 or not layout:
+            return [[size, position]]
+        if layout[-1][0] == size:
+            return [list(seg) for seg in layout]
+        if layout[-1][1] == position and len(layout) > 1:  # that stretch trained nothing: replace it
+            return [list(seg) for seg in layout[:-1]] + [[size, position]]
+        return [list(seg) for seg in layout] + [[size, position]]
+
     def _loop(self, run: _Run, train, eval_data, commit: Callable[[], None], audit: Optional[AuditLog]) -> None:
         """Epochs from ``run.progress`` on; ``commit`` is called every ``commit_every`` steps and per epoch."""
         a, cfg, progress = self.adapter, self.config, run.progress
@@ -244,7 +259,8 @@ class Trainer:
         every = cfg.commit_every if self.elastic else cfg.checkpoint_every
         while progress["epoch"] < cfg.epochs and not run.stopped:
             epoch, resumed_at = progress["epoch"], progress["position"]
-            steps = a.plan_epoch(train, epoch, resumed_at, cfg)
+            progress["layout"] = self._layout(progress.get("layout"), resumed_at)
+            steps = a.plan_epoch(train, epoch, resumed_at, cfg, progress["layout"])
             for cb in callbacks:
                 cb.on_epoch_begin(self, epoch, len(steps))
             started = time.perf_counter()
@@ -285,7 +301,7 @@ class Trainer:
             if eval_data is not None:
                 run.eval_metrics = self.evaluate(eval_data)
                 metrics.update({f"eval_{k}": v for k, v in run.eval_metrics.items()})
-            progress.update(epoch=epoch + 1, position=0)
+            progress.update(epoch=epoch + 1, position=0, layout=[])
             commit()
             run.history.append(dict(metrics, epoch=epoch + 1))
             for cb in callbacks:

@@ -13,7 +13,10 @@ from typing import Dict, List, Optional
 from hvdkit.launch import Elastic, discovery_command, launch_command
 from proc import REPO, kill_marked, marked_processes
 
-EXAMPLES = {"torch": "examples/torch_digits.py", "tensorflow": "examples/keras_digits.py"}
+# what a test calls a framework -> the example and its flags; "tfdata": Keras fed by tf.data (TFStream)
+EXAMPLES = {"torch": ["examples/torch_digits.py"], "tensorflow": ["examples/keras_digits.py"],
+            "tfdata": ["examples/keras_digits.py", "--input", "tfdata"],
+            "tfdata-loop": ["examples/keras_digits.py", "--input", "tfdata", "--mode", "loop"]}
 
 
 class ElasticJob:
@@ -28,7 +31,8 @@ class ElasticJob:
         self.metrics = os.path.join(tmp, f"metrics-{tag}.json")
         self.log_path = os.path.join(tmp, f"{tag}.log")
         self.set_hosts(hosts)
-        args = [os.path.join(REPO, EXAMPLES[framework]), "--audit-dir", self.audit_dir, "--metrics-json", self.metrics,
+        script, *flags = EXAMPLES[framework]
+        args = [os.path.join(REPO, script), *flags, "--audit-dir", self.audit_dir, "--metrics-json", self.metrics,
                 "--checkpoint-dir", self.ckpt, "--no-progress", *extra]
         elastic = Elastic(discovery_command(self.hosts_file), min_np=1, max_np=max_np, timeout=timeout,
                           reset_limit=reset_limit, cooldown=None, network_interface="lo")

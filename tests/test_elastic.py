@@ -1,6 +1,6 @@
 """Elastic training on one machine ('localhost' and '127.0.0.1' are two hosts to Horovod), torch and Keras.
 
-Each test runs an example script under an elastic horovodrun whose host discovery reads a hosts file the
+Each test runs an example script (Keras also fed by tf.data) under an elastic horovodrun whose host discovery reads a hosts file the
 test edits; audit records (steps as they complete, rollbacks as markers) prove every sample of every epoch was
 trained exactly once.
 """
@@ -15,6 +15,9 @@ from elastic_harness import ElasticJob
 from hvdkit.audit import check
 
 FRAMEWORKS = ["torch", "tensorflow"]
+# tf.data inputs (TFStream) re-split mid-epoch too; Keras fit for joins and restarts, the GradientTape loop for leaves and kills
+WITH_FIT_TFDATA = FRAMEWORKS + ["tfdata"]
+WITH_LOOP_TFDATA = FRAMEWORKS + ["tfdata-loop"]
 TRAIN_SAMPLES, EPOCHS = 1437, 8
 EXTRA = ["--epochs", str(EPOCHS), "--batch-size", "16", "--commit-every", "5"]
 BOTH = ["localhost:1", "127.0.0.1:1"]
@@ -33,7 +36,7 @@ def finished_exactly_once(job, world_sizes_seen, epochs=EPOCHS):
     return metrics
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", WITH_FIT_TFDATA)
 def test_host_added_mid_training(tmp_path, framework):
     job = ElasticJob(str(tmp_path), framework, ["localhost:1"], np=1, extra=EXTRA)
     job.wait_for(lambda: job.max_step() >= 20, "20 steps on one worker")
@@ -44,7 +47,7 @@ def test_host_added_mid_training(tmp_path, framework):
     assert "workers 1 -> 2 (joined: 127.0.0.1/0" in job.output()
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", WITH_LOOP_TFDATA)
 def test_host_removed_mid_training(tmp_path, framework):
     job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=EXTRA)
     job.wait_for(lambda: job.max_step(world=2) >= 20, "20 steps on two workers")
@@ -55,7 +58,7 @@ def test_host_removed_mid_training(tmp_path, framework):
     assert "left: 127.0.0.1/0" in job.output()
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", WITH_LOOP_TFDATA)
 def test_worker_killed_mid_epoch_rolls_back_and_finishes(tmp_path, framework):
     # the example's own batch size and 15 epochs: the accuracy bar of a run without failures applies
     job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=["--epochs", "15", "--commit-every", "5"])
@@ -87,7 +90,7 @@ def test_every_worker_killed_ends_the_job_without_hanging(tmp_path):
     assert job.finish(timeout=120) != 0
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", WITH_FIT_TFDATA)
 def test_whole_job_restarted_on_fewer_workers_resumes_from_last_good_durable_commit(tmp_path, framework):
     first = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=EXTRA, tag="first")
     first.wait_for(lambda: first.max_step(world=2) >= 40, "40 steps on two workers")

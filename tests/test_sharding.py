@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hvdkit.errors import HvdkitError
-from hvdkit.sharding import even_sizes, stream_plan
+from hvdkit.sharding import even_sizes, stream_consumed, stream_plan, stream_segments
 from hvdkit.sharding import (check_train_config, epoch_permutation, eval_indices, plan_epoch,
                              shard_files, steps_per_epoch)
 
@@ -361,3 +361,60 @@ def test_even_sizes_matches_tf_data_shard():
         for world in range(1, 5):
             sizes = even_sizes(n, world)
             assert sizes == [len(range(r, n, world)) for r in range(world)]
+
+
+# ---- stream_segments: a stream's epoch split over several world sizes ---------------------------------------
+
+
+@pytest.mark.parametrize("sizes, batch", [([5, 4], 4), ([3, 3, 2], 4), ([23, 27], 4), ([100, 3, 50], 7)])
+def test_stream_consumed_matches_the_plan_at_every_boundary(sizes, batch):
+    plans = [stream_plan(sizes, r, batch) for r in range(len(sizes))]
+    assert stream_consumed(sizes, batch, 0) == [0] * len(sizes)
+    for s, step in enumerate(plans[0], start=1):
+        read = [sum(len(x.micro_batches[0]) for x in plan[:s]) for plan in plans]
+        assert stream_consumed(sizes, batch, step.end) == read
+    between = min(set(range(1, sum(sizes))) - {step.end for step in plans[0]})
+    with pytest.raises(HvdkitError, match="step boundary"):
+        stream_consumed(sizes, batch, between)
+    with pytest.raises(HvdkitError, match="step boundary"):
+        stream_consumed(sizes, batch, sum(sizes) + 1)     # more than there is: not an endless loop
+
+
+def test_stream_segments_split_what_is_left():
+    segments = stream_segments([25, 25], [[2, 0], [3, 16], [1, 40]], batch_size=4)
+    assert [(s.world_size, s.start) for s in segments] == [(2, 0), (3, 16), (1, 40)]
+    assert segments[0].consumed == [8, 8] and segments[1].sizes == [12, 11, 11]
+    assert segments[1].consumed == [8, 8, 8] and segments[2].sizes == [10] and segments[2].consumed is None
+    # each segment's plan counts positions from the epoch's start and ends where the next one begins
+    plan = stream_plan(segments[1].sizes, 0, 4, start=16, offset=16)
+    assert plan[0].end == 28 and plan[1].end == 40 and plan[-1].end == 50
+
+
+def test_a_remainder_smaller_than_the_world_leaves_ranks_empty_but_in_step():
+    segments = stream_segments([25, 25], [[2, 0], [4, 48]], batch_size=4)
+    assert segments[-1].sizes == [1, 1, 0, 0]
+    plans = [stream_plan(segments[-1].sizes, r, 4, start=48, offset=48) for r in range(4)]
+    assert [len(p) for p in plans] == [1, 1, 1, 1]                      # everyone joins the one step
+    assert [p[0].weights[0] for p in plans] == [2.0, 2.0, 0.0, 0.0] and plans[0][0].end == 50
+
+
+def test_stream_segments_reject_layouts_that_do_not_fit():
+    with pytest.raises(HvdkitError, match="start at sample 0"):
+        stream_segments([5, 5], [[2, 3]], 2)
+    with pytest.raises(HvdkitError, match="2 shards"):
+        stream_segments([5, 5], [[3, 0]], 2)
+    with pytest.raises(HvdkitError, match="step boundary"):
+        stream_segments([5, 5], [[2, 0], [3, 3]], 2)
+
+
+def test_trainer_layout_records_each_world_size_of_the_epoch():
+    from types import SimpleNamespace
+    from hvdkit.trainer import Trainer
+    trainer = Trainer(SimpleNamespace(size=3))
+    assert trainer._layout([[2, 0]], 0) == [[3, 0]]                         # a new epoch starts afresh
+    assert trainer._layout([], 40) == [[3, 40]]                             # nothing recorded (older commit)
+    assert trainer._layout([[2, 0]], 16) == [[2, 0], [3, 16]]               # resized mid-epoch
+    assert trainer._layout([[2, 0], [3, 16]], 28) == [[2, 0], [3, 16]]      # rollback, same workers
+    assert trainer._layout([[2, 0], [1, 16]], 16) == [[2, 0], [3, 16]]      # that stretch trained nothing
+    layout = [[2, 0]]
+    assert trainer._layout(layout, 16) is not layout and layout == [[2, 0]]  # commits keep their own copy

@@ -6,6 +6,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zlib
@@ -17,7 +18,7 @@ import tensorflow as tf
 
 from ..adapter import Adapter, HorovodProcess
 from ..errors import HvdkitError
-from ..sharding import Step, stream_plan
+from ..sharding import Step, stream_plan, stream_segments
 from ..tuning import apply_defaults
 from .data import TFSource, one_thread_options
 
@@ -122,44 +123,67 @@ class KerasAdapter(HorovodProcess, Adapter):
     def dataset_len(self, data) -> int:
         return data.n if isinstance(data, TFSource) else len(self._arrays(data)[0])
 
-    def plan_epoch(self, data, epoch, start, config) -> List[Step]:
+    def plan_epoch(self, data, epoch, start, config, layout=None) -> List[Step]:
         if not isinstance(data, TFSource):
-            return super().plan_epoch(data, epoch, start, config)
+            return super().plan_epoch(data, epoch, start, config, layout)
         if config.accumulation != 1:
             raise HvdkitError("gradient accumulation is not supported with tf.data inputs yet; use "
                               "accumulation=1 or pass numpy arrays")
-        self._stream_epoch = (epoch, config.seed, config.batch_size)
-        return stream_plan(data.sizes(self.size), self.rank, config.batch_size, start)
+        layout = layout or [[self.size, start]]
+        if layout[-1][0] != self.size:
+            raise HvdkitError(f"the stream layout {layout} ends with {layout[-1][0]} workers, not {self.size}")
+        if layout[0][1] != 0:  # no record of how the epoch began: only a same-world resume can be exact
+            layout = [[self.size, 0]]
+        segments = stream_segments(data.sizes(layout[0][0]), layout, config.batch_size)
+        self._stream_epoch = (epoch, config.seed, config.batch_size, segments)
+        return stream_plan(segments[-1].sizes, self.rank, config.batch_size, start, offset=segments[-1].start)
 
     def _stream_batches(self, data: TFSource, steps: List[Step]) -> tf.data.Dataset:
-        """(x, y, weight) per step of ``steps``: this rank's shuffled shard in batches, then empty steps.
+        """(x, y, weight, ids) per step of ``steps``: this rank's share in batches, then empty steps.
 
-        An empty step is fed one real example with weight 0, so the rank still joins the allreduce.
+        An empty step is fed one real example with weight 0 (and no id), so the rank still joins the allreduce.
         """
-        epoch, seed, batch_size = self._stream_epoch
-        full = stream_plan(data.sizes(self.size), self.rank, batch_size)
+        epoch, seed, batch_size, segments = self._stream_epoch
+        last = segments[-1]
+        full = stream_plan(last.sizes, self.rank, batch_size, offset=last.start)
         already = sum(1 for s in full[:len(full) - len(steps)] if len(s.micro_batches[0]))
         weights = [s.weights[0] for s in steps if len(s.micro_batches[0])]
-        real = data.rank_dataset(self.rank, self.size, seed, epoch).batch(batch_size).skip(already)
+        real = data.segment_dataset(self.rank, seed, epoch, segments).batch(batch_size).skip(already)
         ds = tf.data.Dataset.zip((real, tf.data.Dataset.from_tensor_slices(tf.constant(weights, tf.float32))))
-        ds = ds.map(lambda xy, w: (xy[0], xy[1], w))
+        ds = ds.map(lambda batch, w: (batch[1][0], batch[1][1], w, batch[0]))
         if len(steps) > len(weights):
-            filler = data.rank_dataset(self.rank, self.size).take(1).batch(1)
-            ds = ds.concatenate(filler.map(lambda x, y: (x, y, tf.constant(0.0))).repeat(len(steps) - len(weights)))
+            filler = data.rank_dataset(0, 1).take(1).batch(1)
+            filler = filler.map(lambda x, y: (x, y, tf.constant(0.0), tf.zeros([0], tf.int64)))
+            ds = ds.concatenate(filler.repeat(len(steps) - len(weights)))
         return ds.with_options(one_thread_options())
+
+    @staticmethod
+    def _with_ids(step: Step, ids, n: int) -> Step:
+        """``step`` naming the sample ids it trains; fails if the stream disagrees with the plan (wrong n)."""
+        ids = np.asarray(ids)
+        if len(ids) != len(step.micro_batches[0]):
+            raise HvdkitError(f"the tf.data input gave {len(ids)} examples where the plan for n={n} expects "
+                              f"{len(step.micro_batches[0])}; pass the pipeline's true example count as n")
+        return dataclasses.replace(step, micro_batches=[ids])
 
     def run_epoch(self, data, steps, before_step, after_step) -> Tuple[float, int]:
         if not isinstance(data, TFSource):
             return super().run_epoch(data, steps, before_step, after_step)
         loss_sum, count = 0.0, 0
-        for step, (x, y, weight) in zip(steps, self._stream_batches(data, steps)):
+        batches = 0
+        for step, (x, y, weight, ids) in zip(steps, self._stream_batches(data, steps)):
+            batches += 1
+            step = self._with_ids(step, ids, data.n)
             before_step(step)
-            here = len(step.micro_batches[0])
+            here = len(ids)
             step_loss, step_count = self._train_on([(x, y, weight, here)] if here else [])
             loss_sum += step_loss
             count += step_count
             if after_step(step, step_loss, step_count):
-                break
+                return loss_sum, count
+        if batches != len(steps):
+            raise HvdkitError(f"the tf.data input ran out after {batches} of {len(steps)} steps; pass the "
+                              f"pipeline's true example count as n (got n={data.n})")
         return loss_sum, count
 
     def _grads(self, x, y, weight):

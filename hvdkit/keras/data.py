@@ -7,6 +7,10 @@ once. A stream cannot be permuted globally, so unlike in-memory arrays a rank ke
 examples from epoch to epoch; only their order changes. (The order also depends on TF's global
 seed, which the adapters set from ``TrainConfig.seed``.)
 
+Elastic resizes mid-epoch stay exactly-once: the trainer records the world size of each stretch
+of the epoch, and :meth:`TFSource.segment_dataset` rebuilds what every old rank had left and deals
+it out to the new ranks (see ``hvdkit.sharding.stream_segments``).
+
 Example::
 
     source = TFFiles(sorted(glob.glob("data/*.tfrecord")), parse=parse_example)
@@ -14,12 +18,13 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import functools
+from typing import Any, Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
 from ..errors import HvdkitError
-from ..sharding import even_sizes, shard_files
+from ..sharding import Segment, even_sizes, shard_files
 
 
 def one_thread_options() -> tf.data.Options:
@@ -37,7 +42,11 @@ def _shuffle_seed(seed: int, epoch: int) -> int:
 
 
 class TFSource:
-    """A tf.data input of ``n`` examples ``(x, y)``, split over ranks. Subclasses say how."""
+    """A tf.data input of ``n`` examples ``(x, y)``, split over ranks. Subclasses say how.
+
+    Every example has an id, its place in the source (the stream's order; the files' order, then
+    the records in each file), so audit records name samples, not positions.
+    """
 
     shuffle_buffer = 10_000
     n: int
@@ -45,21 +54,47 @@ class TFSource:
     def sizes(self, world_size: int) -> List[int]:
         raise NotImplementedError
 
-    def shard(self, rank: int, world_size: int) -> tf.data.Dataset:
+    def indexed_shard(self, rank: int, world_size: int) -> tf.data.Dataset:
+        """This rank's examples as ``(id, (x, y))``, in source order."""
         raise NotImplementedError
 
-    def rank_dataset(self, rank: int, world_size: int, seed: Optional[int] = None, epoch: int = 0) -> tf.data.Dataset:
-        """This rank's examples, unbatched; shuffled from (seed, epoch) unless ``seed`` is None."""
-        ds = self.shard(rank, world_size)
+    def shard(self, rank: int, world_size: int) -> tf.data.Dataset:
+        return self.indexed_shard(rank, world_size).map(lambda i, xy: xy, num_parallel_calls=1)
+
+    def rank_dataset(self, rank: int, world_size: int, seed: Optional[int] = None, epoch: int = 0,
+                     ids: bool = False) -> tf.data.Dataset:
+        """This rank's examples, unbatched; shuffled from (seed, epoch) unless ``seed`` is None.
+
+        ids: yield ``(id, (x, y))`` instead of ``(x, y)``.
+        """
+        ds = self.indexed_shard(rank, world_size) if ids else self.shard(rank, world_size)
         if seed is not None:
             ds = ds.shuffle(self.shuffle_buffer, seed=_shuffle_seed(seed, epoch), reshuffle_each_iteration=False)
         return ds
+
+    def segment_dataset(self, rank: int, seed: int, epoch: int, segments: Sequence[Segment]) -> tf.data.Dataset:
+        """``(id, (x, y))`` for ``rank`` in the last of ``segments`` (``hvdkit.sharding.stream_segments``).
+
+        Segment 0 is every rank's usual shuffled shard. For each later one, every old rank's shard
+        is rebuilt (the shuffle is deterministic), what that rank had read is skipped, and the rest,
+        concatenated, is dealt out element by element to the new ranks. So after a resize each new
+        rank reads the whole remainder once to pick its share: the price of exactly-once on a stream,
+        paid only for the rest of that epoch.
+        """
+        first = segments[0].world_size
+        parts = [self.rank_dataset(r, first, seed, epoch, ids=True) for r in range(first)]
+        for before, after in zip(segments, segments[1:]):
+            rest = functools.reduce(lambda a, b: a.concatenate(b),
+                                    [part.skip(used) for part, used in zip(parts, before.consumed)])
+            parts = [rest.shard(after.world_size, r) for r in range(after.world_size)]
+        return parts[rank]
 
 
 class TFStream(TFSource):
     """Any tf.data pipeline of single examples with a known count; rank r takes examples i % world == r.
 
     Give the pipeline before ``shuffle`` and ``batch``: hvdkit shards, then shuffles and batches.
+    The pipeline must yield the same examples in the same order every time it is iterated.
     """
 
     def __init__(self, dataset: tf.data.Dataset, n: int, shuffle_buffer: int = 10_000):
@@ -70,34 +105,47 @@ class TFStream(TFSource):
     def sizes(self, world_size: int) -> List[int]:
         return even_sizes(self.n, world_size)
 
-    def shard(self, rank: int, world_size: int) -> tf.data.Dataset:
-        return self.dataset.shard(world_size, rank)
+    def indexed_shard(self, rank: int, world_size: int) -> tf.data.Dataset:
+        return self.dataset.enumerate().shard(world_size, rank)
 
 
 class TFFiles(TFSource):
     """Whole files per rank (file i goes to rank i % world), read with ``reader`` and mapped by ``parse``.
 
+    reader: called with one file name (a string tensor), returns that file's records.
     counts: examples per file; when omitted every rank counts them once by reading the files.
     """
 
     def __init__(self, files: Sequence[str], parse: Optional[Callable] = None,
-                 reader: Callable[[List[str]], tf.data.Dataset] = tf.data.TFRecordDataset,
+                 reader: Callable[[Any], tf.data.Dataset] = tf.data.TFRecordDataset,
                  counts: Optional[Sequence[int]] = None, shuffle_buffer: int = 10_000):
         self.files = list(files)
         if not self.files:
             raise HvdkitError("the file list is empty; check the glob or directory")
         self.parse, self.reader, self.shuffle_buffer = parse, reader, shuffle_buffer
         if counts is None:
-            counts = [sum(1 for _ in reader([f])) for f in self.files]
+            counts = [sum(1 for _ in reader(f)) for f in self.files]
         if len(counts) != len(self.files):
             raise HvdkitError(f"{len(counts)} counts for {len(self.files)} files; give one count per file")
         self.counts = [int(c) for c in counts]
         self.n = sum(self.counts)
+        self.first_ids = [sum(self.counts[:i]) for i in range(len(self.counts))]
 
     def sizes(self, world_size: int) -> List[int]:
         shard_files(self.files, 0, world_size)  # raises when some rank would get no file
         return [sum(self.counts[i::world_size]) for i in range(world_size)]
 
-    def shard(self, rank: int, world_size: int) -> tf.data.Dataset:
-        ds = self.reader(shard_files(self.files, rank, world_size))
-        return ds.map(self.parse, num_parallel_calls=1) if self.parse else ds
+    def indexed_shard(self, rank: int, world_size: int) -> tf.data.Dataset:
+        shard_files(self.files, rank, world_size)  # the same check and error as sizes()
+        mine = list(range(rank, len(self.files), world_size))
+        def parse(record):  # as Dataset.map would call it: a tuple element is spread over the arguments
+            if self.parse is None:
+                return record
+            return self.parse(*record) if isinstance(record, tuple) else self.parse(record)
+
+        def read(path, first_id):
+            return self.reader(path).enumerate().map(lambda i, record: (i + first_id, parse(record)),
+                                                     num_parallel_calls=1)
+        files = tf.data.Dataset.from_tensor_slices(([self.files[i] for i in mine],
+                                                    tf.constant([self.first_ids[i] for i in mine], tf.int64)))
+        return files.flat_map(read)

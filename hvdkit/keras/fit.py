@@ -34,6 +34,7 @@ class _StepHooks(keras.callbacks.Callback):
         self.steps, self.k = steps, accumulation
         self.before_step, self.after_step = before_step, after_step
         self.loss_sum, self.count = 0.0, 0
+        self.done, self.stopped = 0, False
 
     def on_train_batch_begin(self, batch, logs=None):
         if batch % self.k == 0:
@@ -47,8 +48,9 @@ class _StepHooks(keras.callbacks.Callback):
         running = float(logs["loss"])  # Keras reports the epoch's running mean
         self.count += here
         self.loss_sum = running * self.count
+        self.done += 1
         if self.after_step(step, running * here, here):
-            self.model.stop_training = True
+            self.model.stop_training = self.stopped = True
 
 
 class KerasFitAdapter(KerasAdapter):
@@ -95,7 +97,14 @@ class KerasFitAdapter(KerasAdapter):
 
     def run_epoch(self, data, steps, before_step, after_step) -> Tuple[float, int]:
         if isinstance(data, TFSource):
-            dataset = self._stream_batches(data, steps).map(lambda x, y, w: (x, y, tf.fill([tf.shape(x)[0]], w)))
+            batches = self._stream_batches(data, steps)
+            dataset = batches.map(lambda x, y, w, ids: (x, y, tf.fill([tf.shape(x)[0]], w)))
+            if self.record_ids:  # Keras' loop hides the batches: read the ids from a second pass over the input
+                ids = iter(batches.map(lambda x, y, w, ids: ids))
+                hook = before_step
+
+                def before_step(step):
+                    hook(self._with_ids(step, next(ids), data.n))
             return self._fit(dataset, steps, len(steps), before_step, after_step)
         x, y = self._arrays(data)[:2]
         k = self.accumulation
@@ -121,4 +130,7 @@ class KerasFitAdapter(KerasAdapter):
         hooks = _StepHooks(steps, self.accumulation, before_step, after_step)
         self.model.fit(dataset, epochs=1, steps_per_epoch=batches, verbose=0, shuffle=False,
                        callbacks=[hooks, *self.keras_callbacks])
+        if hooks.done != len(steps) and not hooks.stopped:  # Keras only warns when the input runs out
+            raise HvdkitError(f"the input ran out after {hooks.done} of {len(steps)} steps (for tf.data: pass the "
+                              "pipeline's true example count as n)")
         return hooks.loss_sum, hooks.count
