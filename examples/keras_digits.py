@@ -6,7 +6,7 @@
 """
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
-from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
+from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
 
 
 def make_model(keras):
@@ -40,8 +40,7 @@ def main():
     result = Trainer(adapter, config_from_args(args)).fit(train, test)
     write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode, input=args.input)
     if adapter.rank == 0:
-        print(f"test accuracy {result.eval['accuracy']:.4f} on {result.eval['samples']} samples, "
-              f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)
+        print(summary_line(result), flush=True)
 
 
 if __name__ == "__main__":

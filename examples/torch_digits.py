@@ -8,7 +8,7 @@ from torch import nn
 
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
-from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
+from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
 from hvdkit.torch import TorchAdapter
 
 
@@ -29,8 +29,7 @@ def main():
     result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
     write_metrics(args.metrics_json, result, "torch", adapter.rank)
     if adapter.rank == 0:
-        print(f"test accuracy {result.eval['accuracy']:.4f} on {result.eval['samples']} samples, "
-              f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)
+        print(summary_line(result), flush=True)
 
 
 if __name__ == "__main__":

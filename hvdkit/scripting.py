@@ -72,6 +72,14 @@ def write_metrics(path: Optional[str], result, framework: str, rank: int, **extr
     return metrics
 
 
+def summary_line(result) -> str:
+    """What a digits example prints at the end; a run stopped before any evaluation says where it stopped."""
+    speed = f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers"
+    if "accuracy" in result.eval:
+        return f"test accuracy {result.eval['accuracy']:.4f} on {result.eval['samples']} samples, {speed}"
+    return f"stopped at step {result.global_step} before evaluating (resume with the same --checkpoint-dir), {speed}"
+
+
 def main_guard(fn: Callable[[], Any]) -> Callable[[], None]:
     """Decorator for a script's main: an HvdkitError becomes one line on stderr and exit code 2."""
     @functools.wraps(fn)

@@ -75,3 +75,25 @@ def test_bad_input_under_mpirun_exits_without_hanging(framework):
     result = launch(DIGITS[framework], ["--batch-size", "0"], np=2, launcher="mpirun", timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("hvdkit: error: batch_size must be >= 1") == 2, explain(result)
+
+
+def test_tfdata_input_stopped_and_resumed_on_other_worker_counts_trains_each_sample_once(tmp_path):
+    """One epoch of a tf.data input over 2, then 3, then 1 workers (stopped mid-epoch, resumed from the
+    checkpoint each time): every sample of every epoch is trained exactly once (audit)."""
+    from hvdkit.audit import check
+    common = ["--input", "tfdata", "--epochs", "2", "--batch-size", "16", "--checkpoint-dir", str(tmp_path / "ckpt"),
+              "--audit-dir", str(tmp_path / "audit"), "--no-progress"]
+    # 20 steps of 2 x 16 = sample 640; then 5 steps of 3 x 16 = sample 880 of 1437; then the rest on 1 worker
+    for np_, launcher, stop in [(2, "horovodrun", 20), (3, "mpirun", 25), (1, "horovodrun", None)]:
+        flags = common + (["--stop-after-steps", str(stop)] if stop else ["--metrics-json", str(tmp_path / "m.json")])
+        result = launch(DIGITS["tensorflow"], flags, np=np_, launcher=launcher, timeout=240)
+        assert result.returncode == 0, explain(result)
+        if stop:
+            assert f"stopped at step {stop} before evaluating" in result.stdout, explain(result)
+    out = result.stdout + result.stderr
+    assert "epoch 1, sample 880 of 1437, step 25 (written by 3 workers, now 1)" in out, explain(result)
+    report = check(str(tmp_path / "audit"), 1437, 2)
+    assert report["ok"], report["problems"]
+    assert report["world_sizes"][0] == [1, 2, 3] and report["world_sizes"][1] == [1]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["epochs"] == 2 and m["train_samples_per_epoch"] == 1437 and m["test_samples"] == 360
