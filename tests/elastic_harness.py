@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,11 @@ class ElasticJob:
             with open(path) as f:
                 lines += [json.loads(l) for l in f if l.strip().endswith("}")]
         return lines
+
+    def resets(self) -> List[dict]:
+        """Rank 0's reset lines so far: workers before and after, and the commit's epoch and sample."""
+        found = re.findall(r"workers (\d+) -> (\d+) \(.*?the commit at epoch (\d+), sample (\d+)", self.output())
+        return [{"from": int(a), "to": int(b), "epoch": int(e), "sample": int(p)} for a, b, e, p in found]
 
     def wait_for(self, predicate, what: str, timeout: float = 120) -> None:
         deadline = time.time() + timeout

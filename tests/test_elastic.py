@@ -7,6 +7,7 @@ trained exactly once.
 import glob
 import json
 import os
+import re
 import time
 
 import pytest
@@ -19,8 +20,9 @@ FRAMEWORKS = ["torch", "tensorflow"]
 WITH_FIT_TFDATA = FRAMEWORKS + ["tfdata"]
 WITH_LOOP_TFDATA = FRAMEWORKS + ["tfdata-loop"]
 TRAIN_SAMPLES, EPOCHS = 1437, 8
-EXTRA = ["--epochs", str(EPOCHS), "--batch-size", "16", "--commit-every", "5"]
-BOTH = ["localhost:1", "127.0.0.1:1"]
+COMMON = ["--batch-size", "16", "--commit-every", "5"]
+EXTRA = ["--epochs", str(EPOCHS)] + COMMON
+BOTH, ONE = ["localhost:1", "127.0.0.1:1"], ["localhost:1"]
 
 
 def finished_exactly_once(job, world_sizes_seen, epochs=EPOCHS):
@@ -36,40 +38,73 @@ def finished_exactly_once(job, world_sizes_seen, epochs=EPOCHS):
     return metrics
 
 
+def resize(job, hosts, world):
+    """Edit the hosts file; wait until rank 0 reports the reset to ``world`` workers."""
+    before = len(job.resets())
+    job.set_hosts(hosts)
+    job.wait_for(lambda: len(job.resets()) > before and job.resets()[-1]["to"] == world, f"a resize to {world} workers")
+
+
+def resize_mid_epoch(job, framework, there, back):
+    """Resize to ``there`` (hosts, world). A stream run must be re-dealt mid-epoch, but a resize lands on an epoch
+    end ~15% of the time here; then it goes ``back`` and ``there`` again (at most 3 times) until one lands mid-epoch."""
+    resize(job, *there)
+    if framework.startswith("tfdata"):
+        for _ in range(3):
+            if any(r["sample"] > 0 for r in job.resets()):
+                break
+            resize(job, *back)
+            resize(job, *there)
+        assert any(r["sample"] > 0 for r in job.resets()), job.resets()
+
+
+def epochs_for(framework):
+    return 30 if framework.startswith("tfdata") else EPOCHS   # streams: time for a second resize if needed
+
+
 @pytest.mark.parametrize("framework", WITH_FIT_TFDATA)
 def test_host_added_mid_training(tmp_path, framework):
-    job = ElasticJob(str(tmp_path), framework, ["localhost:1"], np=1, extra=EXTRA)
+    epochs = epochs_for(framework)
+    job = ElasticJob(str(tmp_path), framework, ONE, np=1, extra=COMMON + ["--epochs", str(epochs)])
     job.wait_for(lambda: job.max_step() >= 20, "20 steps on one worker")
-    job.set_hosts(BOTH)
-    job.wait_for(lambda: job.max_step(world=2) > 0, "a step on two workers")
-    metrics = finished_exactly_once(job, {1, 2})
+    resize_mid_epoch(job, framework, there=(BOTH, 2), back=(ONE, 1))
+    metrics = finished_exactly_once(job, {1, 2}, epochs)
     assert metrics["world_size"] == 2 and metrics["resets"] >= 1
     assert "workers 1 -> 2 (joined: 127.0.0.1/0" in job.output()
 
 
 @pytest.mark.parametrize("framework", WITH_LOOP_TFDATA)
 def test_host_removed_mid_training(tmp_path, framework):
-    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=EXTRA)
+    epochs = epochs_for(framework)
+    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=COMMON + ["--epochs", str(epochs)])
     job.wait_for(lambda: job.max_step(world=2) >= 20, "20 steps on two workers")
-    job.set_hosts(["localhost:1"])
-    job.wait_for(lambda: job.max_step(world=1) > 0, "a step on one worker")
-    metrics = finished_exactly_once(job, {1, 2})
+    resize_mid_epoch(job, framework, there=(ONE, 1), back=(BOTH, 2))
+    metrics = finished_exactly_once(job, {1, 2}, epochs)
     assert metrics["world_size"] == 1
     assert "left: 127.0.0.1/0" in job.output()
 
 
 @pytest.mark.parametrize("framework", WITH_LOOP_TFDATA)
 def test_worker_killed_mid_epoch_rolls_back_and_finishes(tmp_path, framework):
-    # the example's own batch size and 15 epochs: the accuracy bar of a run without failures applies
-    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=["--epochs", "15", "--commit-every", "5"])
-    job.wait_for(lambda: job.max_step(world=2) >= 28, "28 steps on two workers")  # epoch 2, between commits
+    # 15 epochs: the accuracy bar of a run without failures applies. The example's batch (32: 23 steps per epoch
+    # on two workers), killed in epoch 2 between commits; a stream with batch 16 (45 steps per epoch: 0.983
+    # without failures) is killed ~6 steps into epoch 2, so the commit it rolls back to is surely mid-epoch
+    # and the rest of the epoch's shards are re-dealt to the survivor.
+    stream = framework.startswith("tfdata")
+    extra = ["--epochs", "15", "--commit-every", "5"] + (["--batch-size", "16"] if stream else [])
+    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=extra)
+    at = 52 if stream else 28
+    job.wait_for(lambda: job.max_step(world=2) >= at, f"{at} steps on two workers")
     victim = job.worker_pids()["127.0.0.1"]
     os.kill(victim, 9)
     killed = time.time()
     job.wait_for(lambda: job.newest_commit_world() == 1, "a commit by the survivor after the kill")
     print(f"{framework}: {time.time() - killed:.2f} s from SIGKILL to the next committed step")
     metrics = finished_exactly_once(job, {1, 2}, epochs=15)
-    assert "rolled back to the commit" in job.output()
+    rollback = re.search(r"rolled back to the commit at epoch (\d+), sample (\d+)", job.output())
+    assert rollback, job.output()[-3000:]
+    if stream:
+        assert rollback.group(1) == "2" and int(rollback.group(2)) > 0, rollback.group(0)
     assert metrics["test_accuracy"] >= 0.95          # the bar a run without failures meets
     assert metrics["test_samples"] == 360
 
