@@ -128,7 +128,8 @@ def test_every_worker_killed_ends_the_job_without_hanging(tmp_path):
 @pytest.mark.parametrize("framework", WITH_FIT_TFDATA)
 def test_whole_job_restarted_on_fewer_workers_resumes_from_last_good_durable_commit(tmp_path, framework):
     first = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=EXTRA, tag="first")
-    first.wait_for(lambda: first.max_step(world=2) >= 40, "40 steps on two workers")
+    # epoch 2 spans steps 46-90: killed from step 52 on, the last two commits are both mid-epoch
+    first.wait_for(lambda: first.max_step(world=2) >= 52, "52 steps on two workers")
     first.kill()                                                   # the whole job, SIGKILL
     newest = sorted(glob.glob(os.path.join(first.ckpt, "ckpt-*.bin")))[-1]
     with open(newest, "r+b") as f:                                 # and its newest durable commit damaged
@@ -137,4 +138,5 @@ def test_whole_job_restarted_on_fewer_workers_resumes_from_last_good_durable_com
     finished_exactly_once(second, {1, 2})
     out = second.output()
     assert f"{os.path.basename(newest)} is corrupt" in out
-    assert "resumed from ckpt-" in out and "(written by 2 workers, now 1)" in out
+    resumed = re.search(r"resumed from ckpt-\S+: epoch (\d+), sample (\d+) of 1437, .*\(written by 2 workers, now 1\)", out)
+    assert resumed and resumed.group(1) == "2" and int(resumed.group(2)) > 0, out[-3000:]
