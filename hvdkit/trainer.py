@@ -243,8 +243,8 @@ class Trainer:
         """``[world_size, start]`` per stretch of the current epoch, ending with this world (a new list:
         committed snapshots share the old one). A stream re-splits its remainder with it on a resize."""
         size = self.adapter.size
-        if position == 0 or not layout:
-            return [[size, position]]
+        if position == 0 or not layout:  # (a commit older than layouts: assume the epoch began on this world)
+            return [[size, 0]]
         if layout[-1][0] == size:
             return [list(seg) for seg in layout]
         if layout[-1][1] == position and len(layout) > 1:  # that stretch trained nothing: replace it

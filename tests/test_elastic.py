@@ -128,8 +128,9 @@ def test_every_worker_killed_ends_the_job_without_hanging(tmp_path):
 @pytest.mark.parametrize("framework", WITH_FIT_TFDATA)
 def test_whole_job_restarted_on_fewer_workers_resumes_from_last_good_durable_commit(tmp_path, framework):
     first = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=EXTRA, tag="first")
-    # epoch 2 spans steps 46-90: killed from step 52 on, the last two commits are both mid-epoch
-    first.wait_for(lambda: first.max_step(world=2) >= 52, "52 steps on two workers")
+    # epoch 2 spans steps 46-90 (commits at 45 = its start, 50, 55, ...): killed from step 57 on, the newest
+    # commit is at 55 or later and the one before it, which the restart falls back to, mid-epoch
+    first.wait_for(lambda: first.max_step(world=2) >= 57, "57 steps on two workers")
     first.kill()                                                   # the whole job, SIGKILL
     newest = sorted(glob.glob(os.path.join(first.ckpt, "ckpt-*.bin")))[-1]
     with open(newest, "r+b") as f:                                 # and its newest durable commit damaged

@@ -412,7 +412,7 @@ def test_trainer_layout_records_each_world_size_of_the_epoch():
     from hvdkit.trainer import Trainer
     trainer = Trainer(SimpleNamespace(size=3))
     assert trainer._layout([[2, 0]], 0) == [[3, 0]]                         # a new epoch starts afresh
-    assert trainer._layout([], 40) == [[3, 40]]                             # nothing recorded (older commit)
+    assert trainer._layout([], 40) == [[3, 0]]                              # nothing recorded (older commit)
     assert trainer._layout([[2, 0]], 16) == [[2, 0], [3, 16]]               # resized mid-epoch
     assert trainer._layout([[2, 0], [3, 16]], 28) == [[2, 0], [3, 16]]      # rollback, same workers
     assert trainer._layout([[2, 0], [1, 16]], 16) == [[2, 0], [3, 16]]      # that stretch trained nothing

@@ -129,11 +129,9 @@ class KerasAdapter(HorovodProcess, Adapter):
         if config.accumulation != 1:
             raise HvdkitError("gradient accumulation is not supported with tf.data inputs yet; use "
                               "accumulation=1 or pass numpy arrays")
-        layout = layout or [[self.size, start]]
+        layout = layout or [[self.size, 0]]
         if layout[-1][0] != self.size:
             raise HvdkitError(f"the stream layout {layout} ends with {layout[-1][0]} workers, not {self.size}")
-        if layout[0][1] != 0:  # no record of how the epoch began: only a same-world resume can be exact
-            layout = [[self.size, 0]]
         segments = stream_segments(data.sizes(layout[0][0]), layout, config.batch_size)
         self._stream_epoch = (epoch, config.seed, config.batch_size, segments)
         return stream_plan(segments[-1].sizes, self.rank, config.batch_size, start, offset=segments[-1].start)
