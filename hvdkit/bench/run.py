@@ -22,7 +22,7 @@ from ..launch import launch_command
 
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TORCH_MODES = ["hvdkit-torch", "raw-horovod-torch", "torch-ddp"]
-KERAS_MODES = ["hvdkit-keras", "raw-horovod-tf", "tf-mwms"]
+KERAS_MODES = ["hvdkit-keras", "hvdkit-keras-loop", "raw-horovod-tf", "tf-mwms"]  # hvdkit-keras: model.fit
 
 
 def _run(args: Sequence[str], np: int, timeout: float, launcher: str = "mpirun", result: str = None) -> None:
@@ -133,11 +133,11 @@ def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, 
                       for w in workers} for mode in modes}
     ratios = {}
     for family in (TORCH_MODES, KERAS_MODES):
-        ours = family[0]
-        for other in family[1:]:
-            for w in workers:
-                if ours in results and other in results:
-                    ratios[f"{ours} / {other} @{w}"] = results[ours][str(w)]["best"] / results[other][str(w)]["best"]
+        for ours in (m for m in family if m.startswith("hvdkit")):
+            for other in (m for m in family if not m.startswith("hvdkit")):
+                for w in workers:
+                    if ours in results and other in results:
+                        ratios[f"{ours} / {other} @{w}"] = results[ours][str(w)]["best"] / results[other][str(w)]["best"]
     scaling = {m: results[m][str(max(workers))]["best"] / (max(workers) * results[m][str(min(workers))]["best"])
                for m in modes if len(workers) > 1}
     report = {"steps": steps, "batch_per_worker": batch, "repeats": repeats, "workers": workers,

@@ -84,16 +84,16 @@ def torch_ddp():
     dist.destroy_process_group()
 
 
-def hvdkit_keras():
+def hvdkit_keras(mode="fit"):
     from hvdkit import TrainConfig, Trainer
-    from hvdkit.keras import KerasFitAdapter
+    from hvdkit.keras import make_adapter
     import keras
     x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
     keras.utils.set_random_seed(0)
     model = keras_cnn(keras)
-    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    result = Trainer(KerasFitAdapter(model), TrainConfig(epochs=2, batch_size=BATCH, progress_bar=False)).fit((x, y))
+    adapter = make_adapter(model, keras.optimizers.SGD(LR, momentum=0.9),
+                           keras.losses.SparseCategoricalCrossentropy(from_logits=True), mode=mode)
+    result = Trainer(adapter, TrainConfig(epochs=2, batch_size=BATCH, progress_bar=False)).fit((x, y))
     write(result.history[-1]["samples_per_sec"])
 
 
@@ -154,7 +154,8 @@ def tf_mwms():
 
 
 MODES = {"hvdkit-torch": hvdkit_torch, "raw-horovod-torch": raw_horovod_torch, "torch-ddp": torch_ddp,
-         "hvdkit-keras": hvdkit_keras, "raw-horovod-tf": raw_horovod_tf, "tf-mwms": tf_mwms}
+         "hvdkit-keras": hvdkit_keras, "hvdkit-keras-loop": lambda: hvdkit_keras("loop"),
+         "raw-horovod-tf": raw_horovod_tf, "tf-mwms": tf_mwms}
 
 if __name__ == "__main__":
     MODES[MODE]()

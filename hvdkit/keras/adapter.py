@@ -80,6 +80,7 @@ class KerasAdapter(HorovodProcess, Adapter):
         self._base_lr = float(self.optimizer.learning_rate.numpy())
         self._grad_step = tf.function(self._grads, reduce_retracing=True)
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
+        self._one_step = tf.function(self._step, reduce_retracing=True)
         self.set_lr_factor(lr_factor)
 
     def broadcast_state(self) -> None:
@@ -192,8 +193,17 @@ class KerasAdapter(HorovodProcess, Adapter):
 
     def _apply(self, grads):
         compression = self.hvd.Compression.fp16 if self.compression == "fp16" else self.hvd.Compression.none
-        reduced = self.hvd.grouped_allreduce(list(grads), op=self.hvd.Average, compression=compression)
+        # A fixed name: Horovod pairs collectives across ranks by name, and in one step a rank may run this
+        # from the fused graph (one micro-batch) while another runs it alone (no samples); the default
+        # name derives from the graph's tensor names and would differ, which hung the job (seen here).
+        reduced = self.hvd.grouped_allreduce(list(grads), op=self.hvd.Average, compression=compression,
+                                             name="hvdkit_gradients", ignore_name_scope=True)
         self.optimizer.apply(reduced, self.model.trainable_variables)
+
+    def _step(self, x, y, weight):
+        loss, grads = self._grads(x, y, weight)
+        self._apply(grads)
+        return loss
 
     def train_step(self, data, step: Step) -> Tuple[float, int]:
         x_all, y_all = self._arrays(data)[:2]
@@ -202,6 +212,9 @@ class KerasAdapter(HorovodProcess, Adapter):
 
     def _train_on(self, batches) -> Tuple[float, int]:
         """One optimizer step over (x, y, weight, samples) micro-batches; none: a zero gradient."""
+        if len(batches) == 1:  # the common case in one graph, as a hand-written loop has it (measured: bench)
+            x, y, weight, samples = batches[0]
+            return float(self._one_step(x, y, tf.cast(weight, tf.float32))) * samples, samples
         total, loss_sum, count = None, 0.0, 0
         for x, y, weight, samples in batches:
             loss, grads = self._grad_step(x, y, tf.cast(weight, tf.float32))
