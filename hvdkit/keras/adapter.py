@@ -212,7 +212,7 @@ class KerasAdapter(HorovodProcess, Adapter):
 
     def _train_on(self, batches) -> Tuple[float, int]:
         """One optimizer step over (x, y, weight, samples) micro-batches; none: a zero gradient."""
-        if len(batches) == 1:  # the common case in one graph, as a hand-written loop has it (measured: bench)
+        if len(batches) == 1:  # the common case: one graph call per step, as in a hand-written loop
             x, y, weight, samples = batches[0]
             return float(self._one_step(x, y, tf.cast(weight, tf.float32))) * samples, samples
         total, loss_sum, count = None, 0.0, 0
