@@ -27,10 +27,11 @@ def test_train_bench_smallest_size(tmp_path):
     assert result.returncode == 0, explain(result)
     report = json.loads((tmp_path / "train.json").read_text())
     assert set(report["results"]) == {"hvdkit-torch", "raw-horovod-torch", "torch-ddp",
-                                      "hvdkit-keras", "raw-horovod-tf", "tf-mwms"}
+                                      "hvdkit-keras", "hvdkit-keras-loop", "raw-horovod-tf", "tf-mwms"}
     for mode, by_workers in report["results"].items():
         assert by_workers["1"]["best"] > 0 and by_workers["2"]["best"] > 0, mode
     assert "hvdkit-torch / torch-ddp @2" in report["ratios"]
     assert "hvdkit-keras / tf-mwms @2" in report["ratios"]
+    assert "hvdkit-keras-loop / raw-horovod-tf @2" in report["ratios"]
     assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| hvdkit-torch |" in (tmp_path / "train.md").read_text()
