@@ -1,8 +1,8 @@
 """Elastic training on one machine ('localhost' and '127.0.0.1' are two hosts to Horovod), torch and Keras.
 
-Each test runs an example script (Keras also fed by tf.data) under an elastic horovodrun whose host discovery reads a hosts file the
-test edits; audit records (steps as they complete, rollbacks as markers) prove every sample of every epoch was
-trained exactly once.
+Each test runs an example script (Keras also fed by tf.data) under an elastic horovodrun whose host discovery
+reads a hosts file the test edits; audit records (steps as they start, rollbacks as markers) prove every sample
+of every epoch was trained exactly once.
 """
 import glob
 import json
@@ -16,7 +16,7 @@ from elastic_harness import ElasticJob
 from hvdkit.audit import check
 
 FRAMEWORKS = ["torch", "tensorflow"]
-# tf.data inputs (TFStream) re-split mid-epoch too; Keras fit for joins and restarts, the GradientTape loop for leaves and kills
+# tf.data inputs (TFStream) are re-split mid-epoch too: Keras fit for joins and restarts, the loop for leaves and kills
 WITH_FIT_TFDATA = FRAMEWORKS + ["tfdata"]
 WITH_LOOP_TFDATA = FRAMEWORKS + ["tfdata-loop"]
 TRAIN_SAMPLES, EPOCHS = 1437, 8

@@ -133,11 +133,11 @@ def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, 
                       for w in workers} for mode in modes}
     ratios = {}
     for family in (TORCH_MODES, KERAS_MODES):
-        for ours in (m for m in family if m.startswith("hvdkit")):
-            for other in (m for m in family if not m.startswith("hvdkit")):
-                for w in workers:
-                    if ours in results and other in results:
-                        ratios[f"{ours} / {other} @{w}"] = results[ours][str(w)]["best"] / results[other][str(w)]["best"]
+        present = [m for m in family if m in results]
+        for ours in (m for m in present if m.startswith("hvdkit")):
+            for other in (m for m in present if not m.startswith("hvdkit")):
+                for w in map(str, workers):
+                    ratios[f"{ours} / {other} @{w}"] = results[ours][w]["best"] / results[other][w]["best"]
     scaling = {m: results[m][str(max(workers))]["best"] / (max(workers) * results[m][str(min(workers))]["best"])
                for m in modes if len(workers) > 1}
     report = {"steps": steps, "batch_per_worker": batch, "repeats": repeats, "workers": workers,
