@@ -186,7 +186,7 @@ class Trainer:
                         self._announce_resume(resumed, n)
             if resumed:
                 run.progress.update({k: resumed[k] for k in ("epoch", "position", "global_step")},
-                                    layout=resumed.get("layout", []))
+                                    layout=self._saved_layout(resumed))
             from .elastic import TrainerState
             state = TrainerState(self, run.progress, store, audit, durable_every=cfg.durable_every)
             a.elastic_run(lambda st: self._elastic_body(st, run, train, eval_data))(state)
@@ -201,7 +201,7 @@ class Trainer:
                     resumed = self._agree(lambda: self._load_latest(store, n))
             if resumed:
                 run.progress.update({k: resumed[k] for k in ("epoch", "position", "global_step")},
-                                    layout=resumed.get("layout", []))
+                                    layout=self._saved_layout(resumed))
                 self._announce_resume(resumed, n)
             a.broadcast_state()
             if audit:
@@ -239,11 +239,19 @@ class Trainer:
             state.audit.start(run.progress["global_step"], a.rank, a.size)
         self._loop(run, train, eval_data, state.commit, state.audit)
 
+    @staticmethod
+    def _saved_layout(resumed: Dict[str, Any]) -> List[List[int]]:
+        """The resumed epoch's layout; a checkpoint written before layouts were recorded began its epoch,
+        at best knowledge, on the world that wrote it."""
+        if resumed.get("layout"):
+            return resumed["layout"]
+        return [[int(resumed["saved_world_size"]), 0]] if resumed.get("saved_world_size") else []
+
     def _layout(self, layout: Optional[List[List[int]]], position: int) -> List[List[int]]:
         """``[world_size, start]`` per stretch of the current epoch, ending with this world (a new list:
         committed snapshots share the old one). A stream re-splits its remainder with it on a resize."""
         size = self.adapter.size
-        if position == 0 or not layout:  # (a commit older than layouts: assume the epoch began on this world)
+        if position == 0 or not layout:
             return [[size, 0]]
         if layout[-1][0] == size:
             return [list(seg) for seg in layout]

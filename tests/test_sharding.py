@@ -418,3 +418,7 @@ def test_trainer_layout_records_each_world_size_of_the_epoch():
     assert trainer._layout([[2, 0], [1, 16]], 16) == [[2, 0], [3, 16]]      # that stretch trained nothing
     layout = [[2, 0]]
     assert trainer._layout(layout, 16) is not layout and layout == [[2, 0]]  # commits keep their own copy
+    # a checkpoint from before layouts were recorded: its epoch began on the world that wrote it
+    assert Trainer._saved_layout({"layout": [], "saved_world_size": 2}) == [[2, 0]]
+    assert trainer._layout(Trainer._saved_layout({"saved_world_size": 2}), 8) == [[2, 0], [3, 8]]
+    assert Trainer._saved_layout({"layout": [[2, 0], [1, 4]], "saved_world_size": 1}) == [[2, 0], [1, 4]]

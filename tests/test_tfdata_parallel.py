@@ -56,3 +56,10 @@ def test_exact_evaluation_over_a_stream(ranks, key):
     for r in ranks:
         assert r[key]["eval_samples"] == 37
         assert r[key]["eval_accuracy"] == pytest.approx(r[key]["expected_accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
+def test_embedding_gradients_with_an_empty_rank_do_not_hang(ranks, mode):
+    # 49 examples, batch 4: shards of 25 and 24, 7 steps; in the last one rank 1 has nothing to train
+    for r in ranks:
+        assert r[f"embedding_{mode}"] == {"steps": 14, "samples": 49}

@@ -193,6 +193,9 @@ class KerasAdapter(HorovodProcess, Adapter):
 
     def _apply(self, grads):
         compression = self.hvd.Compression.fp16 if self.compression == "fp16" else self.hvd.Compression.none
+        # Dense always: an Embedding's gradient is IndexedSlices (Horovod allgathers those) on a rank with
+        # samples but zeros on a rank without; both must enter the same collective.
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         # A fixed name: Horovod pairs collectives across ranks by name, and in one step a rank may run this
         # from the fused graph (one micro-batch) while another runs it alone (no samples); the default
         # name derives from the graph's tensor names and would differ, which hung the job (seen here).

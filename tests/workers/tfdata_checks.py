@@ -97,6 +97,22 @@ for source_name, source in sources.items():
     # Which example ids this rank reads in epochs 0 and 1 (column 0 carries the id).
     record[f"{source_name}_ids"] = [[int(x[0]) for x, _ in source.rank_dataset(adapter.rank, adapter.size, 0, e)]
                                     for e in (0, 1)]
+# An Embedding's gradient is IndexedSlices; 49 examples on 2 ranks leave rank 1 without a sample in the last
+# step (zeros). Both must still meet in one collective, in the loop and in fit (a mismatch would hang).
+tokens = np.arange(49, dtype=np.int64)[:, None] % 7
+for mode in ("loop", "fit"):
+    keras.utils.set_random_seed(5)
+    emb = keras.Sequential([keras.Input(shape=(1,), dtype="int64"), keras.layers.Embedding(7, 4),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+    emb_opt = keras.optimizers.SGD(0.05)
+    if mode == "fit":
+        emb.compile(optimizer=emb_opt, loss=LOSS)
+        emb_adapter = KerasFitAdapter(emb)
+    else:
+        emb_adapter = KerasAdapter(emb, emb_opt, LOSS)
+    emb_result = Trainer(emb_adapter, TrainConfig(**cfg)).fit(
+        TFStream(tf.data.Dataset.from_tensor_slices((tokens, Y[:49])), n=49))
+    record[f"embedding_{mode}"] = {"steps": emb_result.global_step, "samples": emb_result.train_samples_per_epoch}
 record["rank"], record["size"] = adapter.rank, adapter.size
 with open(os.path.join(out_dir, f"rank{adapter.rank}.json"), "w") as f:
     json.dump(record, f)
