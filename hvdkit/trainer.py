@@ -248,8 +248,8 @@ class Trainer:
         return [[int(resumed["saved_world_size"]), 0]] if resumed.get("saved_world_size") else []
 
     def _layout(self, layout: Optional[List[List[int]]], position: int) -> List[List[int]]:
-        """``[world_size, start]`` per stretch of the current epoch, ending with this world (a new list:
-        committed snapshots share the old one). A stream re-splits its remainder with it on a resize."""
+        """``[world_size, start]`` per stretch of the current epoch, ending with this world (always a new
+        list, never the one a commit holds). A stream re-splits its remainder with it on a resize."""
         size = self.adapter.size
         if position == 0 or not layout:
             return [[size, 0]]
