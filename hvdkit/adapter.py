@@ -69,6 +69,15 @@ class Adapter(abc.ABC):
     def set_lr_factor(self, factor: float) -> None:
         """Set every LR to ``factor`` times the LR the user gave (warmup, rescaling)."""
 
+    def _cached(self, data: Any, build: Callable[[Any], Any]) -> Any:
+        """``build(data)``, once per dataset object. The object is kept with its result: a dead object's
+        ``id`` gets reused by the next one, which must not find the old result."""
+        cache = self.__dict__.setdefault("_dataset_cache", {})
+        hit = cache.get(id(data))
+        if hit is None or hit[0] is not data:
+            cache[id(data)] = hit = (data, build(data))
+        return hit[1]
+
     @abc.abstractmethod
     def dataset_len(self, data: Any) -> int:
         """Number of samples in ``data`` (same on every rank)."""

@@ -185,8 +185,7 @@ class Trainer:
                     if resumed and a.rank == 0:
                         self._announce_resume(resumed, n)
             if resumed:
-                run.progress.update({k: resumed[k] for k in ("epoch", "position", "global_step")},
-                                    layout=self._saved_layout(resumed))
+                run.progress.update(self._resumed_progress(resumed))
             from .elastic import TrainerState
             state = TrainerState(self, run.progress, store, audit, durable_every=cfg.durable_every)
             a.elastic_run(lambda st: self._elastic_body(st, run, train, eval_data))(state)
@@ -200,8 +199,7 @@ class Trainer:
                 if cfg.resume:
                     resumed = self._agree(lambda: self._load_latest(store, n))
             if resumed:
-                run.progress.update({k: resumed[k] for k in ("epoch", "position", "global_step")},
-                                    layout=self._saved_layout(resumed))
+                run.progress.update(self._resumed_progress(resumed))
                 self._announce_resume(resumed, n)
             a.broadcast_state()
             if audit:
@@ -240,12 +238,12 @@ class Trainer:
         self._loop(run, train, eval_data, state.commit, state.audit)
 
     @staticmethod
-    def _saved_layout(resumed: Dict[str, Any]) -> List[List[int]]:
-        """The resumed epoch's layout; a checkpoint written before layouts were recorded began its epoch,
-        at best knowledge, on the world that wrote it."""
-        if resumed.get("layout"):
-            return resumed["layout"]
-        return [[int(resumed["saved_world_size"]), 0]] if resumed.get("saved_world_size") else []
+    def _resumed_progress(resumed: Dict[str, Any]) -> Dict[str, Any]:
+        """Where a checkpoint left off. One written before layouts were recorded began its epoch, at best
+        knowledge, on the world that wrote it."""
+        layout = resumed.get("layout") or ([[int(resumed["saved_world_size"]), 0]]
+                                           if resumed.get("saved_world_size") else [])
+        return dict({k: resumed[k] for k in ("epoch", "position", "global_step")}, layout=layout)
 
     def _layout(self, layout: Optional[List[List[int]]], position: int) -> List[List[int]]:
         """``[world_size, start]`` per stretch of the current epoch, ending with this world (always a new

@@ -419,6 +419,8 @@ def test_trainer_layout_records_each_world_size_of_the_epoch():
     layout = [[2, 0]]
     assert trainer._layout(layout, 16) is not layout and layout == [[2, 0]]  # commits keep their own copy
     # a checkpoint from before layouts were recorded: its epoch began on the world that wrote it
-    assert Trainer._saved_layout({"layout": [], "saved_world_size": 2}) == [[2, 0]]
-    assert trainer._layout(Trainer._saved_layout({"saved_world_size": 2}), 8) == [[2, 0], [3, 8]]
-    assert Trainer._saved_layout({"layout": [[2, 0], [1, 4]], "saved_world_size": 1}) == [[2, 0], [1, 4]]
+    def resumed(**saved):
+        return Trainer._resumed_progress(dict({"epoch": 0, "position": 8, "global_step": 4}, **saved))["layout"]
+    assert resumed(layout=[], saved_world_size=2) == [[2, 0]]
+    assert trainer._layout(resumed(saved_world_size=2), 8) == [[2, 0], [3, 8]]
+    assert resumed(layout=[[2, 0], [1, 4]], saved_world_size=1) == [[2, 0], [1, 4]]

@@ -48,7 +48,6 @@ class KerasAdapter(HorovodProcess, Adapter):
         self.compression, self.accuracy = compression, accuracy
         self.hvd = None
         self._base_lr = None
-        self._sources: Dict[int, Tuple[Any, Tuple[np.ndarray, ...]]] = {}
 
     # ---- process and collectives ---------------------------------------------------------
     def init(self, seed: int, threads: int) -> None:
@@ -111,15 +110,16 @@ class KerasAdapter(HorovodProcess, Adapter):
         self.optimizer.learning_rate.assign(self._base_lr * factor)
 
     def _arrays(self, data) -> Tuple[np.ndarray, ...]:
-        cached = self._sources.get(id(data))
-        if cached is None or cached[0] is not data:  # keep `data` alive with its arrays: ids get reused
-            if not (isinstance(data, (tuple, list)) and data and all(hasattr(d, "shape") for d in data)):
-                raise HvdkitError(f"cannot use a {type(data).__name__} as a dataset here; pass (features, labels) "
-                                  "numpy arrays (for tf.data use hvdkit.keras.data)")
-            if len({len(d) for d in data}) != 1:
-                raise HvdkitError("the arrays of one dataset have different lengths; features and labels must match")
-            self._sources[id(data)] = (data, tuple(np.asarray(d) for d in data))
-        return self._sources[id(data)][1]
+        return self._cached(data, self._as_arrays)
+
+    @staticmethod
+    def _as_arrays(data) -> Tuple[np.ndarray, ...]:
+        if not (isinstance(data, (tuple, list)) and data and all(hasattr(d, "shape") for d in data)):
+            raise HvdkitError(f"cannot use a {type(data).__name__} as a dataset here; pass (features, labels) "
+                              "numpy arrays (for tf.data use hvdkit.keras.data)")
+        if len({len(d) for d in data}) != 1:
+            raise HvdkitError("the arrays of one dataset have different lengths; features and labels must match")
+        return tuple(np.asarray(d) for d in data)
 
     def dataset_len(self, data) -> int:
         return data.n if isinstance(data, TFSource) else len(self._arrays(data)[0])

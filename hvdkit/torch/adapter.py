@@ -47,7 +47,6 @@ class TorchAdapter(HorovodProcess, Adapter):
         self.compression, self.op, self.accuracy = compression, op, accuracy
         self.hvd = None
         self._base_lrs: List[float] = []
-        self._sources: Dict[int, Tuple[Any, TorchData]] = {}
 
     # ---- process and collectives ---------------------------------------------------------
     def init(self, seed: int, threads: int) -> None:
@@ -95,10 +94,7 @@ class TorchAdapter(HorovodProcess, Adapter):
             group["lr"] = base * factor
 
     def _source(self, data) -> TorchData:
-        cached = self._sources.get(id(data))
-        if cached is None or cached[0] is not data:  # keep `data` alive with its view: ids get reused
-            self._sources[id(data)] = (data, TorchData.of(data))
-        return self._sources[id(data)][1]
+        return self._cached(data, TorchData.of)
 
     def dataset_len(self, data) -> int:
         return len(self._source(data))
