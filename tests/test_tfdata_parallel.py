@@ -63,3 +63,11 @@ def test_embedding_gradients_with_an_empty_rank_do_not_hang(ranks, mode):
     # 49 examples, batch 4: shards of 25 and 24, 7 steps; in the last one rank 1 has nothing to train
     for r in ranks:
         assert r[f"embedding_{mode}"] == {"steps": 14, "samples": 49}
+
+
+@pytest.mark.parametrize("source", ["files", "stream"])
+def test_loop_gradient_allreduce_has_one_name_that_elastic_recognises(ranks, source):
+    # One name in the fused step and in the zero-gradient step (ranks on either graph pair up), and it starts
+    # with "Horovod": elastic_run treats a TF error naming such a node as a lost peer, and rolls back.
+    for r in ranks:
+        assert r[f"{source}_loop_collectives"] == ["HorovodGroupedAllreduce_hvdkit_gradients"]

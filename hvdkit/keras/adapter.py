@@ -199,8 +199,12 @@ class KerasAdapter(HorovodProcess, Adapter):
         # A fixed name: Horovod pairs collectives across ranks by name, and in one step a rank may run this
         # from the fused graph (one micro-batch) while another runs it alone (no samples); the default
         # name derives from the graph's tensor names and would differ, which hung the job (seen here).
+        # It keeps Horovod's "Horovod" prefix: a lost peer surfaces as a TF error naming this node, and
+        # elastic_run tells Horovod's errors from the user's by that word (without it, a SIGKILLed peer
+        # ended the survivor instead of rolling it back: seen in CI).
         reduced = self.hvd.grouped_allreduce(list(grads), op=self.hvd.Average, compression=compression,
-                                             name="hvdkit_gradients", ignore_name_scope=True)
+                                             name="HorovodGroupedAllreduce_hvdkit_gradients",
+                                             ignore_name_scope=True)
         self.optimizer.apply(reduced, self.model.trainable_variables)
 
     def _step(self, x, y, weight):

@@ -94,6 +94,13 @@ for source_name, source in sources.items():
                        "samples": result.train_samples_per_epoch, "eval_samples": result.eval["samples"],
                        "eval_accuracy": result.eval["accuracy"],
                        "expected_accuracy": float((model(X_EVAL).numpy().argmax(1) == Y_EVAL).mean())}
+        if mode == "loop":  # the collectives in the loop's step graphs, by name (tracing runs none of them)
+            specs = (tf.TensorSpec([None, 6], tf.float32), tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32))
+            graphs = [adapter._one_step.get_concrete_function(*specs).graph,
+                      adapter._apply_step.get_concrete_function([tf.TensorSpec(v.shape, v.dtype)
+                                                                 for v in model.trainable_variables]).graph]
+            record[f"{key}_collectives"] = sorted({op.name for g in graphs for op in g.get_operations()
+                                                   if op.type.startswith("Horovod")})
     # Which example ids this rank reads in epochs 0 and 1 (column 0 carries the id).
     record[f"{source_name}_ids"] = [[int(x[0]) for x, _ in source.rank_dataset(adapter.rank, adapter.size, 0, e)]
                                     for e in (0, 1)]
