@@ -38,8 +38,8 @@ def main():
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
     result = Trainer(adapter, config_from_args(args)).fit(train, test)
-    write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode, input=args.input)
-    if adapter.rank == 0:
+    write_metrics(args.metrics_json, result, "tensorflow", result.rank, mode=args.mode, input=args.input)
+    if result.rank == 0:
         print(summary_line(result), flush=True)
 
 

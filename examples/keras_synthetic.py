@@ -24,8 +24,8 @@ def main():
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
     result = Trainer(adapter, config_from_args(args)).fit((x, y), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "tensorflow", adapter.rank, mode=args.mode)
-    if adapter.rank == 0:
+    write_metrics(args.metrics_json, result, "tensorflow", result.rank, mode=args.mode)
+    if result.rank == 0:
         print(f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers ({args.mode})", flush=True)
 
 

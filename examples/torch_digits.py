@@ -27,8 +27,8 @@ def main():
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression)
     result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "torch", adapter.rank)
-    if adapter.rank == 0:
+    write_metrics(args.metrics_json, result, "torch", result.rank)
+    if result.rank == 0:
         print(summary_line(result), flush=True)
 
 

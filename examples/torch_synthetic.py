@@ -24,8 +24,8 @@ def main():
     adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
                            nn.functional.cross_entropy, compression=args.compression)
     result = Trainer(adapter, config_from_args(args)).fit((x, y), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "torch", adapter.rank)
-    if adapter.rank == 0:
+    write_metrics(args.metrics_json, result, "torch", result.rank)
+    if result.rank == 0:
         print(f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)
 
 

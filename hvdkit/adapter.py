@@ -1,63 +1,47 @@
-"""The contract between the framework-free trainer and a framework (torch now, Keras next).
+"""The adapter role: one framework's model and optimizer behind the framework-free trainer.
 
-An adapter owns the model, the optimizer and Horovod's collectives for one framework; the
-trainer owns everything else (data order, steps, metrics, checkpoints, side effects). Every
-method here is called on every rank in the same order, so the collectives inside line up.
+An adapter trains, evaluates, checksums and serialises its model and optimizer. It does not know
+where data comes from (a :class:`hvdkit.feed.Feed` hands it micro-batches) nor how ranks talk (its
+framework's :class:`hvdkit.process.Process`, attached by the trainer, does the collectives). Every
+method runs on every rank in the same order, so the collectives inside line up.
 
 Example (what :class:`hvdkit.Trainer` does with it)::
 
-    adapter.init(seed=0, threads=1)
-    adapter.prepare(lr_factor=adapter.size, accumulation=1)   # wrap optimizer, scale LR
+    adapter.attach(process)                                   # after process.init(...)
+    adapter.prepare(lr_factor=process.size, accumulation=1)   # wrap optimizer, scale LR
     adapter.broadcast_state()                                 # rank 0's model everywhere
-    loss_sum, count = adapter.train_step(data, step)
-    sums = adapter.eval_batch(data, ids)         # {"loss": .., "correct": .., "count": ..}
+    loss_sum, count = adapter.train_step(micro_batches)
+    sums = adapter.eval_batch(inputs, targets)                # {"loss": .., "correct": .., "count": ..}
 """
 from __future__ import annotations
 
 import abc
 from typing import Any, Callable, Dict, List, Tuple
 
-import numpy as np
-
-from .sharding import Step, eval_indices, plan_epoch
+from .feed import Feed, MicroBatch
+from .process import Process
+from .sharding import Step
 
 
 class Adapter(abc.ABC):
-    """One framework behind the trainer. Subclasses: ``hvdkit.torch.TorchAdapter``."""
+    """One framework's model and optimizer. Implementations: ``hvdkit.torch.TorchAdapter``,
+    ``hvdkit.keras.KerasAdapter`` and ``hvdkit.keras.KerasFitAdapter``."""
 
     framework: str = "?"
-    #: Set by the trainer when ``before_step`` must see real sample ids (audit mode); adapters whose
-    #: steps carry only positions (streams) then pay to look the ids up.
-    record_ids: bool = False
+    process: Process = None
 
-    # ---- process and collectives ---------------------------------------------------------
+    # ---- wiring ------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def init(self, seed: int, threads: int) -> None:
-        """Initialise Horovod, pin ``threads`` compute threads, seed the framework's RNG."""
-
-    @property
-    @abc.abstractmethod
-    def rank(self) -> int: ...
-
-    @property
-    @abc.abstractmethod
-    def size(self) -> int: ...
-
-    @property
-    @abc.abstractmethod
-    def local_rank(self) -> int: ...
+    def default_process(self) -> Process:
+        """The process a launched job uses: this framework's ``HorovodProcess``."""
 
     @abc.abstractmethod
-    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
-        """Elementwise float64 sum over ranks (metrics, counts)."""
+    def make_feed(self, data: Any) -> Feed:
+        """``data`` (arrays, a dataset, a tf.data source, or already a Feed) as this framework's feed."""
 
-    @abc.abstractmethod
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        """Rank ``root``'s picklable ``obj`` on every rank."""
-
-    @abc.abstractmethod
-    def allgather_object(self, obj: Any) -> List[Any]:
-        """Every rank's ``obj``, in rank order, on every rank."""
+    def attach(self, process: Process) -> None:
+        """Use ``process`` (initialised) for every collective from now on."""
+        self.process = process
 
     # ---- model and optimizer -------------------------------------------------------------
     @abc.abstractmethod
@@ -69,42 +53,15 @@ class Adapter(abc.ABC):
     def set_lr_factor(self, factor: float) -> None:
         """Set every LR to ``factor`` times the LR the user gave (warmup, rescaling)."""
 
-    def _cached(self, data: Any, build: Callable[[Any], Any]) -> Any:
-        """``build(data)``, once per dataset object. The object is kept with its result: a dead object's
-        ``id`` gets reused by the next one, which must not find the old result."""
-        cache = self.__dict__.setdefault("_dataset_cache", {})
-        hit = cache.get(id(data))
-        if hit is None or hit[0] is not data:
-            cache[id(data)] = hit = (data, build(data))
-        return hit[1]
+    @abc.abstractmethod
+    def broadcast_state(self) -> None:
+        """Make every rank's model and optimizer equal to rank 0's."""
 
     @abc.abstractmethod
-    def dataset_len(self, data: Any) -> int:
-        """Number of samples in ``data`` (same on every rank)."""
+    def train_step(self, micro_batches: List[MicroBatch]) -> Tuple[float, int]:
+        """One optimizer step over ``micro_batches``; returns (sum of sample losses, samples) on this rank."""
 
-    @abc.abstractmethod
-    def train_step(self, data: Any, step: Step) -> Tuple[float, int]:
-        """One optimizer step over ``step.micro_batches``; returns (sum of sample losses, samples) here."""
-
-    def plan_epoch(self, data: Any, epoch: int, start: int, config, layout=None) -> List[Step]:
-        """This rank's steps of ``epoch`` from sample ``start`` on; the same count on every rank.
-
-        layout: ``[world_size, start]`` of each stretch of this epoch (see ``sharding.stream_segments``);
-        sample ids permuted globally need none, since the rest of the permutation is simply re-split.
-        """
-        return plan_epoch(self.dataset_len(data), self.rank, self.size, config.batch_size, config.seed, epoch,
-                          config.accumulation, start=start, shuffle=config.shuffle)
-
-    def eval_sums(self, data: Any, batch_size: int) -> Dict[str, float]:
-        """This rank's metric sums over its unpadded evaluation share (see ``eval_indices``)."""
-        ids = eval_indices(self.dataset_len(data), self.rank, self.size)
-        totals: Dict[str, float] = {}
-        for lo in range(0, max(len(ids), 1), batch_size):  # a rank with no samples still reports zeros
-            for key, value in self.eval_batch(data, ids[lo:lo + batch_size]).items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        return totals
-
-    def run_epoch(self, data: Any, steps: List[Step], before_step: Callable[[Step], None],
+    def run_epoch(self, feed: Feed, steps: List[Step], before_step: Callable[[Step], None],
                   after_step: Callable[[Step, float, int], bool]) -> Tuple[float, int]:
         """Run ``steps`` (every rank the same number); ``after_step`` returning True ends the epoch early.
 
@@ -112,9 +69,9 @@ class Adapter(abc.ABC):
         (Keras ``model.fit``) override this and call the two hooks from that loop.
         """
         loss_sum, count = 0.0, 0
-        for step in steps:
+        for step, micro_batches in feed.step_batches(steps, self.process.rank, self.process.size):
             before_step(step)
-            step_loss, step_count = self.train_step(data, step)
+            step_loss, step_count = self.train_step(micro_batches)
             loss_sum += step_loss
             count += step_count
             if after_step(step, step_loss, step_count):
@@ -122,12 +79,16 @@ class Adapter(abc.ABC):
         return loss_sum, count
 
     @abc.abstractmethod
-    def eval_batch(self, data: Any, ids: np.ndarray) -> Dict[str, float]:
-        """Sums over the samples ``ids``: at least ``loss`` (summed sample losses) and ``count``."""
+    def metric_names(self) -> List[str]:
+        """The keys :meth:`eval_batch` returns (every rank reduces the same list, even with no samples)."""
+
+    @abc.abstractmethod
+    def eval_batch(self, inputs: Any, targets: Any) -> Dict[str, float]:
+        """Sums over one batch: at least ``loss`` (summed sample losses) and ``count``."""
 
     @abc.abstractmethod
     def parameter_checksums(self) -> List[Tuple[str, int]]:
-        """(name, checksum of the exact bytes) for every parameter, in a fixed order."""
+        """(name, checksum of the exact bytes) for every tensor that must agree across ranks, in a fixed order."""
 
     # ---- state -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -137,38 +98,3 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def state_from_bytes(self, blob: bytes) -> Dict[str, Any]:
         """Load a blob from :meth:`state_to_bytes` into model and optimizer; return its progress."""
-
-    @abc.abstractmethod
-    def broadcast_state(self) -> None:
-        """Make every rank's model and optimizer equal to rank 0's."""
-
-    @abc.abstractmethod
-    def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """``fn(state)`` wrapped in Horovod's elastic retry loop for this framework."""
-
-
-class HorovodProcess:
-    """Rank, size and object collectives, identical in ``horovod.torch`` and ``horovod.tensorflow``.
-
-    Mixed into an adapter that sets ``self.hvd`` to the framework's Horovod module in ``init``.
-    """
-
-    hvd: Any = None
-
-    @property
-    def rank(self) -> int:
-        return self.hvd.rank()
-
-    @property
-    def size(self) -> int:
-        return self.hvd.size()
-
-    @property
-    def local_rank(self) -> int:
-        return self.hvd.local_rank()
-
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank=root, name="hvdkit.object")
-
-    def allgather_object(self, obj: Any) -> List[Any]:
-        return self.hvd.allgather_object(obj, name="hvdkit.gather")

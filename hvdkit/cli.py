@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("-H", "--hosts", default=None, help="host1:slots,host2:slots (default localhost:NP)")
     launch.add_argument("--print", action="store_true", help="print the command instead of running it")
     elastic = launch.add_argument_group("elastic (horovodrun only)")
-    elastic.add_argument("--hosts-file", help="elastic: hosts come from this file (mpi/discover_hosts.py reads it)")
+    elastic.add_argument("--hosts-file",
+                         help="elastic: hosts come from this file (python -m hvdkit.discover_hosts reads it)")
     elastic.add_argument("--min-np", type=int, default=1)
     elastic.add_argument("--max-np", type=int, default=None)
     elastic.add_argument("--elastic-timeout", type=int, default=600)

@@ -1,58 +1,66 @@
-"""Horovod elastic state for the trainer: what a commit saves, a failure restores, a resize syncs.
+"""Horovod elastic state: what a commit saves, a lost peer restores, a resize syncs.
 
-Built on Horovod's own ``horovod.common.elastic.State`` (so its host-update notifications and
-retry loop work unchanged), with hvdkit's content: the adapter's model and optimizer bytes, the
-progress dict (epoch, position in samples, global step, the epoch's world-size layout), and optionally a
-durable copy on rank 0; a rollback is marked in the audit log. Imported only in elastic mode.
+Built on Horovod's own ``horovod.common.elastic.State`` (so its host-update notifications and retry
+loop work unchanged). It is given what it needs as callables — the object collectives, the model's
+bytes in and out, the model broadcast, the progress getter and setter, a durable save — and holds
+copies, never a dict the trainer keeps mutating. Imported only in elastic mode.
 
 Example (what :class:`hvdkit.Trainer` does when started by ``horovodrun --host-discovery-script``)::
 
-    state = TrainerState(trainer, progress, store, audit, durable_every=1)
-    adapter.elastic_run(body)(state)      # body calls state.commit() every N steps
+    state = ElasticState(process, StateHooks(to_bytes=..., from_bytes=..., broadcast=...,
+                                              get_progress=..., set_progress=..., durable=..., on_restore=...))
+    process.elastic_run(body)(state)      # body calls state.commit() every N steps
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional
+import dataclasses
+from typing import Any, Callable, Dict, Optional
 
 from horovod.common.elastic import State
 
-from .audit import AuditLog
-from .checkpoint import CheckpointStore
+Progress = Dict[str, Any]
 
 
-class TrainerState(State):
-    """Commit = snapshot in memory (+ every ``durable_every``-th commit on disk)."""
+@dataclasses.dataclass
+class StateHooks:
+    """What the elastic state does with the model and the run, as callables."""
+    to_bytes: Callable[[Progress], bytes]            # model + optimizer + progress as one blob
+    from_bytes: Callable[[bytes], Progress]          # load such a blob into model + optimizer
+    broadcast: Callable[[], None]                    # rank 0's model and optimizer everywhere
+    get_progress: Callable[[], Progress]
+    set_progress: Callable[[Progress], None]
+    durable: Optional[Callable[[bytes, Progress], None]] = None   # write a commit to disk (rank 0)
+    on_restore: Optional[Callable[[Progress], None]] = None        # after a rollback to ``progress``
 
-    def __init__(self, trainer, progress: Dict[str, Any], store: Optional[CheckpointStore],
-                 audit: Optional[AuditLog], durable_every: int = 1):
-        adapter = trainer.adapter
-        super().__init__(bcast_object=adapter.broadcast_object, get_rank=lambda: adapter.rank)
-        self.trainer, self.adapter, self.progress = trainer, adapter, progress
-        self.store, self.audit, self.durable_every = store, audit, durable_every
+
+class ElasticState(State):
+    """Commit = snapshot in memory (+ every ``durable_every``-th commit through ``hooks.durable``)."""
+
+    def __init__(self, process, hooks: StateHooks, durable_every: int = 1):
+        super().__init__(bcast_object=process.broadcast_object, get_rank=lambda: process.rank)
+        self.process, self.hooks, self.durable_every = process, hooks, durable_every
         self.commits = 0
-        self.restored = False
         self._snapshot()
 
     def _snapshot(self) -> None:
-        self.committed = (self.adapter.state_to_bytes(self.progress), copy.deepcopy(self.progress))
+        progress = copy.deepcopy(self.hooks.get_progress())
+        self.committed = (self.hooks.to_bytes(progress), progress)
 
     def save(self) -> None:
         self._snapshot()
         self.commits += 1
-        if self.store is not None and self.adapter.rank == 0 and self.commits % self.durable_every == 0:
-            self.trainer.save_checkpoint(self.store, self.progress, blob=self.committed[0])
+        if self.hooks.durable is not None and self.commits % self.durable_every == 0:
+            self.hooks.durable(*self.committed)
 
     def restore(self) -> None:
         blob, progress = self.committed
-        self.adapter.state_from_bytes(blob)
-        self.progress.clear()
-        self.progress.update(copy.deepcopy(progress))
-        if self.audit:
-            self.audit.rolled_back(progress["global_step"])
-        self.restored = True
+        self.hooks.from_bytes(blob)
+        self.hooks.set_progress(copy.deepcopy(progress))
+        if self.hooks.on_restore is not None:
+            self.hooks.on_restore(copy.deepcopy(progress))
 
     def sync(self) -> None:
-        self.adapter.broadcast_state()
-        self.progress.update(self.adapter.broadcast_object(dict(self.progress)))
+        self.hooks.broadcast()
+        self.hooks.set_progress(self.process.broadcast_object(copy.deepcopy(self.hooks.get_progress())))
         self._snapshot()

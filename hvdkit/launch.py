@@ -60,9 +60,13 @@ class Elastic:
 
 
 def discovery_command(hosts_file: str, python: Optional[str] = None) -> str:
-    """The shell command horovodrun runs to discover hosts: mpi/discover_hosts.py reading ``hosts_file``."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpi", "discover_hosts.py")
-    return f"{shlex.quote(python or sys.executable)} {shlex.quote(script)} {shlex.quote(os.path.abspath(hosts_file))}"
+    """The shell command horovodrun runs to discover hosts: ``python -m hvdkit.discover_hosts FILE``.
+
+    A module, not a script path, so it works from any install (a wheel has no mpi/ directory).
+    The hosts file is made absolute: horovodrun may run the command from another directory.
+    """
+    return (f"{shlex.quote(python or sys.executable)} -m hvdkit.discover_hosts "
+            f"{shlex.quote(os.path.abspath(hosts_file))}")
 
 
 def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodrun",

@@ -6,7 +6,7 @@ Example::
     args = parser.parse_args()
     cfg = config_from_args(args)
     ...
-    write_metrics(args.metrics_json, result, framework="torch", rank=adapter.rank)
+    write_metrics(args.metrics_json, result, framework="torch", rank=result.rank)
 """
 from __future__ import annotations
 

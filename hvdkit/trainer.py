@@ -1,15 +1,16 @@
-"""The framework-free training loop: data order, steps, metrics, checkpoints, elastic commits, events.
+"""The trainer: one ``fit`` that wires process, adapter and feeds together, static or elastic.
 
-The trainer never touches a tensor; everything framework-specific goes through an
-:class:`hvdkit.adapter.Adapter`. Every rank runs the same loop and the same number of steps;
-decisions that only rank 0 can make (can the checkpoint directory be written? which checkpoint
-is valid?) are broadcast before anyone acts on them, so bad input fails on every rank alike
-instead of leaving the others blocked in a collective.
+The trainer never touches a tensor. Its roles: a :class:`hvdkit.process.Process` (rank, size,
+collectives; Horovod's, or ``LocalProcess`` at world size 1), an :class:`hvdkit.adapter.Adapter`
+(model and optimizer) and a :class:`hvdkit.feed.Feed` per dataset (the step plan and the batches).
+Every rank runs the same loop (:mod:`hvdkit.loop`) and the same number of steps; decisions only rank 0
+can make (can the checkpoint directory be written? which checkpoint is valid?) are broadcast before
+anyone acts on them, so bad input fails on every rank alike instead of leaving the others blocked.
 
-Started by ``horovodrun`` in elastic mode (``HOROVOD_ELASTIC=1``), the same loop runs inside
-Horovod's elastic retry loop: state is committed every ``commit_every`` steps; a lost worker
-rolls everyone back to the last commit, a resize re-splits the rest of the epoch over the new
-workers (positions are counted in samples), and the LR follows the new world size.
+Started by ``horovodrun`` in elastic mode (``HOROVOD_ELASTIC=1``), the same loop runs inside Horovod's
+elastic retry loop: state is committed every ``commit_every`` steps; a lost worker rolls everyone back
+to the last commit, a resize re-splits the rest of the epoch over the new workers (positions are
+counted in samples), and the LR follows the new world size.
 
 Example::
 
@@ -22,10 +23,8 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -36,69 +35,48 @@ from .checkpoint import CheckpointStore, ensure_writable_dir
 from .config import TrainConfig
 from .errors import HvdkitError
 from .log import get_logger
+from .loop import EpochLoop
+from .process import Process
+from .resume import load_latest, resume_line, resumed_progress
+from .run_state import FitResult, Run, fresh_progress
 from .sharding import check_train_config
 
 
-@dataclasses.dataclass
-class FitResult:
-    """What a run did, the same on every rank (metrics are already reduced over ranks)."""
-    world_size: int
-    epochs_done: int
-    global_step: int
-    global_batch_size: int
-    train_samples_per_epoch: int
-    samples_trained: int
-    samples_per_sec: float
-    history: List[Dict[str, float]]
-    eval: Dict[str, float]
-    stopped_early: bool
-    resumed_from: Optional[Dict[str, Any]]
-    resets: int = 0
-
-
-@dataclasses.dataclass
-class _Run:
-    """Bookkeeping of one ``fit`` call (not part of the committed state)."""
-    progress: Dict[str, Any]
-    history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
-    eval_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
-    trained: int = 0
-    train_time: float = 0.0
-    stopped: bool = False
-    checked_first: bool = False
-    resets: int = 0
-    hosts: Optional[List[str]] = None
-
-
 class Trainer:
-    """Runs ``fit`` with one adapter and one config; see the module docstring."""
+    """Runs ``fit`` with one adapter and one config; see the module docstring.
+
+    process: who this worker is and how ranks talk; default the adapter framework's ``HorovodProcess``.
+    Pass ``LocalProcess()`` (``hvdkit.torch.process`` / ``hvdkit.keras.process``) to train at world
+    size 1 without Horovod.
+    """
 
     def __init__(self, adapter: Adapter, config: Optional[TrainConfig] = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), process: Optional[Process] = None):
         self.adapter = adapter
         self.config = config or TrainConfig()
         self.user_callbacks = list(callbacks)
+        self.process = process
         self.log = None
         self.elastic = False
-        self._active_callbacks: List[Callback] = []
+        self.active_callbacks: List[Callback] = []
 
     # ---- helpers -------------------------------------------------------------------------------
     def _agree(self, compute):
         """Run ``compute`` on rank 0 and give every rank its result; an HvdkitError fails every rank."""
         outcome = None
-        if self.adapter.rank == 0:
+        if self.process.rank == 0:
             try:
                 outcome = ("ok", compute())
             except HvdkitError as e:
                 outcome = ("error", str(e))
-        kind, value = self.adapter.broadcast_object(outcome)
+        kind, value = self.process.broadcast_object(outcome)
         if kind == "error":
             raise HvdkitError(value)
         return value
 
     def check_same_parameters(self, when: str) -> None:
         """Fail loudly, on every rank, naming the rank and the tensor, if any rank's parameters differ."""
-        everyone = self.adapter.allgather_object(self.adapter.parameter_checksums())
+        everyone = self.process.allgather_object(self.adapter.parameter_checksums())
         reference = dict(everyone[0])
         for rank, sums in enumerate(everyone[1:], start=1):
             bad = [name for name, value in sums if reference.get(name) != value]
@@ -109,46 +87,32 @@ class Trainer:
                     "averaged (is a Horovod Keras helper or a second optimizer in use?)")
 
     def _callbacks(self) -> List[Callback]:
-        cfg, chosen = self.config, []
-        if self.adapter.rank == 0:
+        cfg, chosen, rank = self.config, [], self.process.rank
+        if rank == 0:
             if cfg.progress_bar:
                 chosen.append(ProgressBar())
             chosen.append(LogLines(cfg.log_every))
             if cfg.tensorboard_dir:
                 chosen.append(TensorBoard(cfg.tensorboard_dir))
-        return chosen + [c for c in self.user_callbacks if c.all_ranks or self.adapter.rank == 0]
+        return chosen + [c for c in self.user_callbacks if c.all_ranks or rank == 0]
 
     def save_checkpoint(self, store: Optional[CheckpointStore], progress: Dict[str, Any], blob: bytes = None) -> None:
         """Rank 0 writes one durable checkpoint of the current state (``blob`` if already serialised)."""
-        if store is not None and self.adapter.rank == 0:
+        if store is not None and self.process.rank == 0:
             blob = blob if blob is not None else self.adapter.state_to_bytes(progress)
-            path = store.save(blob, dict(progress, world_size=self.adapter.size, framework=self.adapter.framework))
+            path = store.save(blob, dict(progress, world_size=self.process.size, framework=self.adapter.framework))
             self.log.info(f"checkpoint {path} (epoch {progress['epoch']}, position {progress['position']})")
-
-    def _load_latest(self, store: CheckpointStore, n: int) -> Optional[Dict[str, Any]]:
-        """Load the newest valid checkpoint into the adapter; its progress, or None when there is none."""
-        found = store.load_latest()
-        if found is None:
-            return None
-        blob, manifest = found
-        progress = self.adapter.state_from_bytes(blob)
-        if progress.get("n") != n or progress.get("seed") != self.config.seed:
-            raise HvdkitError(
-                f"checkpoint {manifest['file']} in {store.directory} was written for {progress.get('n')} samples "
-                f"and seed {progress.get('seed')}, not {n} and {self.config.seed}; use another --checkpoint-dir")
-        return dict(progress, file=manifest["file"], saved_world_size=manifest.get("world_size"))
-
-    def _announce_resume(self, progress: Dict[str, Any], n: int) -> None:
-        self.log.info(f"resumed from {progress['file']}: epoch {progress['epoch'] + 1}, sample "
-                      f"{progress['position']} of {n}, step {progress['global_step']} "
-                      f"(written by {progress['saved_world_size']} workers, now {self.adapter.size})")
 
     def evaluate(self, data) -> Dict[str, float]:
         """Exact metrics over ``data``: each sample counted once, sums reduced over ranks."""
-        a, cfg = self.adapter, self.config
-        totals = a.eval_sums(data, cfg.eval_batch_size or cfg.batch_size)
-        keys = sorted(totals)
-        reduced = dict(zip(keys, a.allreduce_sum(np.array([totals[k] for k in keys], dtype=np.float64))))
+        a, p, cfg = self.adapter, self.process, self.config
+        feed = a.make_feed(data)
+        keys = sorted(a.metric_names())
+        totals = dict.fromkeys(keys, 0.0)
+        for inputs, targets in feed.eval_batches(p.rank, p.size, cfg.eval_batch_size or cfg.batch_size):
+            for key, value in a.eval_batch(inputs, targets).items():
+                totals[key] += float(value)
+        reduced = dict(zip(keys, p.allreduce_sum(np.array([totals[k] for k in keys], dtype=np.float64))))
         count = reduced.pop("count")
         metrics = {k.replace("correct", "accuracy"): v / max(count, 1) for k, v in reduced.items()}
         metrics["samples"] = int(count)
@@ -156,159 +120,104 @@ class Trainer:
 
     # ---- fit -----------------------------------------------------------------------------------
     def fit(self, train, eval_data=None) -> FitResult:
+        """Train on ``train`` (arrays, a dataset, a tf.data source or a Feed); evaluate on ``eval_data``."""
         cfg = self.config.validate()
         a = self.adapter
-        a.init(seed=cfg.seed, threads=cfg.threads)
-        self.log = get_logger(a.rank)
-        n = a.dataset_len(train)
-        check_train_config(n, a.size, cfg.batch_size, cfg.accumulation)  # same verdict on every rank
-        if eval_data is not None and a.dataset_len(eval_data) == 0:
+        self.process = p = self.process or a.default_process()
+        p.init(seed=cfg.seed, threads=cfg.threads)
+        a.attach(p)
+        self.log = get_logger(p.rank)
+        train_feed = a.make_feed(train)
+        eval_feed = a.make_feed(eval_data) if eval_data is not None else None
+        check_train_config(train_feed.n, p.size, cfg.batch_size, cfg.accumulation)  # same verdict on every rank
+        if eval_feed is not None and eval_feed.n == 0:
             raise HvdkitError("the evaluation dataset is empty; pass a non-empty test split or none")
-        elastic = self.elastic = cfg.elastic if cfg.elastic is not None else os.environ.get("HOROVOD_ELASTIC") == "1"
-        audit = AuditLog(cfg.audit_dir) if cfg.audit_dir else None
-        a.record_ids = audit is not None
-        a.prepare(lr_factor=cfg.lr_factor(a.size, 0), accumulation=cfg.accumulation)
-        run = _Run(progress={"epoch": 0, "position": 0, "global_step": 0, "n": n, "seed": cfg.seed, "layout": []})
-        self._active_callbacks = self._callbacks()
-        for cb in self._active_callbacks:
+        self.elastic = cfg.elastic if cfg.elastic is not None else os.environ.get("HOROVOD_ELASTIC") == "1"
+        run = Run(progress=fresh_progress(train_feed.n, cfg.seed),
+                  audit=AuditLog(cfg.audit_dir) if cfg.audit_dir else None)
+        train_feed.record_ids = run.audit is not None
+        a.prepare(lr_factor=cfg.lr_factor(p.size, 0), accumulation=cfg.accumulation)
+        self.active_callbacks = self._callbacks()
+        for cb in self.active_callbacks:
             cb.on_train_begin(self)
-        store, resumed = None, None
-        if elastic:
-            # No collective may run outside Horovod's elastic loop: a worker joining later runs this code
-            # while the others wait in a sync. So every rank checks the directory itself, and rank 0's
-            # checkpoint reaches the others through the first sync.
-            if cfg.checkpoint_dir:
-                store = CheckpointStore(ensure_writable_dir(cfg.checkpoint_dir), keep=cfg.keep_checkpoints,
-                                        log=self.log.warning)
-                if cfg.resume:
-                    resumed = self._load_latest(store, n)
-                    if resumed and a.rank == 0:
-                        self._announce_resume(resumed, n)
-            if resumed:
-                run.progress.update(self._resumed_progress(resumed))
-            from .elastic import TrainerState
-            state = TrainerState(self, run.progress, store, audit, durable_every=cfg.durable_every)
-            a.elastic_run(lambda st: self._elastic_body(st, run, train, eval_data))(state)
-            if run.progress["epoch"] < cfg.epochs and not run.stopped:  # never report a cut-short run as done
-                raise HvdkitError(f"elastic training ended early at epoch {run.progress['epoch'] + 1}, step "
-                                  f"{run.progress['global_step']}; see the workers' errors above")
+        store, resumed = self._open_checkpoints(train_feed.n)
+        if resumed:
+            run.progress.update(resumed_progress(resumed))
+        if self.elastic:
+            self._fit_elastic(run, store, train_feed, eval_feed)
         else:
-            if cfg.checkpoint_dir:
-                directory = self._agree(lambda: ensure_writable_dir(cfg.checkpoint_dir))
-                store = CheckpointStore(directory, keep=cfg.keep_checkpoints, log=self.log.warning)
-                if cfg.resume:
-                    resumed = self._agree(lambda: self._load_latest(store, n))
-            if resumed:
-                run.progress.update(self._resumed_progress(resumed))
-                self._announce_resume(resumed, n)
             a.broadcast_state()
-            if audit:
-                audit.start(run.progress["global_step"], a.rank, a.size)
-
-            def commit():
-                self.save_checkpoint(store, run.progress)
-            self._loop(run, train, eval_data, commit, audit)
-
-        result = FitResult(
-            world_size=a.size, epochs_done=run.progress["epoch"], global_step=run.progress["global_step"],
-            global_batch_size=cfg.batch_size * a.size * cfg.accumulation,
-            train_samples_per_epoch=run.history[-1]["train_samples"] if run.history else 0,
-            samples_trained=run.trained, samples_per_sec=run.trained / run.train_time if run.train_time else 0.0,
-            history=run.history, eval=run.eval_metrics, stopped_early=run.stopped, resumed_from=resumed,
-            resets=run.resets)
-        for cb in self._active_callbacks:
+            if run.audit:
+                run.audit.start(run.progress["global_step"], p.rank, p.size)
+            EpochLoop(self, run, train_feed, eval_feed, lambda: self.save_checkpoint(store, run.progress)).run()
+        result = self._result(run, resumed)
+        for cb in self.active_callbacks:
             cb.on_train_end(self, result)
         return result
 
-    def _elastic_body(self, state, run: _Run, train, eval_data):
+    def _open_checkpoints(self, n: int):
+        """The checkpoint store (or None) and the checkpoint resumed from (or None), loaded into the adapter.
+
+        Static: rank 0 decides and every rank gets its verdict (the broadcast follows). Elastic: no collective
+        may run outside Horovod's elastic loop (a worker joining later runs this code while the others wait
+        in a sync), so every rank checks for itself and rank 0's state reaches the others through the sync.
+        """
+        cfg, p = self.config, self.process
+        if not cfg.checkpoint_dir:
+            return None, None
+        agree = (lambda compute: compute()) if self.elastic else self._agree
+        directory = agree(lambda: ensure_writable_dir(cfg.checkpoint_dir))
+        store = CheckpointStore(directory, keep=cfg.keep_checkpoints, log=self.log.warning)
+        resumed = agree(lambda: load_latest(store, self.adapter, n, cfg.seed)) if cfg.resume else None
+        if resumed:
+            self.log.info(resume_line(resumed, n, p.size))
+        return store, resumed
+
+    def _fit_elastic(self, run: Run, store, train_feed, eval_feed) -> None:
+        from .elastic import ElasticState, StateHooks
+        a, p, cfg = self.adapter, self.process, self.config
+
+        def set_progress(progress):
+            run.progress = progress
+
+        def on_restore(progress):
+            run.rolled_back = True
+            if run.audit:
+                run.audit.rolled_back(progress["global_step"])
+
+        hooks = StateHooks(
+            to_bytes=a.state_to_bytes, from_bytes=a.state_from_bytes, broadcast=a.broadcast_state,
+            get_progress=lambda: run.progress, set_progress=set_progress, on_restore=on_restore,
+            durable=(lambda blob, progress: self.save_checkpoint(store, progress, blob)) if store else None)
+        state = ElasticState(p, hooks, durable_every=cfg.durable_every)
+        p.elastic_run(lambda st: self._elastic_body(st, run, train_feed, eval_feed))(state)
+        if run.progress["epoch"] < cfg.epochs and not run.stopped:  # never report a cut-short run as done
+            raise HvdkitError(f"elastic training ended early at epoch {run.progress['epoch'] + 1}, step "
+                              f"{run.progress['global_step']}; see the workers' errors above")
+
+    def _elastic_body(self, state, run: Run, train_feed, eval_feed) -> None:
         """One (re)start inside Horovod's elastic loop, right after the state sync."""
-        a = self.adapter
-        self.log = get_logger(a.rank)
-        hosts = a.allgather_object(f"{os.environ.get('HOROVOD_HOSTNAME', 'localhost')}/{a.local_rank}")
+        p = self.process
+        self.log = get_logger(p.rank)
+        hosts = p.allgather_object(f"{p.hostname}/{p.local_rank}")
         if run.hosts is not None:
             run.resets += 1
             joined, left = sorted(set(hosts) - set(run.hosts)), sorted(set(run.hosts) - set(hosts))
             self.log.info(f"workers {len(run.hosts)} -> {len(hosts)} (joined: {', '.join(joined) or '-'}; "
-                          f"left: {', '.join(left) or '-'}); {'rolled back to' if state.restored else 'continuing from'} "
+                          f"left: {', '.join(left) or '-'}); {'rolled back to' if run.rolled_back else 'continuing from'} "
                           f"the commit at epoch {run.progress['epoch'] + 1}, sample {run.progress['position']}, "
-                          f"step {run.progress['global_step']}; LR x{self.config.lr_factor(a.size, run.progress['global_step']):g}")
-        run.hosts, state.restored, run.checked_first = hosts, False, False
-        if state.audit:
-            state.audit.start(run.progress["global_step"], a.rank, a.size)
-        self._loop(run, train, eval_data, state.commit, state.audit)
+                          f"step {run.progress['global_step']}; LR x{self.config.lr_factor(p.size, run.progress['global_step']):g}")
+        run.hosts, run.rolled_back, run.checked_first = hosts, False, False
+        if run.audit:
+            run.audit.start(run.progress["global_step"], p.rank, p.size)
+        EpochLoop(self, run, train_feed, eval_feed, state.commit).run()
 
-    @staticmethod
-    def _resumed_progress(resumed: Dict[str, Any]) -> Dict[str, Any]:
-        """Where a checkpoint left off. One written before layouts were recorded began its epoch, at best
-        knowledge, on the world that wrote it."""
-        layout = resumed.get("layout") or ([[int(resumed["saved_world_size"]), 0]]
-                                           if resumed.get("saved_world_size") else [])
-        return dict({k: resumed[k] for k in ("epoch", "position", "global_step")}, layout=layout)
-
-    def _layout(self, layout: Optional[List[List[int]]], position: int) -> List[List[int]]:
-        """``[world_size, start]`` per stretch of the current epoch, ending with this world (always a new
-        list, never the one a commit holds). A stream re-splits its remainder with it on a resize."""
-        size = self.adapter.size
-        if position == 0 or not layout:
-            return [[size, 0]]
-        if layout[-1][0] == size:
-            return [list(seg) for seg in layout]
-        if layout[-1][1] == position and len(layout) > 1:  # that stretch trained nothing: replace it
-            return [list(seg) for seg in layout[:-1]] + [[size, position]]
-        return [list(seg) for seg in layout] + [[size, position]]
-
-    def _loop(self, run: _Run, train, eval_data, commit: Callable[[], None], audit: Optional[AuditLog]) -> None:
-        """Epochs from ``run.progress`` on; ``commit`` is called every ``commit_every`` steps and per epoch."""
-        a, cfg, progress = self.adapter, self.config, run.progress
-        n = a.dataset_len(train)
-        callbacks = self._active_callbacks
-        every = cfg.commit_every if self.elastic else cfg.checkpoint_every
-        while progress["epoch"] < cfg.epochs and not run.stopped:
-            epoch, resumed_at = progress["epoch"], progress["position"]
-            progress["layout"] = self._layout(progress.get("layout"), resumed_at)
-            steps = a.plan_epoch(train, epoch, resumed_at, cfg, progress["layout"])
-            for cb in callbacks:
-                cb.on_epoch_begin(self, epoch, len(steps))
-            started = time.perf_counter()
-
-            def before_step(step):
-                a.set_lr_factor(cfg.lr_factor(a.size, progress["global_step"]))
-                if audit:  # before the step: a rank killed mid-step has recorded it; a rollback marker drops it
-                    audit.record(epoch, progress["global_step"] + 1, a.rank, a.size, np.concatenate(step.micro_batches))
-
-            def after_step(step, step_loss, step_count) -> bool:
-                """Bookkeeping after each optimizer step; True asks the adapter to end the epoch now."""
-                run.trained += step.samples_in_step
-                progress.update(position=step.end, global_step=progress["global_step"] + 1)
-                if cfg.check_divergence and not run.checked_first:
-                    self.check_same_parameters("after the first step")
-                    run.checked_first = True
-                for cb in callbacks:
-                    cb.on_step_end(self, progress["global_step"], step_loss / max(step_count, 1))
-                if cfg.stop_after_steps and progress["global_step"] >= cfg.stop_after_steps:
-                    run.stopped = True
-                    return True
-                if every and progress["global_step"] % every == 0 and step.end < n:
-                    commit()
-                return False
-
-            loss_sum, count = a.run_epoch(train, steps, before_step, after_step)
-            sums = a.allreduce_sum(np.array([loss_sum, count], dtype=np.float64))
-            elapsed = time.perf_counter() - started
-            run.train_time += elapsed
-            if run.stopped and progress["position"] < n:
-                commit()
-                break
-            if cfg.check_divergence:
-                self.check_same_parameters(f"at the end of epoch {epoch + 1}")
-            # samples of this epoch: those trained since this (re)start plus those committed before it
-            metrics = {"loss": float(sums[0] / max(sums[1], 1)), "train_samples": int(sums[1]) + resumed_at,
-                       "samples_per_sec": float(sums[1]) / elapsed if elapsed else 0.0}
-            if eval_data is not None:
-                run.eval_metrics = self.evaluate(eval_data)
-                metrics.update({f"eval_{k}": v for k, v in run.eval_metrics.items()})
-            progress.update(epoch=epoch + 1, position=0, layout=[])
-            commit()
-            run.history.append(dict(metrics, epoch=epoch + 1))
-            for cb in callbacks:
-                cb.on_epoch_end(self, epoch, metrics)
+    def _result(self, run: Run, resumed) -> FitResult:
+        p, cfg = self.process, self.config
+        return FitResult(
+            world_size=p.size, epochs_done=run.progress["epoch"], global_step=run.progress["global_step"],
+            global_batch_size=cfg.batch_size * p.size * cfg.accumulation,
+            train_samples_per_epoch=run.history[-1]["train_samples"] if run.history else 0,
+            samples_trained=run.trained, samples_per_sec=run.trained / run.train_time if run.train_time else 0.0,
+            history=run.history, eval=run.eval_metrics, stopped_early=run.stopped, resumed_from=resumed,
+            resets=run.resets, rank=p.rank)

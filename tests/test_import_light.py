@@ -3,7 +3,8 @@ import subprocess
 import sys
 
 CORE = ["hvdkit", "hvdkit.sharding", "hvdkit.trainer", "hvdkit.checkpoint", "hvdkit.launch",
-        "hvdkit.cli", "hvdkit.doctor", "hvdkit.config", "hvdkit.callbacks", "hvdkit.adapter"]
+        "hvdkit.cli", "hvdkit.doctor", "hvdkit.config", "hvdkit.callbacks", "hvdkit.adapter",
+        "hvdkit.discover_hosts"]
 
 
 def test_core_imports_no_framework():

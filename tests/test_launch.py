@@ -1,12 +1,13 @@
 """Launch commands (hvdkit.launch): pure argv construction, nothing is run."""
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from hvdkit.errors import HvdkitError
-from hvdkit.launch import FORWARDED_ENV, launch_command
+from hvdkit.launch import FORWARDED_ENV, discovery_command, launch_command
 
 SCRIPT = ["train.py", "--epochs", "1"]
 
@@ -143,8 +144,16 @@ def test_cli_builds_the_elastic_line(tmp_path):
     line = out.stdout.strip()
     assert "--min-np 1" in line and "--max-np 4" in line and "--elastic-timeout 600" in line
     assert "--network-interface lo" in line and "--blacklist-cooldown-range 60 300" in line
-    assert f"mpi/discover_hosts.py {hosts}" in line and line.endswith("train.py --epochs 1")
+    assert f" -m hvdkit.discover_hosts {hosts}" in line and line.endswith("train.py --epochs 1")
     assert " -H " not in line
+
+
+def test_discovery_command_runs_the_module_on_the_absolute_hosts_file(tmp_path, monkeypatch):
+    # A module, not a path into the checkout: it works for a non-editable install too.
+    monkeypatch.chdir(tmp_path)
+    cmd = discovery_command("my hosts.txt", python="/opt/py 3/bin/python")
+    assert shlex.split(cmd) == ["/opt/py 3/bin/python", "-m", "hvdkit.discover_hosts", str(tmp_path / "my hosts.txt")]
+    assert shlex.split(discovery_command("h"))[:3] == [sys.executable, "-m", "hvdkit.discover_hosts"]
 
 
 def test_elastic_under_mpirun_is_refused():

@@ -407,20 +407,21 @@ def test_stream_segments_reject_layouts_that_do_not_fit():
         stream_segments([5, 5], [[2, 0], [3, 3]], 2)
 
 
-def test_trainer_layout_records_each_world_size_of_the_epoch():
-    from types import SimpleNamespace
-    from hvdkit.trainer import Trainer
-    trainer = Trainer(SimpleNamespace(size=3))
-    assert trainer._layout([[2, 0]], 0) == [[3, 0]]                         # a new epoch starts afresh
-    assert trainer._layout([], 40) == [[3, 0]]                              # nothing recorded (older commit)
-    assert trainer._layout([[2, 0]], 16) == [[2, 0], [3, 16]]               # resized mid-epoch
-    assert trainer._layout([[2, 0], [3, 16]], 28) == [[2, 0], [3, 16]]      # rollback, same workers
-    assert trainer._layout([[2, 0], [1, 16]], 16) == [[2, 0], [3, 16]]      # that stretch trained nothing
-    layout = [[2, 0]]
-    assert trainer._layout(layout, 16) is not layout and layout == [[2, 0]]  # commits keep their own copy
+def test_resume_layout_records_each_world_size_of_the_epoch():
+    from hvdkit.resume import next_layout, resumed_progress
+
+    def layout(previous, position):
+        return next_layout(previous, position, world_size=3)
+    assert layout([[2, 0]], 0) == [[3, 0]]                         # a new epoch starts afresh
+    assert layout([], 40) == [[3, 0]]                              # nothing recorded (older commit)
+    assert layout([[2, 0]], 16) == [[2, 0], [3, 16]]               # resized mid-epoch
+    assert layout([[2, 0], [3, 16]], 28) == [[2, 0], [3, 16]]      # rollback, same workers
+    assert layout([[2, 0], [1, 16]], 16) == [[2, 0], [3, 16]]      # that stretch trained nothing
+    previous = [[2, 0]]
+    assert layout(previous, 16) is not previous and previous == [[2, 0]]  # commits keep their own copy
     # a checkpoint from before layouts were recorded: its epoch began on the world that wrote it
     def resumed(**saved):
-        return Trainer._resumed_progress(dict({"epoch": 0, "position": 8, "global_step": 4}, **saved))["layout"]
+        return resumed_progress(dict({"epoch": 0, "position": 8, "global_step": 4}, **saved))["layout"]
     assert resumed(layout=[], saved_world_size=2) == [[2, 0]]
-    assert trainer._layout(resumed(saved_world_size=2), 8) == [[2, 0], [3, 8]]
+    assert layout(resumed(saved_world_size=2), 8) == [[2, 0], [3, 8]]
     assert resumed(layout=[[2, 0], [1, 4]], saved_world_size=1) == [[2, 0], [1, 4]]

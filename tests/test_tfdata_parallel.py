@@ -67,7 +67,12 @@ def test_embedding_gradients_with_an_empty_rank_do_not_hang(ranks, mode):
 
 @pytest.mark.parametrize("source", ["files", "stream"])
 def test_loop_gradient_allreduce_has_one_name_that_elastic_recognises(ranks, source):
-    # One name in the fused step and in the zero-gradient step (ranks on either graph pair up), and it starts
-    # with "Horovod": elastic_run treats a TF error naming such a node as a lost peer, and rolls back.
+    # One name in the fused step and in the zero-gradient step (ranks on either graph pair up), and the one
+    # place that classifies TF errors calls an error naming that node a lost peer (so elastic rolls back).
+    tf = pytest.importorskip("tensorflow")
+    from hvdkit.keras.process import GRADIENT_ALLREDUCE, is_peer_lost
     for r in ranks:
-        assert r[f"{source}_loop_collectives"] == ["HorovodGroupedAllreduce_hvdkit_gradients"]
+        assert r[f"{source}_loop_collectives"] == [GRADIENT_ALLREDUCE]
+        for name in r[f"{source}_loop_collectives"]:
+            lost = tf.errors.UnknownError(None, None, f"Connection closed by peer [127.0.0.1]:40813 [[{{{{node {name}}}}}]]")
+            assert is_peer_lost(lost), name

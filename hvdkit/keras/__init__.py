@@ -6,6 +6,8 @@ use ``horovod.tensorflow`` allreduce/broadcast on the variables instead.
 
 - :class:`KerasFitAdapter`: a compiled model trained by Keras' own ``model.fit``.
 - :class:`KerasAdapter`: hvdkit's ``tf.GradientTape`` step inside ``tf.function``.
+- ``feed``: numpy arrays or tf.data sources (:class:`TFStream`, :class:`TFFiles`) split by rank;
+  ``process``: Horovod's TF collectives (:class:`HorovodProcess`) or none at world size 1 (:class:`LocalProcess`).
 
 Importing this imports TensorFlow without its native log lines; set ``HVDKIT_TF_LOGS=1`` to see them.
 
@@ -29,7 +31,9 @@ with native_stderr_silenced(enabled=not _show_logs):
 
 from .adapter import KerasAdapter  # noqa: E402
 from .data import TFFiles, TFStream  # noqa: E402
+from .feed import ArrayFeed, StreamFeed, make_feed  # noqa: E402
 from .fit import KerasFitAdapter  # noqa: E402
+from .process import HorovodProcess, LocalProcess  # noqa: E402
 
 
 def make_adapter(model, optimizer, loss, mode: str = "fit", compression: str = "none"):
@@ -43,4 +47,5 @@ def make_adapter(model, optimizer, loss, mode: str = "fit", compression: str = "
     raise HvdkitError(f"unknown Keras mode {mode!r}; use fit or loop")
 
 
-__all__ = ["KerasAdapter", "KerasFitAdapter", "TFFiles", "TFStream", "make_adapter"]
+__all__ = ["KerasAdapter", "KerasFitAdapter", "TFFiles", "TFStream", "make_adapter", "ArrayFeed", "StreamFeed",
+           "make_feed", "HorovodProcess", "LocalProcess"]

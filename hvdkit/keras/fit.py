@@ -17,13 +17,12 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from ..errors import HvdkitError
 from ..sharding import Step
 from .adapter import KerasAdapter
-from .data import TFSource, one_thread_options
+from .feed import with_ids as with_ids_of
 
 
 class _StepHooks(keras.callbacks.Callback):
@@ -82,49 +81,27 @@ class KerasFitAdapter(KerasAdapter):
         self._wrap_apply()
 
     def _wrap_apply(self) -> None:
-        hvd, optimizer = self.hvd, self.optimizer
+        optimizer, adapter = self.optimizer, self
         if getattr(optimizer, "_hvdkit_allreduce", False):  # a second fit() with the same optimizer
             return
         original = optimizer.apply
-        compression = hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none
 
         def apply(grads, trainable_variables=None):
-            return original(hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=compression),
-                            trainable_variables)
+            reduced = adapter.process.allreduce_gradients(list(grads), compression=adapter.compression)
+            return original(reduced, trainable_variables)
 
         optimizer.apply = apply
         optimizer._hvdkit_allreduce = True
 
-    def run_epoch(self, data, steps, before_step, after_step) -> Tuple[float, int]:
-        if isinstance(data, TFSource):
-            batches = self._stream_batches(data, steps)
-            dataset = batches.map(lambda x, y, w, ids: (x, y, tf.fill([tf.shape(x)[0]], w)))
-            if self.record_ids:  # Keras' loop hides the batches: read the ids from a second pass over the input
-                ids = iter(batches.map(lambda x, y, w, ids: ids))
-                hook = before_step
+    def run_epoch(self, feed, steps, before_step, after_step) -> Tuple[float, int]:
+        rank, size = self.process.rank, self.process.size
+        dataset, ids = feed.fit_input(steps, rank, size, self.accumulation)
+        if ids is not None:  # Keras' loop hides the batches: the ids come from a second pass over the input
+            hook = before_step
 
-                def before_step(step):
-                    hook(self._with_ids(step, next(ids), data.n))
-            return self._fit(dataset, steps, len(steps), before_step, after_step)
-        x, y = self._arrays(data)[:2]
-        k = self.accumulation
-        micro = [(ids, weight) for step in steps for ids, weight in zip(step.micro_batches, step.weights)]
-        # One gather per epoch, then tensor slices: a Python generator per batch is 2-3x slower. A rank with
-        # no sample in a (short, last) step gets one real sample with weight 0: it still joins the allreduce.
-        ids = np.concatenate([i if len(i) else np.zeros(1, np.int64) for i, _ in micro])
-        # Keras averages the k accumulated gradients; the plan's weights assume a sum, hence * k.
-        weights = np.concatenate([np.full(len(i), w * k, np.float32) if len(i) else np.zeros(1, np.float32)
-                                  for i, w in micro])
-        sizes = [max(len(i), 1) for i, _ in micro]
-        lead = next((j for j, size in enumerate(sizes) if size != sizes[0]), len(sizes))
-        xs, ys = x[ids], y[ids]
-        cut = lead * sizes[0]
-        dataset = tf.data.Dataset.from_tensor_slices((xs[:cut], ys[:cut], weights[:cut])).batch(sizes[0])
-        for size in sizes[lead:]:  # the short micro-batches of the last step, each its own batch
-            part = tf.data.Dataset.from_tensor_slices((xs[cut:cut + size], ys[cut:cut + size], weights[cut:cut + size]))
-            dataset = dataset.concatenate(part.batch(size))
-            cut += size
-        return self._fit(dataset.with_options(one_thread_options()), steps, len(micro), before_step, after_step)
+            def before_step(step):
+                hook(with_ids_of(step, next(ids), feed.n))
+        return self._fit(dataset, steps, len(steps) * self.accumulation, before_step, after_step)
 
     def _fit(self, dataset, steps, batches, before_step, after_step) -> Tuple[float, int]:
         hooks = _StepHooks(steps, self.accumulation, before_step, after_step)

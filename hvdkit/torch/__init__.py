@@ -1,4 +1,5 @@
-"""The PyTorch adapter. Importing this imports torch and horovod.torch.
+"""The PyTorch side: adapter (model and optimizer), feed (data to tensors), process (Horovod or local).
+Importing this imports torch; Horovod is imported only when a ``HorovodProcess`` starts.
 
 Example::
 
@@ -7,5 +8,7 @@ Example::
 """
 from .adapter import TorchAdapter
 from .data import TorchData
+from .feed import TorchFeed
+from .process import HorovodProcess, LocalProcess
 
-__all__ = ["TorchAdapter", "TorchData"]
+__all__ = ["TorchAdapter", "TorchData", "TorchFeed", "HorovodProcess", "LocalProcess"]

@@ -1,4 +1,4 @@
-"""PyTorch on Horovod: ``horovod.torch`` does the collectives, this wires them correctly.
+"""PyTorch model and optimizer behind the trainer; the collectives come from ``hvdkit.torch.process``.
 
 Example::
 
@@ -12,20 +12,18 @@ import io
 import zlib
 from typing import Any, Callable, Dict, List, Tuple
 
-import numpy as np
 import torch
 
-from ..adapter import Adapter, HorovodProcess
+from ..adapter import Adapter
 from ..errors import HvdkitError
-from ..sharding import Step
-from ..tuning import apply_defaults
-from .data import TorchData
+from .feed import TorchFeed
+from .process import HorovodProcess
 
 COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
 
 
-class TorchAdapter(HorovodProcess, Adapter):
+class TorchAdapter(Adapter):
     """A torch model, its optimizer and a mean-reducing ``loss_fn(outputs, targets)``.
 
     compression: "none" or "fp16" (gradients cast to fp16 on the wire).
@@ -45,90 +43,62 @@ class TorchAdapter(HorovodProcess, Adapter):
             raise HvdkitError(f"unknown reduction op {op!r}; use one of {', '.join(OPS)}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.compression, self.op, self.accuracy = compression, op, accuracy
-        self.hvd = None
         self._base_lrs: List[float] = []
 
-    # ---- process and collectives ---------------------------------------------------------
-    def init(self, seed: int, threads: int) -> None:
-        import horovod.torch as hvd
-        apply_defaults()  # hvdkit's measured Horovod settings, unless the user set them
-        hvd.init()
-        self.hvd = hvd
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(threads)
-        except RuntimeError:  # only settable before the first parallel op; keep what the user chose
-            pass
-        torch.manual_seed(seed)
+    def default_process(self):
+        return HorovodProcess()
 
-    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
-        tensor = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
-        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name="hvdkit.metrics").numpy()
+    def make_feed(self, data):
+        return TorchFeed.of(data)
 
     # ---- model and optimizer -------------------------------------------------------------
     def prepare(self, lr_factor: float, accumulation: int) -> None:
-        hvd = self.hvd
         self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.optimizer = hvd.DistributedOptimizer(
-            self.optimizer, named_parameters=self.model.named_parameters(),
-            compression=hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none,
-            backward_passes_per_step=accumulation,
-            op=hvd.Adasum if self.op == "adasum" else hvd.Average)
+        self.optimizer = self.process.distributed_optimizer(
+            self.optimizer, self.model.named_parameters(), compression=self.compression,
+            accumulation=accumulation, op=self.op)
         self.set_lr_factor(lr_factor)
 
     def broadcast_state(self) -> None:
-        self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        self.process.broadcast_parameters(self.model.state_dict())
         # Not hvd.broadcast_optimizer_state: on a fresh optimizer it takes a dummy step, which applies
         # weight decay to the parameters and advances Adam's step count. Rank 0's state dict as an object
         # carries the hyperparameters and any state exactly.
-        state = self.broadcast_object(self.optimizer.state_dict() if self.rank == 0 else None)
-        if self.rank != 0:
+        rank = self.process.rank
+        state = self.process.broadcast_object(self.optimizer.state_dict() if rank == 0 else None)
+        if rank != 0:
             self.optimizer.load_state_dict(state)
-
-    def elastic_run(self, fn):
-        import horovod.torch.elastic
-        return horovod.torch.elastic.run(fn)
 
     def set_lr_factor(self, factor: float) -> None:
         for group, base in zip(self.optimizer.param_groups, self._base_lrs):
             group["lr"] = base * factor
 
-    def _source(self, data) -> TorchData:
-        return self._cached(data, TorchData.of)
-
-    def dataset_len(self, data) -> int:
-        return len(self._source(data))
-
-    def train_step(self, data, step: Step) -> Tuple[float, int]:
-        source = self._source(data)
+    def train_step(self, micro_batches) -> Tuple[float, int]:
         self.model.train()
         self.optimizer.zero_grad()
         loss_sum, count = 0.0, 0
-        for ids, weight in zip(step.micro_batches, step.weights):
-            if len(ids):
-                inputs, targets = source.batch(ids)
-                loss = self.loss_fn(self.model(inputs), targets)
-                (loss * weight).backward()
-                loss_sum += float(loss.detach()) * len(ids)
-                count += len(ids)
+        for batch in micro_batches:
+            if batch.count:
+                loss = self.loss_fn(self.model(batch.inputs), batch.targets)
+                (loss * batch.weight).backward()
+                loss_sum += float(loss.detach()) * batch.count
+                count += batch.count
             else:
                 # No samples here in this (last, short) step: a zero gradient still joins the allreduce.
                 sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad).backward()
         self.optimizer.step()
         return loss_sum, count
 
+    def metric_names(self) -> List[str]:
+        return ["loss", "count"] + (["correct"] if self.accuracy else [])
+
     @torch.no_grad()
-    def eval_batch(self, data, ids: np.ndarray) -> Dict[str, float]:
-        sums = {"loss": 0.0, "count": float(len(ids))}
+    def eval_batch(self, inputs, targets) -> Dict[str, float]:
+        self.model.eval()
+        outputs = self.model(inputs)
+        sums = {"loss": float(self.loss_fn(outputs, targets)) * len(targets), "count": float(len(targets))}
         if self.accuracy:
-            sums["correct"] = 0.0
-        if len(ids):
-            self.model.eval()
-            inputs, targets = self._source(data).batch(ids)
-            outputs = self.model(inputs)
-            sums["loss"] = float(self.loss_fn(outputs, targets)) * len(ids)
-            if self.accuracy:
-                sums["correct"] = float((outputs.argmax(dim=1) == targets).sum())
+            sums["correct"] = float((outputs.argmax(dim=1) == targets).sum())
         return sums
 
     def parameter_checksums(self) -> List[Tuple[str, int]]:

@@ -135,15 +135,16 @@ quiet = dict(progress_bar=False, lr_scaling="none", seed=0)
 # 1. Gradient equivalence (with the short last step), plain and with 2-step accumulation.
 for name, accumulation in (("plain", 1), ("accumulation", 2)):
     adapter, model, result = fit(TrainConfig(epochs=3, batch_size=4, accumulation=accumulation, **quiet))
-    ref = reference(3, 4 * adapter.size, accumulation)
+    ref = reference(3, 4 * result.world_size, accumulation)
     record[f"equiv_{name}_maxdiff"] = float(np.abs(B.flat(model) - B.flat(ref)).max())
     record[f"equiv_{name}_steps"] = result.global_step
     record[f"equiv_{name}_samples"] = result.train_samples_per_epoch
-record["rank"], record["size"] = adapter.rank, adapter.size
+record["rank"], record["size"] = result.rank, result.world_size
+RANK = result.rank
 record["checksum"] = zlib.crc32(B.flat(model).tobytes())
 # fp16 compression: gradients travel as fp16, so close to the exact result but not equal; ranks stay identical.
 _, model16, _ = fit(TrainConfig(epochs=3, batch_size=4, **quiet), compression="fp16")
-record["fp16_maxdiff"] = float(np.abs(B.flat(model16) - B.flat(reference(3, 4 * adapter.size, 1))).max())
+record["fp16_maxdiff"] = float(np.abs(B.flat(model16) - B.flat(reference(3, 4 * record["size"], 1))).max())
 record["fp16_checksum"] = zlib.crc32(B.flat(model16).tobytes())
 
 # 2. Exact evaluation: every eval sample counted once, metrics equal to a one-process evaluation.
@@ -163,7 +164,7 @@ record["resume_maxdiff"] = float(np.abs(B.flat(model_a) - B.flat(model_b)).max()
 record["resume_final_step"] = resumed.global_step
 
 # 4. Corrupt newest checkpoint: reported, the previous one is used. Then all corrupt: clear error everywhere.
-if adapter.rank == 0:
+if RANK == 0:
     files = sorted(f for f in os.listdir(ckpt_a) if f.endswith(".bin"))
     with open(os.path.join(ckpt_a, files[-1]), "r+b") as f:
         f.truncate(100)
@@ -171,7 +172,7 @@ if adapter.rank == 0:
 _, _, fallback = fit(TrainConfig(epochs=4, batch_size=4, checkpoint_dir=ckpt_a, **quiet))
 record["fallback_resumed_from"] = fallback.resumed_from["file"]
 record["fallback_epochs"] = fallback.epochs_done
-if adapter.rank == 0:
+if RANK == 0:
     for f in os.listdir(ckpt_a):
         if f.endswith(".bin"):
             with open(os.path.join(ckpt_a, f), "r+b") as fh:
@@ -185,15 +186,17 @@ except HvdkitError as e:
 # 5. Divergence check: make rank 1 differ on purpose; the check must name the rank and the tensor.
 model, opt = B.model_and_opt(seed=5)
 adapter = B.adapter(model, opt)
-trainer = Trainer(adapter, TrainConfig(**quiet))
-adapter.init(seed=0, threads=1)
+process = adapter.default_process()
+process.init(seed=0, threads=1)
+adapter.attach(process)
 adapter.prepare(lr_factor=1.0, accumulation=1)
-record["perturbed"] = B.perturb(model) if adapter.rank == 1 else None
+trainer = Trainer(adapter, TrainConfig(**quiet), process=process)
+record["perturbed"] = B.perturb(model) if RANK == 1 else None
 try:
     trainer.check_same_parameters("in the test")
     record["divergence_error"] = None
 except HvdkitError as e:
     record["divergence_error"] = str(e)
 
-with open(os.path.join(out_dir, f"rank{adapter.rank}.json"), "w") as f:
+with open(os.path.join(out_dir, f"rank{RANK}.json"), "w") as f:
     json.dump(record, f)

@@ -87,7 +87,7 @@ for source_name, source in sources.items():
             adapter = KerasAdapter(model, opt, LOSS)
         eval_source = TFStream(tf.data.Dataset.from_tensor_slices((X_EVAL, Y_EVAL)), n=37)
         result = Trainer(adapter, TrainConfig(**cfg)).fit(source, eval_source)
-        world = adapter.size
+        world = result.world_size
         ref = reference(source, world, 2, 4)
         key = f"{source_name}_{mode}"
         record[key] = {"maxdiff": float(np.abs(flat(model) - flat(ref)).max()), "steps": result.global_step,
@@ -102,7 +102,7 @@ for source_name, source in sources.items():
             record[f"{key}_collectives"] = sorted({op.name for g in graphs for op in g.get_operations()
                                                    if op.type.startswith("Horovod")})
     # Which example ids this rank reads in epochs 0 and 1 (column 0 carries the id).
-    record[f"{source_name}_ids"] = [[int(x[0]) for x, _ in source.rank_dataset(adapter.rank, adapter.size, 0, e)]
+    record[f"{source_name}_ids"] = [[int(x[0]) for x, _ in source.rank_dataset(result.rank, result.world_size, 0, e)]
                                     for e in (0, 1)]
 # An Embedding's gradient is IndexedSlices; 49 examples on 2 ranks leave rank 1 without a sample in the last
 # step (zeros). Both must still meet in one collective, in the loop and in fit (a mismatch would hang).
@@ -120,6 +120,6 @@ for mode in ("loop", "fit"):
     emb_result = Trainer(emb_adapter, TrainConfig(**cfg)).fit(
         TFStream(tf.data.Dataset.from_tensor_slices((tokens, Y[:49])), n=49))
     record[f"embedding_{mode}"] = {"steps": emb_result.global_step, "samples": emb_result.train_samples_per_epoch}
-record["rank"], record["size"] = adapter.rank, adapter.size
-with open(os.path.join(out_dir, f"rank{adapter.rank}.json"), "w") as f:
+record["rank"], record["size"] = result.rank, result.world_size
+with open(os.path.join(out_dir, f"rank{result.rank}.json"), "w") as f:
     json.dump(record, f)

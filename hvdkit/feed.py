@@ -1,0 +1,90 @@
+"""The feed role: a dataset as the trainer sees it — its length, each epoch's step plan, the batches for
+those steps, and this rank's evaluation share. Framework-free here; ``hvdkit.torch.feed`` and
+``hvdkit.keras.feed`` turn sample ids into tensors. A feed hands batches to the adapter and never calls it.
+
+Rank and world size are plain arguments, so a unit test can play every rank in one process.
+
+Example::
+
+    feed = TorchFeed.of((x, y))
+    steps = feed.plan(epoch=0, start=0, config=cfg, rank=0, size=2)
+    for step, micro_batches in feed.step_batches(steps, rank=0, size=2):
+        loss_sum, count = adapter.train_step(micro_batches)
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .sharding import Step, eval_indices, plan_epoch
+
+
+class MicroBatch(NamedTuple):
+    """One backward pass on one rank: ``count`` samples whose mean loss is multiplied by ``weight``.
+
+    ``count == 0`` (a rank with nothing left in the short last step): ``inputs`` may be None or a stand-in;
+    the adapter still joins the step's allreduce with a zero gradient.
+    """
+    inputs: Any
+    targets: Any
+    weight: float
+    count: int
+
+
+class Feed(abc.ABC):
+    """A training or evaluation dataset of ``n`` samples, split over ranks."""
+
+    n: int
+    #: Set by the trainer in audit mode: steps must then name their sample ids (a tf.data stream under
+    #: Keras ``fit`` pays a second read of its input for them).
+    record_ids: bool = False
+
+    def __len__(self) -> int:
+        return self.n
+
+    @abc.abstractmethod
+    def plan(self, epoch: int, start: int, config, rank: int, size: int,
+             layout: Optional[Sequence[Sequence[int]]] = None) -> List[Step]:
+        """This rank's steps of ``epoch`` from sample ``start`` on; the same count on every rank.
+
+        layout: ``[world_size, start]`` of each stretch of this epoch (``sharding.stream_segments``); inputs
+        permuted globally ignore it, since the rest of the permutation is simply re-split.
+        """
+
+    @abc.abstractmethod
+    def step_batches(self, steps: List[Step], rank: int, size: int) -> Iterator[Tuple[Step, List[MicroBatch]]]:
+        """Per step of ``steps`` (from :meth:`plan`), the step naming its sample ids and its micro-batches."""
+
+    @abc.abstractmethod
+    def eval_batches(self, rank: int, size: int, batch_size: int) -> Iterator[Tuple[Any, Any]]:
+        """``(inputs, targets)`` of this rank's unpadded evaluation share; each sample on exactly one rank."""
+
+
+class IndexedFeed(Feed):
+    """A map-style dataset: any sample by its id, so each epoch is one global permutation re-split on resizes.
+
+    Subclasses implement :meth:`fetch`.
+    """
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    @abc.abstractmethod
+    def fetch(self, ids: np.ndarray) -> Tuple[Any, Any]:
+        """``(inputs, targets)`` of the samples ``ids`` (a non-empty int64 array)."""
+
+    def plan(self, epoch, start, config, rank, size, layout=None):
+        return plan_epoch(self.n, rank, size, config.batch_size, config.seed, epoch, config.accumulation,
+                          start=start, shuffle=config.shuffle)
+
+    def step_batches(self, steps, rank, size):
+        for step in steps:
+            yield step, [MicroBatch(*self.fetch(ids), weight, len(ids)) if len(ids) else
+                         MicroBatch(None, None, weight, 0) for ids, weight in zip(step.micro_batches, step.weights)]
+
+    def eval_batches(self, rank, size, batch_size):
+        ids = eval_indices(self.n, rank, size)
+        for lo in range(0, len(ids), batch_size):
+            yield self.fetch(ids[lo:lo + batch_size])

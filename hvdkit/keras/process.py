@@ -1,0 +1,119 @@
+"""The process role for TensorFlow / Keras 3: Horovod's plain TF collectives, or none at world size 1.
+
+Besides the trainer's collectives the Keras adapters ask their process for the gradient allreduce
+(inside a ``tf.function`` step), the variable broadcast, and whether an error means a lost peer.
+
+Horovod 0.28.1's Keras helpers break on Keras 3, so this works on the ``tf.Variable``s under Keras'
+variables, and has its own elastic wrapper (see :func:`is_peer_lost`).
+
+Example::
+
+    process = HorovodProcess()
+    process.init(seed=0, threads=1)
+    reduced = process.allreduce_gradients(grads, compression="none")   # inside tf.function
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .. import process as core
+from ..tuning import apply_defaults
+
+# Horovod pairs collectives across ranks by name. The gradient allreduce has a fixed one: in one step a
+# rank may run it from the fused graph (one micro-batch) while another runs it alone (no samples), and
+# the default name derives from the graph's tensor names and would differ, which hung the job (seen here).
+GRADIENT_ALLREDUCE = "HorovodGroupedAllreduce_hvdkit_gradients"
+# In TF a failed Horovod op surfaces only as an OpError whose text names the failing node. Horovod's own
+# op names (and GRADIENT_ALLREDUCE) start with this; tests/test_keras_process.py checks every collective
+# in the step graphs carries it, so a rename cannot silently turn a lost peer into a user error.
+PEER_LOST_MARK = "Horovod"
+
+
+def tf_variables(variables) -> List[tf.Variable]:
+    """The tf.Variables under Keras 3 variables: Horovod's TF collectives need those (no ``.ref`` on Keras')."""
+    return [v.value for v in variables]
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """True when ``error`` means a peer vanished mid-collective (roll back), False for the user's errors."""
+    from horovod.common.exceptions import HorovodInternalError
+    if isinstance(error, HorovodInternalError):
+        return True
+    return isinstance(error, tf.errors.OpError) and PEER_LOST_MARK in (error.message or "")
+
+
+def _pin_and_seed(seed: int, threads: int) -> None:
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TF already started its thread pools; keep them
+        pass
+    keras.utils.set_random_seed(seed)
+
+
+def _densify(grads):
+    # An Embedding's gradient is IndexedSlices (Horovod allgathers those) on a rank with samples but
+    # zeros on a rank without; both must enter the same collective.
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+
+
+class HorovodProcess(core.HorovodObjects, core.Process):
+    """``horovod.tensorflow``: the process a launched Keras job uses."""
+
+    def init(self, seed: int, threads: int) -> None:
+        import horovod.tensorflow as hvd
+        _pin_and_seed(seed, threads)
+        apply_defaults()  # hvdkit's measured Horovod settings, unless the user set them
+        hvd.init()
+        self.hvd = hvd
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        return self.hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=self.hvd.Sum,
+                                  name="hvdkit.metrics").numpy()
+
+    def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        # Not horovod.tensorflow.elastic.run: it returns None on any TF error whose message lacks
+        # "HorovodAllreduce" (a failed "HorovodGroupedAllreduce" ended training silently, seen here).
+        from horovod.common.elastic import run_fn
+        from horovod.common.exceptions import HorovodInternalError
+        hvd = self.hvd
+
+        def body(state):
+            try:
+                return fn(state)
+            except tf.errors.OpError as e:
+                if is_peer_lost(e):
+                    raise HorovodInternalError(e) from e
+                raise
+
+        def reset():
+            hvd.shutdown()
+            hvd.init()
+        return run_fn(body, reset)
+
+    # ---- for the adapters (inside tf.function) ------------------------------------------------
+    def allreduce_gradients(self, grads, compression: str = "none"):
+        hvd = self.hvd
+        return hvd.grouped_allreduce(_densify(grads), op=hvd.Average, name=GRADIENT_ALLREDUCE,
+                                     ignore_name_scope=True,
+                                     compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
+
+    def broadcast_variables(self, variables) -> None:
+        self.hvd.broadcast_variables(tf_variables(variables), root_rank=0)
+
+
+class LocalProcess(core.LocalProcess):
+    """World size 1 without Horovod: gradients pass through, broadcasts do nothing."""
+
+    def init(self, seed: int, threads: int) -> None:
+        _pin_and_seed(seed, threads)
+
+    def allreduce_gradients(self, grads, compression: str = "none"):
+        return _densify(grads)
+
+    def broadcast_variables(self, variables) -> None:
+        pass

@@ -1,0 +1,84 @@
+"""The process role for PyTorch: Horovod's torch collectives, or none at all at world size 1.
+
+Besides the trainer's collectives (``hvdkit.process.Process``) the torch adapter asks its process for
+three tensor-level ones: wrap the optimizer so gradients are averaged, broadcast the model, and tell a
+lost peer from a user error (Horovod raises typed exceptions for that in torch).
+
+Example::
+
+    process = HorovodProcess()          # in a job started by horovodrun or mpirun
+    process.init(seed=0, threads=1)
+    optimizer = process.distributed_optimizer(optimizer, model.named_parameters())
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import process as core
+from ..tuning import apply_defaults
+
+
+def _pin_and_seed(seed: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # only settable before the first parallel op; keep what the user chose
+        pass
+    torch.manual_seed(seed)
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """True when ``error`` means a peer vanished mid-collective (roll back), False for any other error.
+
+    horovod.torch raises ``HorovodInternalError`` for a failed collective; nothing else is a lost peer.
+    """
+    from horovod.common.exceptions import HorovodInternalError
+    return isinstance(error, HorovodInternalError)
+
+
+class HorovodProcess(core.HorovodObjects, core.Process):
+    """``horovod.torch``: the process a launched torch job uses."""
+
+    def init(self, seed: int, threads: int) -> None:
+        import horovod.torch as hvd
+        apply_defaults()  # hvdkit's measured Horovod settings, unless the user set them
+        hvd.init()
+        self.hvd = hvd
+        _pin_and_seed(seed, threads)
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
+        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name="hvdkit.metrics").numpy()
+
+    def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        import horovod.torch.elastic
+        return horovod.torch.elastic.run(fn)  # retries on HorovodInternalError only (see is_peer_lost)
+
+    # ---- for the adapter ------------------------------------------------------------------------
+    def distributed_optimizer(self, optimizer, named_parameters, compression: str = "none",
+                              accumulation: int = 1, op: str = "average"):
+        hvd = self.hvd
+        return hvd.DistributedOptimizer(
+            optimizer, named_parameters=named_parameters,
+            compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none,
+            backward_passes_per_step=accumulation, op=hvd.Adasum if op == "adasum" else hvd.Average)
+
+    def broadcast_parameters(self, state_dict) -> None:
+        self.hvd.broadcast_parameters(state_dict, root_rank=0)
+
+
+class LocalProcess(core.LocalProcess):
+    """World size 1 without Horovod: the optimizer is used as given, broadcasts do nothing."""
+
+    def init(self, seed: int, threads: int) -> None:
+        _pin_and_seed(seed, threads)
+
+    def distributed_optimizer(self, optimizer, named_parameters, compression: str = "none",
+                              accumulation: int = 1, op: str = "average"):
+        return optimizer  # one rank: the gradients are already the average
+
+    def broadcast_parameters(self, state_dict) -> None:
+        pass

@@ -1,0 +1,159 @@
+"""The trainer in one process at world size 1 (``LocalProcess``: no launcher, no Horovod collectives).
+
+Commits, rollbacks, host-change syncs, checkpoint resume and callbacks, each compared with an uninterrupted
+run or with plain framework code. Elastic restarts are driven through Horovod's own retry loop by raising its
+exceptions from a callback, exactly where a lost peer or a host change would surface.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hvdkit import HvdkitError, TrainConfig, Trainer
+from hvdkit.audit import check
+from hvdkit.callbacks import Callback
+from hvdkit.sharding import plan_epoch
+
+torch = pytest.importorskip("torch")
+from hvdkit.torch import LocalProcess, TorchAdapter  # noqa: E402
+
+RNG = np.random.default_rng(3)
+X = RNG.normal(size=(50, 6)).astype(np.float32)
+Y = RNG.integers(0, 3, size=50).astype(np.int64)
+X_EVAL = RNG.normal(size=(21, 6)).astype(np.float32)
+Y_EVAL = RNG.integers(0, 3, size=21).astype(np.int64)
+QUIET = dict(progress_bar=False, lr_scaling="none", batch_size=4, seed=0)
+
+
+def model_and_optimizer(seed=11):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def flat(model):
+    return np.concatenate([t.detach().numpy().ravel() for t in model.state_dict().values()])
+
+
+def fit(callbacks=(), model_seed=11, **config):
+    model, optimizer = model_and_optimizer(model_seed)
+    adapter = TorchAdapter(model, optimizer, torch.nn.functional.cross_entropy)
+    trainer = Trainer(adapter, TrainConfig(**dict(QUIET, **config)), callbacks=callbacks, process=LocalProcess())
+    return trainer.fit((X, Y), (X_EVAL, Y_EVAL)), model
+
+
+class Recorder(Callback):
+    """Every event, in order, as a tuple."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_train_begin(self, trainer):
+        self.events.append(("begin",))
+
+    def on_epoch_begin(self, trainer, epoch, steps):
+        self.events.append(("epoch_begin", epoch, steps))
+
+    def on_step_end(self, trainer, global_step, loss):
+        self.events.append(("step", global_step))
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        self.events.append(("epoch_end", epoch, metrics["train_samples"]))
+
+    def on_train_end(self, trainer, result):
+        self.events.append(("end", result.global_step))
+
+
+class RaiseOnce(Callback):
+    """Raise ``error`` after global step ``at``, the first time only (a lost peer, a host change)."""
+
+    def __init__(self, at, error):
+        self.at, self.error, self.fired = at, error, False
+
+    def on_step_end(self, trainer, global_step, loss):
+        if global_step == self.at and not self.fired:
+            self.fired = True
+            raise self.error
+
+
+def test_local_fit_equals_plain_torch_and_evaluates_every_sample():
+    result, model = fit(epochs=2)
+    reference, optimizer = model_and_optimizer()
+    for epoch in range(2):
+        for step in plan_epoch(50, 0, 1, 4, 0, epoch):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(reference(torch.from_numpy(X[step.micro_batches[0]])),
+                                              torch.from_numpy(Y[step.micro_batches[0]])).backward()
+            optimizer.step()
+    assert np.abs(flat(model) - flat(reference)).max() < 1e-6
+    assert result.world_size == 1 and result.rank == 0 and result.global_step == 2 * 13
+    with torch.no_grad():
+        expected = float((reference(torch.from_numpy(X_EVAL)).argmax(1).numpy() == Y_EVAL).mean())
+    assert result.eval["samples"] == 21 and result.eval["accuracy"] == pytest.approx(expected)
+
+
+def test_callbacks_see_every_event_in_order():
+    recorder = Recorder()
+    result, _ = fit(callbacks=[recorder], epochs=2)
+    steps = 13  # ceil(50 / 4)
+    expected = [("begin",)]
+    for epoch in range(2):
+        expected += [("epoch_begin", epoch, steps)] + [("step", epoch * steps + s) for s in range(1, steps + 1)]
+        expected += [("epoch_end", epoch, 50)]
+    assert recorder.events == expected + [("end", 26)]
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_checkpoints_are_written_and_resume_gives_the_uninterrupted_result(tmp_path):
+    _, whole = fit(epochs=3, checkpoint_dir=str(tmp_path / "a"))
+    stopped, _ = fit(epochs=3, checkpoint_dir=str(tmp_path / "b"), stop_after_steps=17)
+    assert stopped.stopped_early and stopped.global_step == 17
+    manifests = sorted(p for p in os.listdir(tmp_path / "b") if p.endswith(".json"))
+    newest = json.loads((tmp_path / "b" / manifests[-1]).read_text())
+    assert (newest["epoch"], newest["position"], newest["global_step"]) == (1, 16, 17)
+    # other initial weights: everything must come from the checkpoint (model, Adam state, position)
+    recorder = Recorder()
+    resumed, model = fit(callbacks=[recorder], model_seed=99, epochs=3, checkpoint_dir=str(tmp_path / "b"))
+    assert {k: resumed.resumed_from[k] for k in ("epoch", "position", "global_step")} == \
+        {"epoch": 1, "position": 16, "global_step": 17}
+    assert recorder.events[1] == ("epoch_begin", 1, 9)          # the rest of epoch 2: 34 samples, 9 steps
+    assert resumed.global_step == 39 and np.abs(flat(model) - flat(whole)).max() == 0.0
+
+
+def test_a_checkpoint_of_another_dataset_is_refused(tmp_path):
+    fit(epochs=1, checkpoint_dir=str(tmp_path))
+    with pytest.raises(HvdkitError, match="written for 50 samples and seed 0, not 50 and 7"):
+        fit(epochs=2, checkpoint_dir=str(tmp_path), seed=7)
+
+
+def test_elastic_rollback_restores_the_last_commit_and_trains_each_sample_once(tmp_path):
+    from horovod.common.exceptions import HorovodInternalError
+    _, whole = fit(epochs=2)
+    lost_peer = RaiseOnce(at=8, error=HorovodInternalError("peer lost (simulated)"))
+    result, model = fit(callbacks=[lost_peer], epochs=2, elastic=True, commit_every=3, durable_every=2,
+                        checkpoint_dir=str(tmp_path / "ckpt"), audit_dir=str(tmp_path / "audit"))
+    assert lost_peer.fired and result.resets == 1
+    report = check(str(tmp_path / "audit"), 50, 2)
+    assert report["ok"], report["problems"]
+    assert report["rollbacks"] == 1 and report["dropped"] == 2      # steps 7 and 8 undone, then redone
+    # rolled back to the commit at step 6 (model, Adam state, position): the result is the uninterrupted one
+    assert np.abs(flat(model) - flat(whole)).max() == 0.0
+    durable = [json.loads(p.read_text()) for p in sorted((tmp_path / "ckpt").glob("*.json"))]
+    assert durable and all(d["global_step"] % 3 == 0 or d["position"] == 0 for d in durable)
+
+
+def test_elastic_host_change_syncs_without_rolling_back(tmp_path):
+    from horovod.common.exceptions import HostsUpdatedInterrupt
+    _, whole = fit(epochs=2)
+    change = RaiseOnce(at=9, error=HostsUpdatedInterrupt(skip_sync=False))
+    result, model = fit(callbacks=[change], epochs=2, elastic=True, commit_every=3, audit_dir=str(tmp_path))
+    report = check(str(tmp_path), 50, 2)
+    assert report["ok"] and report["rollbacks"] == 0 and report["dropped"] == 0, report
+    assert result.resets == 1 and np.abs(flat(model) - flat(whole)).max() == 0.0
+
+
+def test_elastic_user_error_is_not_retried():
+    boom = RaiseOnce(at=3, error=ValueError("a bug in the user's callback"))
+    with pytest.raises(ValueError, match="user's callback"):
+        fit(callbacks=[boom], epochs=2, elastic=True)
