@@ -45,9 +45,10 @@ class Adapter(abc.ABC):
 
     # ---- model and optimizer -------------------------------------------------------------
     @abc.abstractmethod
-    def prepare(self, lr_factor: float, accumulation: int) -> None:
-        """Wrap the optimizer for allreduce (reducing every ``accumulation`` backward passes) and
-        scale the LR by ``lr_factor``. No collective: the trainer broadcasts the state next."""
+    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False) -> None:
+        """Wrap the optimizer for allreduce (reducing every ``accumulation`` backward passes), scale the LR
+        by ``lr_factor``, make BatchNorm layers synchronised when asked. No collective: the trainer
+        broadcasts the state next."""
 
     @abc.abstractmethod
     def set_lr_factor(self, factor: float) -> None:
@@ -78,6 +79,26 @@ class Adapter(abc.ABC):
                 break
         return loss_sum, count
 
+    def min_batch_samples(self) -> int:
+        """The fewest samples one backward pass may hold on a rank (torch BatchNorm cannot train on one)."""
+        return 1
+
+    def sync_buffers(self) -> None:
+        """Make the model's non-trained state that drifts per rank (BatchNorm running statistics) the mean
+        over ranks. The trainer calls it before every evaluation, commit and checkpoint."""
+
+    @abc.abstractmethod
+    def rng_state(self) -> Any:
+        """This rank's random state of the model (dropout, augmentation) as JSON-able data."""
+
+    @abc.abstractmethod
+    def set_rng_state(self, state: Any) -> None:
+        """Restore a state from :meth:`rng_state`."""
+
+    @abc.abstractmethod
+    def seed_rank(self, seed: int) -> None:
+        """Start this rank's own random stream from ``seed`` (the trainer derives it from seed and rank)."""
+
     @abc.abstractmethod
     def metric_names(self) -> List[str]:
         """The keys :meth:`eval_batch` returns (every rank reduces the same list, even with no samples)."""
@@ -87,8 +108,9 @@ class Adapter(abc.ABC):
         """Sums over one batch: at least ``loss`` (summed sample losses) and ``count``."""
 
     @abc.abstractmethod
-    def parameter_checksums(self) -> List[Tuple[str, int]]:
-        """(name, checksum of the exact bytes) for every tensor that must agree across ranks, in a fixed order."""
+    def parameter_checksums(self, buffers: bool = True) -> List[Tuple[str, int]]:
+        """(name, checksum of the exact bytes) for every trained parameter, and with ``buffers`` every other
+        tensor that agrees across ranks after :meth:`sync_buffers`, in a fixed order (not random states)."""
 
     # ---- state -------------------------------------------------------------------------------
     @abc.abstractmethod

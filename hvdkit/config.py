@@ -28,6 +28,9 @@ class TrainConfig:
     commit_every: elastic only: commit the state in memory every N steps (and at each epoch end).
     durable_every: elastic only: also write every k-th commit to ``checkpoint_dir`` (when set).
     audit_dir: record the sample ids each rank trains on, for ``hvdkit audit`` (exactly-once proof).
+    sync_batchnorm: BatchNorm layers compute their batch statistics over all ranks (torch and Keras);
+        without it each rank normalises by its own batch and running statistics are averaged over ranks
+        before every evaluation, commit and checkpoint.
     """
     epochs: int = 1
     batch_size: int = 32
@@ -51,6 +54,7 @@ class TrainConfig:
     commit_every: int = 10
     durable_every: int = 1
     audit_dir: Optional[str] = None
+    sync_batchnorm: bool = False
 
     def validate(self) -> "TrainConfig":
         def need(ok, msg):

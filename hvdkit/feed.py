@@ -18,14 +18,15 @@ from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .sharding import Step, eval_indices, plan_epoch
+from .sharding import Step, eval_indices, plan_epoch, smallest_share
 
 
 class MicroBatch(NamedTuple):
     """One backward pass on one rank: ``count`` samples whose mean loss is multiplied by ``weight``.
 
-    ``count == 0`` (a rank with nothing left in the short last step): ``inputs`` may be None or a stand-in;
-    the adapter still joins the step's allreduce with a zero gradient.
+    ``count == 0`` (a rank with nothing left in the short last step): ``inputs``/``targets`` are an empty
+    batch of the right shape (or None where the source cannot make one); the adapter still joins the step's
+    collectives with a zero gradient.
     """
     inputs: Any
     targets: Any
@@ -53,6 +54,10 @@ class Feed(abc.ABC):
         permuted globally ignore it, since the rest of the permutation is simply re-split.
         """
 
+    def smallest_batch(self, config, size: int, start: int) -> Optional[int]:
+        """The fewest samples (> 0) any rank gets in one backward pass from ``start`` on; None if unknown."""
+        return None
+
     @abc.abstractmethod
     def step_batches(self, steps: List[Step], rank: int, size: int) -> Iterator[Tuple[Step, List[MicroBatch]]]:
         """Per step of ``steps`` (from :meth:`plan`), the step naming its sample ids and its micro-batches."""
@@ -79,12 +84,31 @@ class IndexedFeed(Feed):
         return plan_epoch(self.n, rank, size, config.batch_size, config.seed, epoch, config.accumulation,
                           start=start, shuffle=config.shuffle)
 
+    def smallest_batch(self, config, size, start):
+        return smallest_share(self.n, size, config.batch_size, config.accumulation, start)
+
+    def empty_batch(self) -> Tuple[Any, Any]:
+        """``(inputs, targets)`` with zero samples: sample 0's batch cut to length 0 (shapes and dtypes kept)."""
+        if not hasattr(self, "_empty"):
+            self._empty = tuple(_cut_to_empty(part) for part in self.fetch(np.zeros(1, dtype=np.int64)))
+        return self._empty
+
     def step_batches(self, steps, rank, size):
         for step in steps:
             yield step, [MicroBatch(*self.fetch(ids), weight, len(ids)) if len(ids) else
-                         MicroBatch(None, None, weight, 0) for ids, weight in zip(step.micro_batches, step.weights)]
+                         MicroBatch(*self.empty_batch(), weight, 0)
+                         for ids, weight in zip(step.micro_batches, step.weights)]
 
     def eval_batches(self, rank, size, batch_size):
         ids = eval_indices(self.n, rank, size)
         for lo in range(0, len(ids), batch_size):
             yield self.fetch(ids[lo:lo + batch_size])
+
+
+def _cut_to_empty(part):
+    """``part[:0]`` through tuples, lists and dicts (a collated batch may be nested)."""
+    if isinstance(part, dict):
+        return {k: _cut_to_empty(v) for k, v in part.items()}
+    if isinstance(part, (tuple, list)):
+        return type(part)(_cut_to_empty(v) for v in part)
+    return part[:0] if hasattr(part, "shape") else part

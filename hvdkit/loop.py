@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import HvdkitError
 from .resume import next_layout
 from .run_state import Run
 
@@ -24,7 +25,7 @@ class EpochLoop:
 
     def __init__(self, trainer, run: Run, train_feed, eval_feed, commit: Callable[[], None]):
         self.trainer, self.run_, self.train, self.eval = trainer, run, train_feed, eval_feed
-        self.commit = commit
+        self._save = commit
         cfg = trainer.config
         self.every = cfg.commit_every if trainer.elastic else cfg.checkpoint_every
 
@@ -33,6 +34,13 @@ class EpochLoop:
         while run.progress["epoch"] < cfg.epochs and not run.stopped:
             if not self.epoch():
                 break
+
+    def commit(self) -> None:
+        """On every rank: agree on the buffers, record every rank's random state, then commit or checkpoint."""
+        t = self.trainer
+        t.adapter.sync_buffers()
+        self.run_.progress["rng"] = t.process.allgather_object(t.adapter.rng_state())
+        self._save()
 
     def before_step(self, step) -> None:
         t, run = self.trainer, self.run_
@@ -48,7 +56,7 @@ class EpochLoop:
         run.trained += step.samples_in_step
         progress.update(position=step.end, global_step=progress["global_step"] + 1)
         if cfg.check_divergence and not run.checked_first:
-            t.check_same_parameters("after the first step")
+            t.check_same_parameters("after the first step", buffers=False)
             run.checked_first = True
         for cb in t.active_callbacks:
             cb.on_step_end(t, progress["global_step"], step_loss / max(step_count, 1))
@@ -59,6 +67,18 @@ class EpochLoop:
             self.commit()
         return False
 
+    def _check_smallest_batch(self, epoch: int, start: int) -> None:
+        """The same verdict on every rank, before any collective of the epoch: a short last step must not hand
+        a model that cannot train on one sample (torch BatchNorm) a 1-sample batch on some rank."""
+        t, cfg = self.trainer, self.trainer.config
+        need = t.adapter.min_batch_samples()
+        smallest = self.train.smallest_batch(cfg, t.process.size, start) if need > 1 else None
+        if smallest is not None and smallest < need:
+            raise HvdkitError(
+                f"the last step of epoch {epoch + 1} gives some rank {smallest} sample(s) ({self.train.n} samples over "
+                f"{t.process.size} workers x batch {cfg.batch_size}), and BatchNorm cannot train on fewer than {need}; "
+                "pass sync_batchnorm=True (--sync-batchnorm), or a batch size or worker count that leaves each rank 0 or at least 2 samples")
+
     def epoch(self) -> bool:
         """One epoch (or its rest); False when the run stopped early inside it."""
         t, run, cfg = self.trainer, self.run_, self.trainer.config
@@ -66,6 +86,7 @@ class EpochLoop:
         epoch, resumed_at = progress["epoch"], progress["position"]
         progress["layout"] = next_layout(progress.get("layout"), resumed_at, process.size)
         steps = self.train.plan(epoch, resumed_at, cfg, process.rank, process.size, progress["layout"])
+        self._check_smallest_batch(epoch, resumed_at)
         for cb in t.active_callbacks:
             cb.on_epoch_begin(t, epoch, len(steps))
         started = time.perf_counter()
@@ -77,6 +98,7 @@ class EpochLoop:
             self.commit()
             return False
         if cfg.check_divergence:
+            t.adapter.sync_buffers()
             t.check_same_parameters(f"at the end of epoch {epoch + 1}")
         # samples of this epoch: those trained since this (re)start plus those committed before it
         metrics = {"loss": float(sums[0] / max(sums[1], 1)), "train_samples": int(sums[1]) + resumed_at,

@@ -43,6 +43,8 @@ def training_parser(description: str, epochs: int, batch_size: int, lr: float) -
     p.add_argument("--durable-every", type=int, default=1,
                    help="elastic: write every k-th commit to --checkpoint-dir")
     p.add_argument("--audit-dir", default=None, help="record trained sample ids (check with `hvdkit audit`)")
+    p.add_argument("--sync-batchnorm", action="store_true",
+                   help="BatchNorm statistics over all ranks' samples (not each rank's own batch)")
     return p
 
 
@@ -52,7 +54,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr_scaling=args.lr_scaling, warmup_steps=args.warmup_steps, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, stop_after_steps=args.stop_after_steps,
         tensorboard_dir=args.tensorboard_dir, progress_bar=not args.no_progress and sys.stderr.isatty(),
-        commit_every=args.commit_every, durable_every=args.durable_every, audit_dir=args.audit_dir)
+        commit_every=args.commit_every, durable_every=args.durable_every, audit_dir=args.audit_dir,
+        sync_batchnorm=args.sync_batchnorm)
 
 
 def write_metrics(path: Optional[str], result, framework: str, rank: int, **extra: Any) -> Dict[str, Any]:

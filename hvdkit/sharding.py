@@ -117,6 +117,20 @@ def plan_epoch(n: int, rank: int, world_size: int, batch_size: int, seed: int, e
     return steps
 
 
+def smallest_share(n: int, world_size: int, batch_size: int, accumulation: int = 1, start: int = 0) -> int:
+    """The smallest non-zero number of samples any rank gets in one backward pass of :func:`plan_epoch` for
+    samples ``start..n`` (only the short last step can hold fewer than ``batch_size``)."""
+    micro = world_size * batch_size
+    rest = (n - start) % (micro * accumulation)
+    if start >= n:
+        return batch_size
+    shares = [batch_size] if n - start >= micro else []
+    for _ in range(accumulation):
+        chunk, rest = min(rest, micro), rest - min(rest, micro)
+        shares += [q for q in (chunk // world_size, -(-chunk // world_size)) if q > 0]
+    return min(shares) if shares else batch_size
+
+
 def eval_indices(n: int, rank: int, world_size: int) -> np.ndarray:
     """This rank's evaluation ids: a contiguous, even split with no padding, so each sample counts once.
 

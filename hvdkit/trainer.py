@@ -74,17 +74,32 @@ class Trainer:
             raise HvdkitError(value)
         return value
 
-    def check_same_parameters(self, when: str) -> None:
-        """Fail loudly, on every rank, naming the rank and the tensor, if any rank's parameters differ."""
-        everyone = self.process.allgather_object(self.adapter.parameter_checksums())
+    def check_same_parameters(self, when: str, buffers: bool = True) -> None:
+        """Fail loudly, on every rank, naming the rank and the tensor, if any rank's parameters differ
+        (and, with ``buffers``, the buffers :meth:`Adapter.sync_buffers` has just made equal)."""
+        everyone = self.process.allgather_object(self.adapter.parameter_checksums(buffers=buffers))
         reference = dict(everyone[0])
+        trained = {name for name, _ in self.adapter.parameter_checksums(buffers=False)}
         for rank, sums in enumerate(everyone[1:], start=1):
             bad = [name for name, value in sums if reference.get(name) != value]
             if bad or len(sums) != len(reference):
+                first = bad[0] if bad else "the parameter list"
+                cause = ("its gradients are not averaged across ranks (a Horovod Keras helper, a second optimizer, "
+                         "or a parameter changed outside the optimizer)" if first in trained or not bad else
+                         "this buffer is changed outside training and averaging (set it the same on every rank)")
                 raise HvdkitError(
-                    f"ranks diverged {when}: rank {rank} differs from rank 0 in {bad[0] if bad else 'the parameter list'}"
-                    f"{f' (and {len(bad) - 1} more tensors)' if len(bad) > 1 else ''}; gradients are not being "
-                    "averaged (is a Horovod Keras helper or a second optimizer in use?)")
+                    f"ranks diverged {when}: rank {rank} differs from rank 0 in {first}"
+                    f"{f' (and {len(bad) - 1} more tensors)' if len(bad) > 1 else ''}; likely cause: {cause}")
+
+    def place_rng(self, progress: Dict[str, Any]) -> None:
+        """Every rank its own random stream (dropout, augmentation): the one committed for it when the world
+        is the one that committed, else a fresh one derived from (seed, rank, global step)."""
+        p, states = self.process, progress.get("rng")
+        if states and len(states) == p.size:
+            self.adapter.set_rng_state(states[p.rank])
+        else:
+            entropy = [int(self.config.seed), p.rank, int(progress["global_step"])]
+            self.adapter.seed_rank(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def _callbacks(self) -> List[Callback]:
         cfg, chosen, rank = self.config, [], self.process.rank
@@ -100,12 +115,14 @@ class Trainer:
         """Rank 0 writes one durable checkpoint of the current state (``blob`` if already serialised)."""
         if store is not None and self.process.rank == 0:
             blob = blob if blob is not None else self.adapter.state_to_bytes(progress)
-            path = store.save(blob, dict(progress, world_size=self.process.size, framework=self.adapter.framework))
+            meta = {k: v for k, v in progress.items() if k != "rng"}  # the blob holds the random states
+            path = store.save(blob, dict(meta, world_size=self.process.size, framework=self.adapter.framework))
             self.log.info(f"checkpoint {path} (epoch {progress['epoch']}, position {progress['position']})")
 
     def evaluate(self, data) -> Dict[str, float]:
         """Exact metrics over ``data``: each sample counted once, sums reduced over ranks."""
         a, p, cfg = self.adapter, self.process, self.config
+        a.sync_buffers()  # BatchNorm statistics: the ranks' mean, so every rank scores with the same model
         feed = a.make_feed(data)
         keys = sorted(a.metric_names())
         totals = dict.fromkeys(keys, 0.0)
@@ -136,7 +153,7 @@ class Trainer:
         run = Run(progress=fresh_progress(train_feed.n, cfg.seed),
                   audit=AuditLog(cfg.audit_dir) if cfg.audit_dir else None)
         train_feed.record_ids = run.audit is not None
-        a.prepare(lr_factor=cfg.lr_factor(p.size, 0), accumulation=cfg.accumulation)
+        a.prepare(lr_factor=cfg.lr_factor(p.size, 0), accumulation=cfg.accumulation, sync_batchnorm=cfg.sync_batchnorm)
         self.active_callbacks = self._callbacks()
         for cb in self.active_callbacks:
             cb.on_train_begin(self)
@@ -147,6 +164,7 @@ class Trainer:
             self._fit_elastic(run, store, train_feed, eval_feed)
         else:
             a.broadcast_state()
+            self.place_rng(run.progress)
             if run.audit:
                 run.audit.start(run.progress["global_step"], p.rank, p.size)
             EpochLoop(self, run, train_feed, eval_feed, lambda: self.save_checkpoint(store, run.progress)).run()
@@ -208,6 +226,7 @@ class Trainer:
                           f"the commit at epoch {run.progress['epoch'] + 1}, sample {run.progress['position']}, "
                           f"step {run.progress['global_step']}; LR x{self.config.lr_factor(p.size, run.progress['global_step']):g}")
         run.hosts, run.rolled_back, run.checked_first = hosts, False, False
+        self.place_rng(run.progress)
         if run.audit:
             run.audit.start(run.progress["global_step"], p.rank, p.size)
         EpochLoop(self, run, train_feed, eval_feed, state.commit).run()

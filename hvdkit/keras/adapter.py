@@ -19,7 +19,8 @@ import tensorflow as tf
 from ..adapter import Adapter
 from ..errors import HvdkitError
 from .feed import make_feed
-from .process import HorovodProcess, tf_variables
+from .process import HorovodProcess
+from .sync_batchnorm import make_sync_batchnorm
 
 
 class KerasAdapter(Adapter):
@@ -41,6 +42,7 @@ class KerasAdapter(Adapter):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.compression, self.accuracy = compression, accuracy
         self._base_lr = None
+        self.sync_batchnorm, self.accumulation = False, 1
 
     def default_process(self):
         return HorovodProcess()
@@ -49,7 +51,10 @@ class KerasAdapter(Adapter):
         return make_feed(data)
 
     # ---- model and optimizer -------------------------------------------------------------
-    def prepare(self, lr_factor: float, accumulation: int) -> None:
+    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False) -> None:
+        self.sync_batchnorm, self.accumulation = sync_batchnorm, accumulation
+        if sync_batchnorm:
+            make_sync_batchnorm(self.model)
         if not self.model.built:
             raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
                               "model.build(input_shape) before training")
@@ -70,37 +75,76 @@ class KerasAdapter(Adapter):
     def set_lr_factor(self, factor: float) -> None:
         self.optimizer.learning_rate.assign(self._base_lr * factor)
 
-    def _grads(self, x, y, weight):
+    def _grads(self, x, y, weight, training=True):
+        """Data loss and gradients of ``weight * loss + regularization / accumulation`` (the regularization
+        joins every micro-batch, an empty one too, so the averaged gradient carries it exactly once).
+        ``training=False`` only for an empty batch without SyncBatchNorm: BatchNormalization would fold the
+        empty batch's NaN moments into its moving statistics."""
         with tf.GradientTape() as tape:
-            loss = self.loss_fn(y, self.model(x, training=True))
+            outputs = self.model(x, training=training)
+            loss = tf.reduce_sum(self.loss_fn(y, outputs))   # an empty batch gives an empty loss: 0 here
             scaled = loss * tf.cast(weight, loss.dtype)
-        return loss, tape.gradient(scaled, self.model.trainable_variables)
+            if self.model.losses:  # kernel/activity regularizers, as Keras' own fit adds them
+                scaled += tf.cast(tf.add_n(self.model.losses), scaled.dtype) / self.accumulation
+        variables = self.model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        return loss, [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
 
     def _apply(self, grads):
         reduced = self.process.allreduce_gradients(list(grads), compression=self.compression)
         self.optimizer.apply(reduced, self.model.trainable_variables)
 
-    def _step(self, x, y, weight):
-        loss, grads = self._grads(x, y, weight)
+    def _step(self, x, y, weight, training=True):
+        loss, grads = self._grads(x, y, weight, training)
         self._apply(grads)
         return loss
 
+    def _inputs(self, batch):
+        """(x, y, weight, training) for one micro-batch; an empty one runs the model on zero samples (a stream's
+        weight-0 filler example cut away), so regularizers and SyncBatchNorm's collective still run."""
+        x, y = (batch.inputs, batch.targets) if batch.count else (batch.inputs[:0], batch.targets[:0])
+        return x, y, tf.constant(batch.weight, tf.float32), bool(batch.count) or self.sync_batchnorm
+
     def train_step(self, micro_batches) -> Tuple[float, int]:
-        """One optimizer step; micro-batches without samples add nothing (a rank with none: zero gradient)."""
-        batches = [b for b in micro_batches if b.count]
-        if len(batches) == 1:  # the common case: one graph call per step, as in a hand-written loop
-            b = batches[0]
-            return float(self._one_step(b.inputs, b.targets, tf.cast(b.weight, tf.float32))) * b.count, b.count
+        """One optimizer step over ``micro_batches`` (every rank the same number, some maybe empty)."""
+        if len(micro_batches) == 1:  # the common case: one graph call per step, as in a hand-written loop
+            b = micro_batches[0]
+            loss = self._one_step(*self._inputs(b))
+            return (float(loss) * b.count if b.count else 0.0), b.count
         total, loss_sum, count = None, 0.0, 0
-        for b in batches:
-            loss, grads = self._grad_step(b.inputs, b.targets, tf.cast(b.weight, tf.float32))
+        for b in micro_batches:
+            loss, grads = self._grad_step(*self._inputs(b))
             total = list(grads) if total is None else [a + g for a, g in zip(total, grads)]
-            loss_sum += float(loss) * b.count
-            count += b.count
-        if total is None:
-            total = [tf.zeros_like(v) for v in tf_variables(self.model.trainable_variables)]
+            if b.count:
+                loss_sum += float(loss) * b.count
+                count += b.count
         self._apply_step(total)
         return loss_sum, count
+
+    # ---- buffers and random state ---------------------------------------------------------------
+    def _buffers(self):
+        """Float variables the optimizer does not train (BatchNorm moving statistics)."""
+        trained = {id(v) for v in self.model.trainable_variables}
+        return [v for v in self.model.variables
+                if id(v) not in trained and "float" in str(v.dtype) and v.name != "seed_generator_state"]
+
+    def _seed_states(self):
+        return [v for v in self.model.variables if v.name == "seed_generator_state"]
+
+    def sync_buffers(self) -> None:
+        self.process.average_variables(self._buffers())
+
+    def rng_state(self):
+        return [v.numpy().tolist() for v in self._seed_states()]
+
+    def set_rng_state(self, state) -> None:
+        for v, value in zip(self._seed_states(), state):
+            v.assign(np.asarray(value, dtype=v.dtype))
+
+    def seed_rank(self, seed: int) -> None:
+        # Each layer's SeedGenerator (Dropout, noise, augmentation layers) gets a stream of its own per rank.
+        for i, v in enumerate(self._seed_states()):
+            v.assign(np.asarray([(seed + 7919 * i) % (2 ** 31 - 1), 0], dtype=v.dtype))
 
     def metric_names(self) -> List[str]:
         return ["loss", "count"] + (["correct"] if self.accuracy else [])
@@ -113,8 +157,9 @@ class KerasAdapter(Adapter):
             sums["correct"] = float(np.sum(np.argmax(outputs, axis=-1) == np.asarray(targets)))
         return sums
 
-    def parameter_checksums(self) -> List[Tuple[str, int]]:
-        return [(v.path, zlib.crc32(np.ascontiguousarray(v.numpy()).tobytes())) for v in self.model.variables]
+    def parameter_checksums(self, buffers: bool = True) -> List[Tuple[str, int]]:
+        variables = list(self.model.trainable_variables) + (self._buffers() if buffers else [])
+        return [(v.path, zlib.crc32(np.ascontiguousarray(v.numpy()).tobytes())) for v in variables]
 
     # ---- state -------------------------------------------------------------------------------
     def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:

@@ -1,11 +1,9 @@
 """Keras 3 ``model.fit`` on Horovod: the compiled model trains with its own loop, gradients averaged.
 
 Keras owns the batch loop here; hvdkit feeds it this rank's micro-batches (from the shared shard
-plan, with the per-rank loss weights as sample weights) and wraps the optimizer's ``apply`` so
-every gradient list is allreduced before it is applied. That wrapper is the one place hvdkit
-reaches under Keras' public API: Keras 3 offers no hook between computing and applying gradients
-in ``fit`` (``Optimizer.apply`` is what ``apply_gradients`` calls), and Horovod 0.28.1's own
-``DistributedOptimizer`` silently skips the allreduce on Keras 3.
+plan, with the per-rank loss weights as sample weights) and averages the gradients of every
+update over ranks inside the optimizer (see ``KerasFitAdapter._wrap_optimizer``): the one place
+hvdkit reaches under Keras' public API.
 
 Example::
 
@@ -67,30 +65,39 @@ class KerasFitAdapter(KerasAdapter):
         self.keras_callbacks = list(keras_callbacks)
         self.accumulation = 1
 
-    def prepare(self, lr_factor: float, accumulation: int) -> None:
-        self.accumulation = accumulation
+    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False) -> None:
         if accumulation > 1:
             if self.optimizer.built:
                 raise HvdkitError("gradient accumulation needs an optimizer that has not been built yet")
             # Keras accumulates k micro-batch gradients and applies their mean every k-th call.
             self.optimizer.gradient_accumulation_steps = accumulation
-        super().prepare(lr_factor, accumulation)
+        super().prepare(lr_factor, accumulation, sync_batchnorm)
         # Horovod's TF ops have no XLA kernels, and Keras' jit_compile="auto" would compile train_step.
         self.model.jit_compile = False
         self.model.train_function = None
-        self._wrap_apply()
+        self._wrap_optimizer()
 
-    def _wrap_apply(self) -> None:
+    def _wrap_optimizer(self) -> None:
+        """Average the gradients over ranks where Keras is about to use them for an update.
+
+        Keras 3 has no public hook between computing and applying gradients in ``fit``. Its optimizer passes
+        the gradients of an update — with accumulation, the mean of the k accumulated ones, on the k-th call
+        only — through ``_clip_gradients`` right before the update step: one allreduce per optimizer step,
+        and clipping sees averaged gradients. (Horovod 0.28.1's own DistributedOptimizer silently skips the
+        allreduce on Keras 3.)
+        """
         optimizer, adapter = self.optimizer, self
         if getattr(optimizer, "_hvdkit_allreduce", False):  # a second fit() with the same optimizer
             return
-        original = optimizer.apply
+        if not callable(getattr(optimizer, "_clip_gradients", None)):
+            raise HvdkitError(f"this Keras {keras.__version__} optimizer has no _clip_gradients step to average "
+                              "gradients in; use the KerasAdapter (GradientTape loop) instead of model.fit")
+        original = optimizer._clip_gradients
 
-        def apply(grads, trainable_variables=None):
-            reduced = adapter.process.allreduce_gradients(list(grads), compression=adapter.compression)
-            return original(reduced, trainable_variables)
+        def clip_gradients(grads):
+            return original(adapter.process.allreduce_gradients(list(grads), compression=adapter.compression))
 
-        optimizer.apply = apply
+        optimizer._clip_gradients = clip_gradients
         optimizer._hvdkit_allreduce = True
 
     def run_epoch(self, feed, steps, before_step, after_step) -> Tuple[float, int]:

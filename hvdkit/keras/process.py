@@ -105,6 +105,14 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     def broadcast_variables(self, variables) -> None:
         self.hvd.broadcast_variables(tf_variables(variables), root_rank=0)
 
+    def average_variables(self, variables) -> None:
+        """Every variable the mean over ranks (one grouped allreduce; BatchNorm moving statistics)."""
+        if variables:
+            reduced = self.hvd.grouped_allreduce([v.value for v in variables], op=self.hvd.Average,
+                                                 name="HorovodGroupedAllreduce_hvdkit_buffers")
+            for v, value in zip(variables, reduced):
+                v.assign(value)
+
 
 class LocalProcess(core.LocalProcess):
     """World size 1 without Horovod: gradients pass through, broadcasts do nothing."""
@@ -116,4 +124,7 @@ class LocalProcess(core.LocalProcess):
         return _densify(grads)
 
     def broadcast_variables(self, variables) -> None:
+        pass
+
+    def average_variables(self, variables) -> None:
         pass

@@ -8,16 +8,19 @@ Example::
 """
 from __future__ import annotations
 
+import base64
 import io
 import zlib
 from typing import Any, Callable, Dict, List, Tuple
 
+import numpy as np
 import torch
 
 from ..adapter import Adapter
 from ..errors import HvdkitError
 from .feed import TorchFeed
 from .process import HorovodProcess
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
@@ -52,7 +55,9 @@ class TorchAdapter(Adapter):
         return TorchFeed.of(data)
 
     # ---- model and optimizer -------------------------------------------------------------
-    def prepare(self, lr_factor: float, accumulation: int) -> None:
+    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False) -> None:
+        if sync_batchnorm:
+            convert_sync_batchnorm(self.model)
         self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.optimizer = self.process.distributed_optimizer(
             self.optimizer, self.model.named_parameters(), compression=self.compression,
@@ -84,10 +89,37 @@ class TorchAdapter(Adapter):
                 loss_sum += float(loss.detach()) * batch.count
                 count += batch.count
             else:
-                # No samples here in this (last, short) step: a zero gradient still joins the allreduce.
-                sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad).backward()
+                self._zero_gradient(batch.inputs)
         self.optimizer.step()
         return loss_sum, count
+
+    def _zero_gradient(self, empty_inputs) -> None:
+        """No samples here in this (last, short) step: a zero gradient still joins the allreduce. The model runs
+        on the empty batch, so SyncBatchNorm's collective runs on every rank and sparse gradients stay sparse
+        (an Embedding(sparse=True)'s zeros must meet the others' sparse tensors in the same collective)."""
+        if empty_inputs is not None:
+            leaves = [t for t in torch.utils._pytree.tree_leaves(self.model(empty_inputs)) if torch.is_tensor(t)]
+            if leaves:
+                (sum(t.sum() for t in leaves) * 0).backward()
+                return
+        sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad).backward()
+
+    def min_batch_samples(self) -> int:
+        plain_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, SyncBatchNorm)
+                       for m in self.model.modules())
+        return 2 if plain_bn else 1  # torch's BatchNorm raises on a 1-sample batch in training mode
+
+    def sync_buffers(self) -> None:
+        self.process.average_tensors([b for b in self.model.buffers() if b.is_floating_point()])
+
+    def rng_state(self) -> str:
+        return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+    def set_rng_state(self, state: str) -> None:
+        torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state), dtype=np.uint8).copy()))
+
+    def seed_rank(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
     def metric_names(self) -> List[str]:
         return ["loss", "count"] + (["correct"] if self.accuracy else [])
@@ -101,9 +133,9 @@ class TorchAdapter(Adapter):
             sums["correct"] = float((outputs.argmax(dim=1) == targets).sum())
         return sums
 
-    def parameter_checksums(self) -> List[Tuple[str, int]]:
-        return [(name, zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes()))
-                for name, t in self.model.state_dict().items()]
+    def parameter_checksums(self, buffers: bool = True) -> List[Tuple[str, int]]:
+        tensors = list(self.model.named_parameters()) + (list(self.model.named_buffers()) if buffers else [])
+        return [(name, zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes())) for name, t in tensors]
 
     # ---- state -------------------------------------------------------------------------------
     def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:

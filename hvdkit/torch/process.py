@@ -69,6 +69,11 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     def broadcast_parameters(self, state_dict) -> None:
         self.hvd.broadcast_parameters(state_dict, root_rank=0)
 
+    def average_tensors(self, tensors) -> None:
+        """In place, every tensor the mean over ranks (one grouped allreduce; BatchNorm running statistics)."""
+        if tensors:
+            self.hvd.grouped_allreduce_(list(tensors), op=self.hvd.Average, name="hvdkit.buffers")
+
 
 class LocalProcess(core.LocalProcess):
     """World size 1 without Horovod: the optimizer is used as given, broadcasts do nothing."""
@@ -81,4 +86,7 @@ class LocalProcess(core.LocalProcess):
         return optimizer  # one rank: the gradients are already the average
 
     def broadcast_parameters(self, state_dict) -> None:
+        pass
+
+    def average_tensors(self, tensors) -> None:
         pass

@@ -1,0 +1,65 @@
+"""Keras 3 BatchNormalization whose training statistics span every rank's samples, on Horovod's TF allreduce.
+
+Horovod's ``hvd.SyncBatchNormalization`` does not work on Keras 3 (it passes ``fused=False``, which Keras 3's
+BatchNormalization rejects), and Keras' own ``synchronized=True`` needs a tf.distribute strategy. This layer
+overrides only how the batch moments are computed: per channel, each rank's sum, sum of squares and count
+(float64) are summed over ranks in one allreduce (differentiable: its gradient is an allreduce too). A rank
+with no samples in a step calls it on an empty batch and adds zeros. Without Horovod running, or at one
+rank, it is plain BatchNormalization.
+
+Example::
+
+    layer = SyncBatchNormalization()              # in a model you build
+    make_sync_batchnorm(model)                    # or: every BatchNormalization of a built model
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+def _horovod():
+    """horovod.tensorflow when it runs with more than one rank, else None."""
+    try:
+        import horovod.tensorflow as hvd
+        return hvd if hvd.is_initialized() and hvd.size() > 1 else None
+    except (ImportError, ValueError):
+        return None
+
+
+class SyncBatchNormalization(keras.layers.BatchNormalization):
+    """Drop-in for ``keras.layers.BatchNormalization`` (no masks, no renorm)."""
+
+    def _moments(self, inputs, mask):
+        hvd = _horovod()
+        if hvd is None:
+            return super()._moments(inputs, mask)
+        if mask is not None or self.renorm:
+            raise ValueError("SyncBatchNormalization supports neither masks nor renorm")
+        axes = self._reduction_axes
+        x = tf.cast(inputs, tf.float64)
+        count = tf.cast(tf.size(x), tf.float64) / tf.cast(tf.maximum(tf.size(tf.reduce_sum(x, axes)), 1), tf.float64)
+        local = tf.concat([tf.reshape(tf.reduce_sum(x, axes), [-1]), tf.reshape(tf.reduce_sum(x * x, axes), [-1]),
+                           tf.reshape(count, [1])], 0)
+        # The name starts with "Horovod" (a lost peer is recognised by it, see hvdkit.keras.process) and is the
+        # layer's own: ranks running this in different step graphs still pair up.
+        total = hvd.allreduce(local, op=hvd.Sum, name=f"HorovodAllreduce_hvdkit_sync_bn_{self.name}",
+                              ignore_name_scope=True)
+        channels = tf.size(local) // 2
+        n = total[-1]
+        mean = total[:channels] / n
+        variance = tf.maximum(total[channels:2 * channels] / n - mean * mean, 0.0)
+        shape = tf.shape(tf.reduce_sum(tf.cast(inputs, tf.float32), axes, keepdims=False))
+        return (tf.cast(tf.reshape(mean, shape), inputs.dtype), tf.cast(tf.reshape(variance, shape), inputs.dtype))
+
+
+def make_sync_batchnorm(model: keras.Model) -> int:
+    """Turn every BatchNormalization layer of ``model`` (built or not) into a :class:`SyncBatchNormalization`,
+    keeping its variables; returns how many. A built Keras model cannot swap a layer for another object, so
+    the layer's class changes in place (the subclass adds no state)."""
+    changed = 0
+    for layer in model._flatten_layers(include_self=False):
+        if type(layer) is keras.layers.BatchNormalization:
+            layer.__class__ = SyncBatchNormalization
+            changed += 1
+    return changed
