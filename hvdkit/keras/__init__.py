@@ -9,7 +9,8 @@ use ``horovod.tensorflow`` allreduce/broadcast on the variables instead.
 - ``feed``: numpy arrays or tf.data sources (:class:`TFStream`, :class:`TFFiles`) split by rank;
   ``process``: Horovod's TF collectives (:class:`HorovodProcess`) or none at world size 1 (:class:`LocalProcess`).
 
-Importing this imports TensorFlow without its native log lines; set ``HVDKIT_TF_LOGS=1`` to see them.
+Importing this imports TensorFlow without its native log lines (``HVDKIT_TF_LOGS=1`` shows them) and sizes
+TF's thread pools to ``HVDKIT_THREADS`` (default 1): import it before running any TensorFlow op.
 
 Example::
 
@@ -28,6 +29,12 @@ with native_stderr_silenced(enabled=not _show_logs):
     import horovod.tensorflow  # noqa: F401,E402
     import keras  # noqa: F401,E402
     import tensorflow  # noqa: F401,E402
+
+from .threads import pin_threads  # noqa: E402
+
+# TensorFlow fixes its thread pools when it runs its first op (building a model does), usually long before
+# the trainer starts: so the pools are sized here, on import (HVDKIT_THREADS, default 1 per worker).
+pin_threads()
 
 from .adapter import KerasAdapter  # noqa: E402
 from .data import TFFiles, TFStream  # noqa: E402

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from .. import process as core
 from ..tuning import apply_defaults
+from .threads import check_threads
 
 # Horovod pairs collectives across ranks by name. The gradient allreduce has a fixed one: in one step a
 # rank may run it from the fused graph (one micro-batch) while another runs it alone (no samples), and
@@ -47,11 +48,7 @@ def is_peer_lost(error: BaseException) -> bool:
 
 
 def _pin_and_seed(seed: int, threads: int) -> None:
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:  # TF already started its thread pools; keep them
-        pass
+    check_threads(threads)
     keras.utils.set_random_seed(seed)
 
 
