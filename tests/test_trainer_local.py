@@ -157,3 +157,18 @@ def test_elastic_user_error_is_not_retried():
     boom = RaiseOnce(at=3, error=ValueError("a bug in the user's callback"))
     with pytest.raises(ValueError, match="user's callback"):
         fit(callbacks=[boom], epochs=2, elastic=True)
+
+
+def test_resume_continues_the_dropout_stream(tmp_path):
+    def dropout_fit(**config):
+        torch.manual_seed(5)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+        adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.cross_entropy)
+        Trainer(adapter, TrainConfig(**dict(QUIET, epochs=2, **config)), process=LocalProcess()).fit((X, Y))
+        return flat(model)
+    whole = dropout_fit(checkpoint_dir=str(tmp_path / "a"))
+    dropout_fit(checkpoint_dir=str(tmp_path / "b"), stop_after_steps=9)
+    torch.manual_seed(1234)       # a different global stream: only the checkpoint's state can make them equal
+    resumed = dropout_fit(checkpoint_dir=str(tmp_path / "b"))
+    assert np.abs(resumed - whole).max() == 0.0
+    assert np.abs(dropout_fit() - whole).max() == 0.0   # reproducible from (seed, rank)

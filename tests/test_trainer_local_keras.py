@@ -59,3 +59,50 @@ def test_local_keras_resume_gives_the_uninterrupted_result(tmp_path, mode):
     resumed, model = fit(mode, model_seed=77, epochs=2, checkpoint_dir=str(tmp_path / "b"))
     assert stopped.stopped_early and resumed.resumed_from["global_step"] == 11
     assert resumed.global_step == 16 and np.abs(flat(model) - flat(whole)).max() == 0.0
+
+
+class CountingProcess(LocalProcess):
+    """Counts, inside the traced step, how often gradients enter the allreduce (once per optimizer step?)."""
+
+    def __init__(self):
+        self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def allreduce_gradients(self, grads, compression="none"):
+        self.calls.assign_add(1)
+        return super().allreduce_gradients(grads, compression)
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
+def test_accumulation_averages_once_per_optimizer_step(mode):
+    model, optimizer = build()
+    if mode == "fit":
+        model.compile(optimizer=optimizer, loss=LOSS)
+        adapter = KerasFitAdapter(model)
+    else:
+        adapter = KerasAdapter(model, optimizer, LOSS)
+    process = CountingProcess()
+    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=2, accumulation=3)), process=process).fit((X, Y))
+    assert result.global_step == 2 * 3                     # 30 samples, 12 per step: 3 steps an epoch
+    assert int(process.calls.numpy()) == result.global_step  # not once per micro-batch (18)
+
+
+def test_regularizers_join_the_loop_objective_like_fit():
+    def regularized():
+        keras.utils.set_random_seed(4)
+        return keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(
+            8, activation="tanh", kernel_regularizer=keras.regularizers.l2(0.05), activity_regularizer="l1"),
+            keras.layers.Dense(3)])
+    finals = {}
+    for mode in ("loop", "fit"):
+        model = regularized()
+        if mode == "fit":
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+            adapter = KerasFitAdapter(model)
+        else:
+            adapter = KerasAdapter(model, keras.optimizers.SGD(0.1), LOSS)
+        Trainer(adapter, TrainConfig(**dict(QUIET, epochs=2)), process=LocalProcess()).fit((X, Y))
+        finals[mode] = flat(model)
+    plain = regularized()
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    assert np.abs(finals["loop"] - finals["fit"]).max() < 1e-5
+    assert np.abs(finals["loop"] - flat(plain)).max() > 1e-3   # the regularizers did change the result
