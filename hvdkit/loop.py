@@ -38,7 +38,7 @@ class EpochLoop:
     def commit(self) -> None:
         """On every rank: agree on the buffers, record every rank's random state, then commit or checkpoint."""
         t = self.trainer
-        t.adapter.sync_buffers()
+        t.agree_buffers()
         self.run_.progress["rng"] = t.process.allgather_object(t.adapter.rng_state())
         self._save()
 
@@ -54,6 +54,7 @@ class EpochLoop:
         t, run, cfg = self.trainer, self.run_, self.trainer.config
         progress = run.progress
         run.trained += step.samples_in_step
+        t.buffers_stale = True
         progress.update(position=step.end, global_step=progress["global_step"] + 1)
         if cfg.check_divergence and not run.checked_first:
             t.check_same_parameters("after the first step", buffers=False)
@@ -98,7 +99,7 @@ class EpochLoop:
             self.commit()
             return False
         if cfg.check_divergence:
-            t.adapter.sync_buffers()
+            t.agree_buffers()
             t.check_same_parameters(f"at the end of epoch {epoch + 1}")
         # samples of this epoch: those trained since this (re)start plus those committed before it
         metrics = {"loss": float(sums[0] / max(sums[1], 1)), "train_samples": int(sums[1]) + resumed_at,

@@ -59,6 +59,14 @@ class Trainer:
         self.log = None
         self.elastic = False
         self.active_callbacks: List[Callback] = []
+        self.buffers_stale = True  # set by every training step; see agree_buffers
+
+    def agree_buffers(self) -> None:
+        """Buffers (BatchNorm statistics) the mean over ranks, unless no step ran since they last were: the
+        end of an epoch checks, evaluates and commits in a row, and pays for one grouped allreduce."""
+        if self.buffers_stale:
+            self.adapter.sync_buffers()
+            self.buffers_stale = False
 
     # ---- helpers -------------------------------------------------------------------------------
     def _agree(self, compute):
@@ -122,7 +130,7 @@ class Trainer:
     def evaluate(self, data) -> Dict[str, float]:
         """Exact metrics over ``data``: each sample counted once, sums reduced over ranks."""
         a, p, cfg = self.adapter, self.process, self.config
-        a.sync_buffers()  # BatchNorm statistics: the ranks' mean, so every rank scores with the same model
+        self.agree_buffers()  # BatchNorm statistics: the ranks' mean, so every rank scores with the same model
         feed = a.make_feed(data)
         keys = sorted(a.metric_names())
         totals = dict.fromkeys(keys, 0.0)
@@ -226,6 +234,7 @@ class Trainer:
                           f"the commit at epoch {run.progress['epoch'] + 1}, sample {run.progress['position']}, "
                           f"step {run.progress['global_step']}; LR x{self.config.lr_factor(p.size, run.progress['global_step']):g}")
         run.hosts, run.rolled_back, run.checked_first = hosts, False, False
+        self.buffers_stale = True  # the same on every rank, a worker that just joined included
         self.place_rng(run.progress)
         if run.audit:
             run.audit.start(run.progress["global_step"], p.rank, p.size)
