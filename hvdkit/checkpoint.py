@@ -112,6 +112,9 @@ class CheckpointStore:
                 blob = f.read()
         except (OSError, ValueError) as e:
             raise HvdkitError(f"checkpoint {bin_path} is unreadable ({e}); delete it to skip it") from None
+        if not isinstance(manifest, dict) or not {"size", "sha256", "file"} <= set(manifest):
+            raise HvdkitError(f"checkpoint {bin_path} has a malformed manifest {os.path.basename(json_path)} (not an "
+                              "object with size, sha256 and file); it was not loaded")
         if len(blob) != manifest.get("size") or hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
             raise HvdkitError(
                 f"checkpoint {bin_path} is corrupt: {len(blob)} bytes, sha256 does not match its manifest "
@@ -119,20 +122,25 @@ class CheckpointStore:
         return blob, manifest
 
     def load_latest(self) -> Optional[Tuple[bytes, Dict]]:
-        """The newest checkpoint that verifies; damaged newer ones are reported and skipped.
+        """The newest checkpoint that verifies, as ``(blob, manifest)``; see :meth:`first_usable`."""
+        found = self.first_usable()
+        return found[:2] if found else None
 
-        Returns None for an empty directory. Raises when checkpoints exist but none verifies:
+    def first_usable(self, accept: Callable[[bytes, Dict], object] = lambda blob, manifest: None):
+        """The newest checkpoint that verifies and that ``accept`` takes, as ``(blob, manifest, accepted)``;
+        damaged newer ones (or ones ``accept`` refuses with an HvdkitError) are reported and skipped.
+
+        Returns None for an empty directory. Raises when checkpoints exist but none is usable:
         starting from scratch silently would overwrite the run the user meant to resume.
         """
         problems = []
         for number in reversed(self.numbers()):
             try:
                 blob, manifest = self.verify(number)
+                return blob, manifest, accept(blob, manifest)
             except HvdkitError as e:
                 problems.append(str(e))
                 self.log(f"warning: {e}; falling back to an older checkpoint")
-                continue
-            return blob, manifest
         if problems:
             raise HvdkitError(f"no usable checkpoint in {self.directory}: {problems[0]}; "
                               "remove the damaged files to start from scratch")

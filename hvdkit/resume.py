@@ -17,12 +17,27 @@ from .errors import HvdkitError
 
 
 def load_latest(store: CheckpointStore, adapter, n: int, seed: int) -> Optional[Dict[str, Any]]:
-    """Load the newest valid checkpoint into ``adapter``; its progress and where it came from, or None."""
-    found = store.load_latest()
+    """Load the newest usable checkpoint into ``adapter``; its progress and where it came from, or None.
+
+    A checkpoint of another framework, or one the adapter cannot load (bad pickle, wrong model), is
+    reported and the previous one tried; one of another dataset or seed stops the run (a wrong directory).
+    """
+    def accept(blob: bytes, manifest: Dict[str, Any]) -> Dict[str, Any]:
+        name = manifest["file"]
+        if manifest.get("framework", adapter.framework) != adapter.framework:
+            raise HvdkitError(f"checkpoint {name} was written by {manifest.get('framework')}, not {adapter.framework}")
+        try:
+            progress = adapter.state_from_bytes(blob)
+        except HvdkitError as e:
+            raise HvdkitError(f"checkpoint {name}: {e}") from None
+        if not isinstance(progress, dict) or not {"epoch", "position", "global_step"} <= set(progress):
+            raise HvdkitError(f"checkpoint {name} holds no training progress (epoch, position, global_step)")
+        return progress
+
+    found = store.first_usable(accept)
     if found is None:
         return None
-    blob, manifest = found
-    progress = adapter.state_from_bytes(blob)
+    _, manifest, progress = found
     if progress.get("n") != n or progress.get("seed") != seed:
         raise HvdkitError(
             f"checkpoint {manifest['file']} in {store.directory} was written for {progress.get('n')} samples "

@@ -172,3 +172,65 @@ def test_resume_continues_the_dropout_stream(tmp_path):
     resumed = dropout_fit(checkpoint_dir=str(tmp_path / "b"))
     assert np.abs(resumed - whole).max() == 0.0
     assert np.abs(dropout_fit() - whole).max() == 0.0   # reproducible from (seed, rank)
+
+
+def _checkpoints(directory):
+    return sorted(p for p in os.listdir(directory) if p.endswith(".json"))
+
+
+def _rewrite(directory, number, manifest=None, blob=None):
+    """Replace checkpoint ``number``'s blob (manifest kept consistent) or its manifest as given."""
+    import hashlib
+    stem = os.path.join(directory, f"ckpt-{number:08d}")
+    if blob is not None:
+        with open(stem + ".bin", "wb") as f:
+            f.write(blob)
+        meta = json.loads(open(stem + ".json").read())
+        meta.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        manifest = json.dumps(meta)
+    with open(stem + ".json", "w") as f:
+        f.write(manifest)
+
+
+@pytest.mark.parametrize("damage", ["manifest-list", "manifest-no-sha", "bad-pickle", "wrong-framework",
+                                    "wrong-shape", "no-progress"])
+def test_a_malformed_newest_checkpoint_is_reported_and_the_previous_used(tmp_path, damage):
+    directory = str(tmp_path)
+    fit(epochs=2, checkpoint_dir=directory)                  # checkpoints 0 (epoch 1) and 1 (epoch 2)
+    newest = 1
+    if damage == "manifest-list":
+        _rewrite(directory, newest, manifest="[1, 2, 3]")
+    elif damage == "manifest-no-sha":
+        _rewrite(directory, newest, manifest=json.dumps({"file": "ckpt-00000001.bin", "size": 3}))
+    elif damage == "bad-pickle":
+        _rewrite(directory, newest, blob=b"not a torch file at all")
+    elif damage == "wrong-framework":
+        meta = json.loads(open(os.path.join(directory, "ckpt-00000001.json")).read())
+        _rewrite(directory, newest, manifest=json.dumps(dict(meta, framework="tensorflow")))
+    elif damage == "wrong-shape":
+        other = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        import io
+        buffer = io.BytesIO()
+        torch.save({"model": other.state_dict(), "optimizer": {}, "progress": {}, "torch_rng": torch.get_rng_state()},
+                   buffer)
+        _rewrite(directory, newest, blob=buffer.getvalue())
+    else:
+        import io
+        model, optimizer = model_and_optimizer()
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": {"n": 50},
+                    "torch_rng": torch.get_rng_state()}, buffer)
+        _rewrite(directory, newest, blob=buffer.getvalue())
+    resumed, _ = fit(epochs=3, checkpoint_dir=directory)
+    assert resumed.resumed_from["file"] == "ckpt-00000000.bin" and resumed.epochs_done == 3
+
+
+def test_no_loadable_checkpoint_stops_with_one_line(tmp_path):
+    directory = str(tmp_path)
+    fit(epochs=1, checkpoint_dir=directory)
+    _rewrite(directory, 0, blob=b"garbage")
+    with pytest.raises(HvdkitError) as error:
+        fit(epochs=2, checkpoint_dir=directory)
+    message = str(error.value)
+    assert "no usable checkpoint" in message and "ckpt-00000000.bin" in message and "\n" not in message
+    assert "UnpicklingError" in message or "does not fit" in message

@@ -179,5 +179,6 @@ class KerasAdapter(Adapter):
                 for i, v in enumerate(variables):
                     v.assign(saved[f"{prefix}/{i}"])
             return json.loads(str(saved["progress"]))
-        except (ValueError, KeyError, OSError) as e:
-            raise HvdkitError(f"checkpoint does not fit this model or optimizer ({e}); use another --checkpoint-dir") from None
+        except Exception as e:  # a file from outside: any failure to read it is the file's, reported in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise HvdkitError(f"does not fit this model or optimizer ({type(e).__name__}: {first[:200]})") from None

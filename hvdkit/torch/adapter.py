@@ -149,9 +149,8 @@ class TorchAdapter(Adapter):
             saved = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise HvdkitError(f"checkpoint does not fit this model or optimizer ({first}); "
-                              "use another --checkpoint-dir") from None
-        torch.set_rng_state(saved["torch_rng"])
-        return dict(saved["progress"])
+            torch.set_rng_state(saved["torch_rng"])
+            return dict(saved["progress"])
+        except Exception as e:  # a file from outside: any failure to read it is the file's, reported in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise HvdkitError(f"does not fit this model or optimizer ({type(e).__name__}: {first[:200]})") from None
