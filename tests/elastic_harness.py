@@ -1,4 +1,10 @@
-"""Driving an elastic horovodrun job from a test: hosts file edits, kills, audit reads, always a timeout."""
+"""Driving an elastic horovodrun job from a test: hosts file edits, kills, audit reads, always a timeout.
+
+Workers run the example through tests/workers/gated.py: with ``gate_step=N`` every worker stops after
+step N (before that step's commit) until the test calls :meth:`ElasticJob.release`, so a kill or a
+hosts-file edit happens at a known step, not wherever polling found the job. Use the ``elastic_job``
+fixture (conftest.py) to start jobs: it kills them when the test ends, passed or failed.
+"""
 from __future__ import annotations
 
 import glob
@@ -12,7 +18,9 @@ import time
 from typing import Dict, List, Optional
 
 from hvdkit.launch import Elastic, discovery_command, launch_command
-from proc import REPO, kill_marked, marked_processes
+from proc import REPO, WORKERS, kill_marked, marked_processes
+
+GATED = os.path.join(WORKERS, "gated.py")
 
 # what a test calls a framework -> the example and its flags; "tfdata": Keras fed by tf.data (TFStream)
 EXAMPLES = {"torch": ["examples/torch_digits.py"], "tensorflow": ["examples/keras_digits.py"],
@@ -24,8 +32,10 @@ class ElasticJob:
     """One elastic job of an example script, started in its own process group."""
 
     def __init__(self, tmp, framework: str, hosts: List[str], np: int, extra=(), max_np: int = 2,
-                 timeout: int = 30, reset_limit: Optional[int] = None, tag: str = "run"):
+                 timeout: int = 30, reset_limit: Optional[int] = None, tag: str = "run",
+                 gate_step: Optional[int] = None):
         self.tmp, self.framework = tmp, framework
+        self.gate_dir = os.path.join(tmp, f"gate-{tag}")
         self.hosts_file = os.path.join(tmp, "hosts.txt")
         self.audit_dir = os.path.join(tmp, "audit")
         self.ckpt = os.path.join(tmp, "ckpt")
@@ -33,12 +43,15 @@ class ElasticJob:
         self.log_path = os.path.join(tmp, f"{tag}.log")
         self.set_hosts(hosts)
         script, *flags = EXAMPLES[framework]
-        args = [os.path.join(REPO, script), *flags, "--audit-dir", self.audit_dir, "--metrics-json", self.metrics,
-                "--checkpoint-dir", self.ckpt, "--no-progress", *extra]
+        args = [GATED, os.path.join(REPO, script), *flags, "--audit-dir", self.audit_dir,
+                "--metrics-json", self.metrics, "--checkpoint-dir", self.ckpt, "--no-progress", *extra]
         elastic = Elastic(discovery_command(self.hosts_file), min_np=1, max_np=max_np, timeout=timeout,
                           reset_limit=reset_limit, cooldown=None, network_interface="lo")
         self.cmd = launch_command(args, np=np, elastic=elastic, python=sys.executable)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HVDKIT_TEST_JOB=tmp)
+        if gate_step is not None:
+            os.makedirs(self.gate_dir, exist_ok=True)
+            env.update(HVDKIT_GATE_DIR=self.gate_dir, HVDKIT_GATE_STEP=str(gate_step))
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                      start_new_session=True)
@@ -50,8 +63,7 @@ class ElasticJob:
         os.replace(tmp, self.hosts_file)  # the discovery script never sees half a file
 
     def output(self) -> str:
-        self.log.flush()
-        with open(self.log_path) as f:
+        with open(self.log_path) as f:  # written by the job itself, never through self.log
             return f.read()
 
     def records(self) -> List[dict]:
@@ -62,11 +74,39 @@ class ElasticJob:
         return lines
 
     def resets(self) -> List[dict]:
-        """Rank 0's reset lines so far: workers before and after, and the commit's epoch and sample."""
-        found = re.findall(r"workers (\d+) -> (\d+) \(.*?the commit at epoch (\d+), sample (\d+)", self.output())
-        return [{"from": int(a), "to": int(b), "epoch": int(e), "sample": int(p)} for a, b, e, p in found]
+        """Rank 0's reset lines so far: workers before and after, whether it rolled back, and the commit's
+        epoch (1-based), sample and step."""
+        found = re.findall(r"workers (\d+) -> (\d+) \(.*?(rolled back to|continuing from) the commit at epoch (\d+), "
+                           r"sample (\d+), step (\d+)", self.output())
+        return [{"from": int(a), "to": int(b), "rolled_back": how == "rolled back to", "epoch": int(e),
+                 "sample": int(p), "step": int(st)} for a, b, how, e, p, st in found]
+
+    # ---- the gate (gate_step) --------------------------------------------------------------------
+    def _gate_files(self, prefix: str) -> List[str]:
+        return sorted(n for n in os.listdir(self.gate_dir) if n.startswith(prefix) and not n.endswith(".tmp"))
+
+    def wait_gate(self, hosts: List[str], timeout: float = 180) -> Dict[str, int]:
+        """Wait until a worker on each of ``hosts`` (HOROVOD_HOSTNAME) stopped at the gate; host -> its pid."""
+        def reached():
+            pairs = (name[len("reached-"):].rsplit("-", 1) for name in self._gate_files("reached-"))
+            return {host: int(pid) for host, pid in pairs}
+        self.wait_for(lambda: set(hosts) <= set(reached()), f"workers on {hosts} at the gate", timeout)
+        return {host: pid for host, pid in reached().items() if host in hosts}
+
+    def change_hosts(self, hosts: List[str], timeout: float = 60) -> None:
+        """Edit the hosts file while the workers wait at the gate, and wait until horovodrun's driver has
+        told rank 0 (it runs discovery every second): the resize then happens at the next commit."""
+        before = set(self._gate_files("hosts-updated-"))
+        self.set_hosts(hosts)
+        self.wait_for(lambda: set(self._gate_files("hosts-updated-")) - before,
+                      f"horovodrun to notify the workers of hosts {hosts}", timeout)
+
+    def release(self) -> None:
+        with open(os.path.join(self.gate_dir, "release"), "w"):
+            pass
 
     def wait_for(self, predicate, what: str, timeout: float = 120) -> None:
+        """Poll ``predicate`` every 0.1 s; fail (killing the job) if the job ends or ``timeout`` passes first."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if predicate():
@@ -83,14 +123,8 @@ class ElasticJob:
 
     def newest_commit_world(self) -> int:
         """World size of the newest durable commit (every commit is durable in these jobs), 0 if none."""
-        manifests = sorted(glob.glob(os.path.join(self.ckpt, "ckpt-*.json")))
-        for path in reversed(manifests):
-            try:
-                with open(path) as f:
-                    return json.load(f)["world_size"]
-            except (OSError, ValueError):
-                continue  # replaced or pruned while we looked
-        return 0
+        manifests = self.manifests()
+        return manifests[-1]["world_size"] if manifests else 0
 
     def worker_pids(self) -> Dict[str, int]:
         """HOROVOD_HOSTNAME -> pid of this job's live workers (horovodrun starts them in their own sessions)."""
@@ -105,7 +139,8 @@ class ElasticJob:
             raise AssertionError(f"elastic job hung (> {timeout}s)\n{self.output()[-5000:]}") from None
 
     def kill(self) -> None:
-        """SIGKILL the launcher's group and every worker of this job (they live in their own sessions)."""
+        """SIGKILL the launcher's group and every worker of this job (they live in their own sessions);
+        safe to call again, and on a job that has ended."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -113,3 +148,15 @@ class ElasticJob:
         kill_marked(self.tmp)
         self.proc.wait(timeout=30)
         self.log.close()
+
+    def manifests(self) -> List[dict]:
+        """The durable checkpoints that have a readable manifest, oldest first (an orphan .bin, killed
+        before its manifest was written, is no checkpoint)."""
+        found = []
+        for path in sorted(glob.glob(os.path.join(self.ckpt, "ckpt-*.json"))):
+            try:
+                with open(path) as f:
+                    found.append(dict(json.load(f), bin_path=path[:-len(".json")] + ".bin"))
+            except (OSError, ValueError):
+                continue
+        return found

@@ -2,9 +2,14 @@
 
 Each test runs an example script (Keras also fed by tf.data) under an elastic horovodrun whose host discovery
 reads a hosts file the test edits; audit records (steps as they start, rollbacks as markers) prove every sample
-of every epoch was trained exactly once.
+of every epoch was trained exactly once. Kills and resizes happen at a known step: the workers wait at a gate
+(tests/workers/gated.py) after step N while the test acts, so the commit a job resizes at or rolls back to is
+known exactly, and is chosen mid-epoch.
+
+Steps at batch 16 and --commit-every 5 (1437 samples): one worker trains 90 steps per epoch, two 45 (epoch 2 of
+two workers is steps 46-90); at batch 32 two workers train 23 (epoch 2 is steps 24-46). A commit is made every
+5th step and at each epoch end.
 """
-import glob
 import json
 import os
 import re
@@ -12,7 +17,6 @@ import time
 
 import pytest
 
-from elastic_harness import ElasticJob
 from hvdkit.audit import check
 
 FRAMEWORKS = ["torch", "tensorflow"]
@@ -38,106 +42,97 @@ def finished_exactly_once(job, world_sizes_seen, epochs=EPOCHS):
     return metrics
 
 
-def resize(job, hosts, world):
-    """Edit the hosts file; wait until rank 0 reports the reset to ``world`` workers."""
-    before = len(job.resets())
-    job.set_hosts(hosts)
-    job.wait_for(lambda: len(job.resets()) > before and job.resets()[-1]["to"] == world, f"a resize to {world} workers")
-
-
-def resize_mid_epoch(job, framework, there, back):
-    """Resize to ``there`` (hosts, world). A stream run must be re-dealt mid-epoch, but a resize lands on an epoch
-    end ~15% of the time here; then it goes ``back`` and ``there`` again (at most 3 times) until one lands mid-epoch."""
-    resize(job, *there)
-    if framework.startswith("tfdata"):
-        for _ in range(3):
-            if any(r["sample"] > 0 for r in job.resets()):
-                break
-            resize(job, *back)
-            resize(job, *there)
-        assert any(r["sample"] > 0 for r in job.resets()), job.resets()
-
-
-def epochs_for(framework):
-    return 30 if framework.startswith("tfdata") else EPOCHS   # streams: time for a second resize if needed
+def resize_at_gate(job, hosts_before, hosts_after):
+    """With the workers held after the gate step (a multiple of --commit-every), edit the hosts file, wait
+    until horovodrun has told rank 0, release: the resize happens at the commit of that step."""
+    job.wait_gate([h.split(":")[0] for h in hosts_before])
+    job.change_hosts(hosts_after)
+    job.release()
 
 
 @pytest.mark.parametrize("framework", WITH_FIT_TFDATA)
-def test_host_added_mid_training(tmp_path, framework):
-    epochs = epochs_for(framework)
-    job = ElasticJob(str(tmp_path), framework, ONE, np=1, extra=COMMON + ["--epochs", str(epochs)])
-    job.wait_for(lambda: job.max_step() >= 20, "20 steps on one worker")
-    resize_mid_epoch(job, framework, there=(BOTH, 2), back=(ONE, 1))
-    metrics = finished_exactly_once(job, {1, 2}, epochs)
+def test_host_added_mid_training(elastic_job, framework):
+    job = elastic_job(framework, ONE, np=1, extra=EXTRA, gate_step=20)
+    resize_at_gate(job, ONE, BOTH)
+    metrics = finished_exactly_once(job, {1, 2})
     assert metrics["world_size"] == 2 and metrics["resets"] >= 1
     assert "workers 1 -> 2 (joined: 127.0.0.1/0" in job.output()
+    reset = job.resets()[0]   # step 20 of epoch 1 (90 steps on one worker): a stream is re-dealt mid-epoch
+    assert (reset["from"], reset["to"], reset["epoch"], reset["step"]) == (1, 2, 1, 20), reset
+    assert reset["sample"] == 20 * 16, reset
 
 
 @pytest.mark.parametrize("framework", WITH_LOOP_TFDATA)
-def test_host_removed_mid_training(tmp_path, framework):
-    epochs = epochs_for(framework)
-    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=COMMON + ["--epochs", str(epochs)])
-    job.wait_for(lambda: job.max_step(world=2) >= 20, "20 steps on two workers")
-    resize_mid_epoch(job, framework, there=(ONE, 1), back=(BOTH, 2))
-    metrics = finished_exactly_once(job, {1, 2}, epochs)
+def test_host_removed_mid_training(elastic_job, framework):
+    job = elastic_job(framework, BOTH, np=2, extra=EXTRA, gate_step=20)
+    resize_at_gate(job, BOTH, ONE)
+    metrics = finished_exactly_once(job, {1, 2})
     assert metrics["world_size"] == 1
     assert "left: 127.0.0.1/0" in job.output()
+    reset = job.resets()[0]   # step 20 of epoch 1 (45 steps on two workers)
+    assert (reset["from"], reset["to"], reset["epoch"], reset["step"]) == (2, 1, 1, 20), reset
+    assert reset["sample"] == 20 * 32, reset
 
 
 @pytest.mark.parametrize("framework", WITH_LOOP_TFDATA)
-def test_worker_killed_mid_epoch_rolls_back_and_finishes(tmp_path, framework):
-    # 15 epochs: the accuracy bar of a run without failures applies. The example's batch (32: 23 steps per epoch
-    # on two workers), killed in epoch 2 between commits; a stream with batch 16 (45 steps per epoch: 0.983
-    # without failures) is killed ~6 steps into epoch 2, so the commit it rolls back to is surely mid-epoch
-    # and the rest of the epoch's shards are re-dealt to the survivor.
+def test_worker_killed_mid_epoch_rolls_back_and_finishes(elastic_job, framework):
+    # 15 epochs: the accuracy bar of a run without failures applies. The example's batch (32: epoch 2 is steps
+    # 24-46 on two workers) is killed after step 28, a stream with batch 16 (epoch 2 is steps 46-90; 0.983
+    # without failures) after step 52: both roll back to the commit 3 and 2 steps before, mid-epoch 2, and the
+    # rest of the epoch is re-dealt to the survivor.
     stream = framework.startswith("tfdata")
     extra = ["--epochs", "15", "--commit-every", "5"] + (["--batch-size", "16"] if stream else [])
-    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=extra)
-    at = 52 if stream else 28
-    job.wait_for(lambda: job.max_step(world=2) >= at, f"{at} steps on two workers")
-    victim = job.worker_pids()["127.0.0.1"]
+    at, commit, global_batch = (52, 50, 32) if stream else (28, 25, 64)
+    epoch_start = 45 if stream else 23   # the step that ended epoch 1
+    job = elastic_job(framework, BOTH, np=2, extra=extra, gate_step=at)
+    victim = job.wait_gate(["localhost", "127.0.0.1"])["127.0.0.1"]
     os.kill(victim, 9)
     killed = time.time()
+    job.release()
     job.wait_for(lambda: job.newest_commit_world() == 1, "a commit by the survivor after the kill")
     print(f"{framework}: {time.time() - killed:.2f} s from SIGKILL to the next committed step")
     metrics = finished_exactly_once(job, {1, 2}, epochs=15)
-    rollback = re.search(r"rolled back to the commit at epoch (\d+), sample (\d+)", job.output())
-    assert rollback, job.output()[-3000:]
-    if stream:
-        assert rollback.group(1) == "2" and int(rollback.group(2)) > 0, rollback.group(0)
+    rollbacks = [r for r in job.resets() if r["rolled_back"]]
+    assert rollbacks, job.output()[-3000:]
+    assert (rollbacks[0]["from"], rollbacks[0]["to"], rollbacks[0]["epoch"], rollbacks[0]["step"]) == \
+        (2, 1, 2, commit), rollbacks[0]
+    assert rollbacks[0]["sample"] == (commit - epoch_start) * global_batch, rollbacks[0]
     assert metrics["test_accuracy"] >= 0.95          # the bar a run without failures meets
     assert metrics["test_samples"] == 360
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_every_worker_failing_ends_the_job_with_a_clear_error(tmp_path, framework):
-    job = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=["--batch-size", "0"], timeout=10)
+def test_every_worker_failing_ends_the_job_with_a_clear_error(elastic_job, framework):
+    job = elastic_job(framework, BOTH, np=2, extra=["--batch-size", "0"], timeout=10)
     assert job.finish(timeout=120) != 0
     errors = [l for l in job.output().splitlines() if "hvdkit: error: batch_size must be >= 1" in l]
     assert len(errors) == 2, job.output()[-3000:]
 
 
-def test_every_worker_killed_ends_the_job_without_hanging(tmp_path):
-    job = ElasticJob(str(tmp_path), "torch", BOTH, np=2, extra=EXTRA, timeout=10)
-    job.wait_for(lambda: job.max_step(world=2) >= 20, "20 steps on two workers")
-    for pid in job.worker_pids().values():
+def test_every_worker_killed_ends_the_job_without_hanging(elastic_job):
+    job = elastic_job("torch", BOTH, np=2, extra=EXTRA, timeout=10, gate_step=20)
+    for pid in job.wait_gate(["localhost", "127.0.0.1"]).values():
         os.kill(pid, 9)
     assert job.finish(timeout=120) != 0
 
 
 @pytest.mark.parametrize("framework", WITH_FIT_TFDATA)
-def test_whole_job_restarted_on_fewer_workers_resumes_from_last_good_durable_commit(tmp_path, framework):
-    first = ElasticJob(str(tmp_path), framework, BOTH, np=2, extra=EXTRA, tag="first")
-    # epoch 2 spans steps 46-90 (commits at 45 = its start, 50, 55, ...): killed from step 57 on, the newest
-    # commit is at 55 or later and the one before it, which the restart falls back to, mid-epoch
-    first.wait_for(lambda: first.max_step(world=2) >= 57, "57 steps on two workers")
+def test_whole_job_restarted_on_fewer_workers_resumes_from_last_good_durable_commit(elastic_job, framework):
+    first = elastic_job(framework, BOTH, np=2, extra=EXTRA, tag="first", gate_step=57)
+    # held after step 57 of epoch 2 (steps 46-90; commits at 45 = its start, 50, 55), every commit durable:
+    # the newest checkpoint is step 55's and the one before it, which the restart falls back to, step 50's
+    first.wait_gate(["localhost", "127.0.0.1"])
     first.kill()                                                   # the whole job, SIGKILL
-    newest = sorted(glob.glob(os.path.join(first.ckpt, "ckpt-*.bin")))[-1]
-    with open(newest, "r+b") as f:                                 # and its newest durable commit damaged
+    *_, previous, newest = first.manifests()
+    assert (previous["global_step"], newest["global_step"]) == (50, 55), (previous, newest)
+    with open(newest["bin_path"], "r+b") as f:                     # and its newest durable commit damaged
         f.truncate(50)
-    second = ElasticJob(str(tmp_path), framework, ["localhost:1"], np=1, extra=EXTRA, tag="second")
+    second = elastic_job(framework, ONE, np=1, extra=EXTRA, tag="second")
     finished_exactly_once(second, {1, 2})
     out = second.output()
-    assert f"{os.path.basename(newest)} is corrupt" in out
-    resumed = re.search(r"resumed from ckpt-\S+: epoch (\d+), sample (\d+) of 1437, .*\(written by 2 workers, now 1\)", out)
-    assert resumed and resumed.group(1) == "2" and int(resumed.group(2)) > 0, out[-3000:]
+    assert f"{os.path.basename(newest['bin_path'])} is corrupt" in out, out[-3000:]
+    resumed = re.search(r"resumed from (ckpt-\S+): epoch (\d+), sample (\d+) of 1437, step (\d+) .*"
+                        r"\(written by 2 workers, now 1\)", out)
+    assert resumed, out[-3000:]
+    assert resumed.group(1) == os.path.basename(previous["bin_path"]), resumed.group(0)
+    assert resumed.groups()[1:] == ("2", str((50 - 45) * 32), "50"), resumed.group(0)
