@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from proc import OWNER_VAR, REPO, WORKERS, descendants, reap_leaks
 

@@ -5,7 +5,6 @@ each segment (``TFSource.segment_dataset``) batch by batch as ``stream_plan`` sa
 epoch every example must be read exactly once, whatever the resizes. Multi-process elastic runs of
 the same code are in test_elastic.py.
 """
-import os
 
 import numpy as np
 import pytest

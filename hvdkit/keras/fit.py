@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import keras
-import tensorflow as tf
 
 from ..errors import HvdkitError
 from ..sharding import Step
