@@ -61,19 +61,19 @@ class ArrayFeed(IndexedFeed):
         """One ``(x, y, sample_weight)`` batch per micro-batch of ``steps``; ids are in the steps already."""
         micro = [(ids, weight) for step in steps for ids, weight in zip(step.micro_batches, step.weights)]
         # One gather per epoch, then tensor slices: a Python generator per batch is 2-3x slower. A rank with
-        # no sample in a (short, last) step gets one real sample with weight 0: it still joins the allreduce.
-        ids = np.concatenate([i if len(i) else np.zeros(1, np.int64) for i, _ in micro])
+        # no sample in a (short, last) step gets an empty batch: Keras still runs the step (regularizers,
+        # SyncBatchNorm's collective, the allreduce) and no stand-in sample skews BatchNorm's statistics.
+        ids = np.concatenate([i for i, _ in micro])
         # Keras averages the k accumulated gradients; the plan's weights assume a sum, hence * k.
-        weights = np.concatenate([np.full(len(i), w * accumulation, np.float32) if len(i) else np.zeros(1, np.float32)
-                                  for i, w in micro])
-        sizes = [max(len(i), 1) for i, _ in micro]
-        lead = next((j for j, s in enumerate(sizes) if s != sizes[0]), len(sizes))
+        weights = np.concatenate([np.full(len(i), w * accumulation, np.float32) for i, w in micro])
+        sizes = [len(i) for i, _ in micro]
+        lead = next((j for j, s in enumerate(sizes) if s != sizes[0]), len(sizes)) if sizes[0] else 0
         xs, ys = self.x[ids], self.y[ids]
         cut = lead * sizes[0]
-        dataset = tf.data.Dataset.from_tensor_slices((xs[:cut], ys[:cut], weights[:cut])).batch(sizes[0])
-        for s in sizes[lead:]:  # the short micro-batches of the last step, each its own batch
-            part = tf.data.Dataset.from_tensor_slices((xs[cut:cut + s], ys[cut:cut + s], weights[cut:cut + s]))
-            dataset = dataset.concatenate(part.batch(s))
+        dataset = tf.data.Dataset.from_tensor_slices((xs[:cut], ys[:cut], weights[:cut])).batch(max(sizes[0], 1))
+        for s in sizes[lead:]:  # the short (or empty) micro-batches of the last step, each its own batch
+            dataset = dataset.concatenate(tf.data.Dataset.from_tensors(
+                (xs[cut:cut + s], ys[cut:cut + s], weights[cut:cut + s])))
             cut += s
         return dataset.with_options(one_thread_options()), None
 
@@ -128,7 +128,9 @@ class StreamFeed(Feed):
         """``(x, y, sample_weight)`` per step; with ``record_ids`` also an iterator of each step's ids
         (read by a second pass over the input: Keras' loop hides its batches)."""
         batches = self._batches(steps, rank)
-        dataset = batches.map(lambda x, y, w, ids: (x, y, tf.fill([tf.shape(x)[0]], w)))
+        # the weight-0 filler of an empty step cut to zero rows (its ids are empty): see ArrayFeed.fit_input
+        dataset = batches.map(lambda x, y, w, ids: (x[:tf.shape(ids)[0]], y[:tf.shape(ids)[0]],
+                                                    tf.fill([tf.shape(ids)[0]], w)))
         ids = iter(batches.map(lambda x, y, w, ids: ids)) if self.record_ids else None
         return dataset, ids
 

@@ -19,6 +19,7 @@ import keras
 from ..errors import HvdkitError
 from ..sharding import Step
 from .adapter import KerasAdapter
+from .sync_batchnorm import make_empty_safe_batchnorm
 from .feed import with_ids as with_ids_of
 
 
@@ -71,6 +72,7 @@ class KerasFitAdapter(KerasAdapter):
             # Keras accumulates k micro-batch gradients and applies their mean every k-th call.
             self.optimizer.gradient_accumulation_steps = accumulation
         super().prepare(lr_factor, accumulation, sync_batchnorm)
+        make_empty_safe_batchnorm(self.model)  # an empty last-step batch must not poison moving statistics
         # Horovod's TF ops have no XLA kernels, and Keras' jit_compile="auto" would compile train_step.
         self.model.jit_compile = False
         self.model.train_function = None

@@ -32,7 +32,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
 
     def _moments(self, inputs, mask):
         hvd = _horovod()
-        if hvd is None:
+        if hvd is None:  # one rank: no empty batches
             return super()._moments(inputs, mask)
         if mask is not None or self.renorm:
             raise ValueError("SyncBatchNormalization supports neither masks nor renorm")
@@ -61,5 +61,27 @@ def make_sync_batchnorm(model: keras.Model) -> int:
     for layer in model._flatten_layers(include_self=False):
         if type(layer) is keras.layers.BatchNormalization:
             layer.__class__ = SyncBatchNormalization
+            changed += 1
+    return changed
+
+
+class EmptySafeBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization that leaves its moving statistics alone on an empty training batch (Keras' own
+    folds that batch's NaN moments into them). Keras ``fit`` trains a rank without samples in the short
+    last step on an empty batch, so the fit adapter gives every plain BatchNormalization this behaviour."""
+
+    def _moments(self, inputs, mask):
+        mean, variance = super()._moments(inputs, mask)
+        moving = (tf.cast(self.moving_mean, mean.dtype), tf.cast(self.moving_variance, variance.dtype))
+        return tf.cond(tf.size(inputs) > 0, lambda: (mean, variance), lambda: moving)
+
+
+def make_empty_safe_batchnorm(model: keras.Model) -> int:
+    """Every plain BatchNormalization of ``model`` as an :class:`EmptySafeBatchNormalization` (class changed in
+    place, as in :func:`make_sync_batchnorm`); returns how many."""
+    changed = 0
+    for layer in model._flatten_layers(include_self=False):
+        if type(layer) is keras.layers.BatchNormalization:
+            layer.__class__ = EmptySafeBatchNormalization
             changed += 1
     return changed
