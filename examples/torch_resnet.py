@@ -1,0 +1,66 @@
+"""Train a small ResNet (BatchNorm, residual blocks, dropout, AdamW) on 8x8 digits with PyTorch on N Horovod workers.
+
+    hvdkit launch -np 2 examples/torch_resnet.py --metrics-json results/torch_resnet.json
+    hvdkit launch -np 2 examples/torch_resnet.py --sync-batchnorm
+    hvdkit launch --launcher mpirun -np 2 examples/torch_resnet.py
+
+Without --sync-batchnorm each rank normalises by its own batch (hvdkit averages the running statistics over
+ranks); with it the batch statistics are computed over all ranks' samples of the step.
+"""
+import torch
+from torch import nn
+
+from hvdkit import Trainer
+from hvdkit.datasets import digits_split
+from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
+from hvdkit.torch import TorchAdapter
+
+# Defaults: over 8 seeds, test accuracy >= 0.96 from epoch 6 and >= 0.98 at epoch 8, at 1 and 2 workers
+# (with the LR scaled by the world size; batch 32 per worker). A constant LR: the trainer has no schedule.
+EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY, CHANNELS = 8, 32, 5e-4, 1e-2, 32
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the identity, then ReLU (a ResNet basic block, same width and size)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def make_model(channels: int = CHANNELS, dropout: float = 0.2) -> nn.Module:
+    # input (N, 1, 8, 8) -> stem -> 2 residual blocks at 8x8 -> global average pool -> dropout -> 10 logits
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+        Block(channels), Block(channels),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, 10))
+
+
+@main_guard
+def main():
+    args = training_parser(__doc__.splitlines()[0], epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR).parse_args()
+    x_train, y_train, x_test, y_test = digits_split()
+    x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)   # NCHW images
+    if args.limit_train is not None:
+        x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
+    torch.manual_seed(args.seed)
+    model = make_model()
+    # No weight decay on BatchNorm scales/shifts and biases (the usual ResNet recipe).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression)
+    result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
+    write_metrics(args.metrics_json, result, "torch", result.rank, sync_batchnorm=args.sync_batchnorm)
+    if result.rank == 0:
+        print(summary_line(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
