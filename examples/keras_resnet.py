@@ -12,7 +12,7 @@ from hvdkit.datasets import digits_split
 from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
 
 # The same network, recipe and defaults as examples/torch_resnet.py.
-EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY, CHANNELS = 8, 32, 5e-4, 1e-2, 32
+EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY, CHANNELS = 10, 32, 3e-4, 1e-2, 32
 
 
 def make_model(keras, channels: int = CHANNELS, dropout: float = 0.2):

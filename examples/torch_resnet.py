@@ -15,9 +15,10 @@ from hvdkit.datasets import digits_split
 from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
 from hvdkit.torch import TorchAdapter
 
-# Defaults: over 8 seeds, test accuracy >= 0.96 from epoch 6 and >= 0.98 at epoch 8, at 1 and 2 workers
-# (with the LR scaled by the world size; batch 32 per worker). A constant LR: the trainer has no schedule.
-EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY, CHANNELS = 8, 32, 5e-4, 1e-2, 32
+# Defaults: in 17 launches of this and keras_resnet.py (seeds 0-4, 1 and 2 workers, with and without
+# --sync-batchnorm) test accuracy was >= 0.98 after epoch 10 and >= 0.97 from epoch 9. The LR is scaled
+# by the world size and kept constant (the trainer has no schedule).
+EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY, CHANNELS = 10, 32, 3e-4, 1e-2, 32
 
 
 class Block(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 from proc import explain, launch
 
 SCRIPTS = {"torch": "examples/torch_resnet.py", "tensorflow": "examples/keras_resnet.py"}
-DEFAULT_EPOCHS, DEFAULT_BATCH = 8, 32   # the examples' defaults
+DEFAULT_EPOCHS, DEFAULT_BATCH = 10, 32   # the examples' defaults
 
 # (framework, workers, launcher, extra flags): 6 launches cover 1/2 workers, both launchers, per-rank and
 # synchronised BatchNorm, and Keras fit and loop at 2 workers (the loop with SyncBatchNorm is in the zoo suite).
