@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import os
+import random
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -64,9 +65,9 @@ class Trainer:
     def agree_buffers(self) -> None:
         """Buffers (BatchNorm statistics) the mean over ranks, unless no step ran since they last were: the
         end of an epoch checks, evaluates and commits in a row, and pays for one grouped allreduce."""
-        if self.buffers_stale:
+        if self.buffers_stale and not self.config.sync_batchnorm:  # synchronised statistics agree already
             self.adapter.sync_buffers()
-            self.buffers_stale = False
+        self.buffers_stale = False
 
     # ---- helpers -------------------------------------------------------------------------------
     def _agree(self, compute):
@@ -92,9 +93,11 @@ class Trainer:
             bad = [name for name, value in sums if reference.get(name) != value]
             if bad or len(sums) != len(reference):
                 first = bad[0] if bad else "the parameter list"
-                cause = ("its gradients are not averaged across ranks (a Horovod Keras helper, a second optimizer, "
-                         "or a parameter changed outside the optimizer)" if first in trained or not bad else
+                cause = ("rank {rank} built a different model (every rank must build the same one)" if not bad else
+                         "its gradients are not averaged across ranks (a Horovod Keras helper, a second optimizer, "
+                         "or a parameter changed outside the optimizer)" if first in trained else
                          "this buffer is changed outside training and averaging (set it the same on every rank)")
+                cause = cause.format(rank=rank)
                 raise HvdkitError(
                     f"ranks diverged {when}: rank {rank} differs from rank 0 in {first}"
                     f"{f' (and {len(bad) - 1} more tensors)' if len(bad) > 1 else ''}; likely cause: {cause}")
@@ -108,6 +111,11 @@ class Trainer:
         else:
             entropy = [int(self.config.seed), p.rank, int(progress["global_step"])]
             self.adapter.seed_rank(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        # numpy's and Python's global generators (augmentation code often uses them): per rank, not committed
+        derived = int(np.random.SeedSequence([int(self.config.seed), p.rank, int(progress["global_step"]), 1])
+                      .generate_state(1)[0])
+        np.random.seed(derived)
+        random.seed(derived)
 
     def _callbacks(self) -> List[Callback]:
         cfg, chosen, rank = self.config, [], self.process.rank

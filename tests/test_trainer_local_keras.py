@@ -106,3 +106,15 @@ def test_regularizers_join_the_loop_objective_like_fit():
     plain.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
     assert np.abs(finals["loop"] - finals["fit"]).max() < 1e-5
     assert np.abs(finals["loop"] - flat(plain)).max() > 1e-3   # the regularizers did change the result
+
+
+def test_a_model_trained_by_fit_with_batchnorm_still_saves_and_loads(tmp_path):
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    Trainer(KerasFitAdapter(model), TrainConfig(**dict(QUIET, sync_batchnorm=True)), process=LocalProcess()).fit((X, Y))
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert np.abs(loaded.predict(X, verbose=0) - model.predict(X, verbose=0)).max() < 1e-6

@@ -41,6 +41,7 @@ from .data import TFFiles, TFStream  # noqa: E402
 from .feed import ArrayFeed, StreamFeed, make_feed  # noqa: E402
 from .fit import KerasFitAdapter  # noqa: E402
 from .process import HorovodProcess, LocalProcess  # noqa: E402
+from .sync_batchnorm import SyncBatchNormalization  # noqa: E402
 
 
 def make_adapter(model, optimizer, loss, mode: str = "fit", compression: str = "none"):
@@ -55,4 +56,4 @@ def make_adapter(model, optimizer, loss, mode: str = "fit", compression: str = "
 
 
 __all__ = ["KerasAdapter", "KerasFitAdapter", "TFFiles", "TFStream", "make_adapter", "ArrayFeed", "StreamFeed",
-           "make_feed", "HorovodProcess", "LocalProcess"]
+           "make_feed", "HorovodProcess", "LocalProcess", "SyncBatchNormalization"]

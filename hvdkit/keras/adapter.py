@@ -88,7 +88,8 @@ class KerasAdapter(Adapter):
                 scaled += tf.cast(tf.add_n(self.model.losses), scaled.dtype) / self.accumulation
         variables = self.model.trainable_variables
         grads = tape.gradient(scaled, variables)
-        return loss, [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        # dense: micro-batch gradients are summed (IndexedSlices have no +) and must meet other ranks' zeros
+        return loss, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
 
     def _apply(self, grads):
         reduced = self.process.allreduce_gradients(list(grads), compression=self.compression)
@@ -123,10 +124,17 @@ class KerasAdapter(Adapter):
 
     # ---- buffers and random state ---------------------------------------------------------------
     def _buffers(self):
-        """Float variables the optimizer does not train (BatchNorm moving statistics)."""
-        trained = {id(v) for v in self.model.trainable_variables}
-        return [v for v in self.model.variables
-                if id(v) not in trained and "float" in str(v.dtype) and v.name != "seed_generator_state"]
+        """Float variables that trainable layers keep but the optimizer does not train (BatchNorm moving
+        statistics); a frozen layer's weights never drift, so they are left alone."""
+        found, seen = [], set()
+        for layer in self.model._flatten_layers(include_self=False):
+            if not layer.trainable:
+                continue
+            for v in layer._non_trainable_variables if hasattr(layer, "_non_trainable_variables") else []:
+                if id(v) not in seen and "float" in str(v.dtype) and v.name != "seed_generator_state":
+                    seen.add(id(v))
+                    found.append(v)
+        return found
 
     def _seed_states(self):
         return [v for v in self.model.variables if v.name == "seed_generator_state"]

@@ -29,8 +29,8 @@ from .threads import check_threads
 # the default name derives from the graph's tensor names and would differ, which hung the job (seen here).
 GRADIENT_ALLREDUCE = "HorovodGroupedAllreduce_hvdkit_gradients"
 # In TF a failed Horovod op surfaces only as an OpError whose text names the failing node. Horovod's own
-# op names (and GRADIENT_ALLREDUCE) start with this; tests/test_keras_process.py checks every collective
-# in the step graphs carries it, so a rename cannot silently turn a lost peer into a user error.
+# op names (and GRADIENT_ALLREDUCE) start with this; tests/test_tfdata_parallel.py reads the collectives
+# of the step graphs back and checks each, so a rename cannot silently turn a lost peer into a user error.
 PEER_LOST_MARK = "Horovod"
 
 

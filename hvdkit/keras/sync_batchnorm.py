@@ -19,20 +19,26 @@ import tensorflow as tf
 
 
 def _horovod():
-    """horovod.tensorflow when it runs with more than one rank, else None."""
+    """horovod.tensorflow once initialised (any world size: a graph traced at one worker must still hold the
+    collective when an elastic job grows), else None."""
     try:
         import horovod.tensorflow as hvd
-        return hvd if hvd.is_initialized() and hvd.size() > 1 else None
+        return hvd if hvd.is_initialized() else None
     except (ImportError, ValueError):
         return None
 
 
+@keras.saving.register_keras_serializable(package="hvdkit")
 class SyncBatchNormalization(keras.layers.BatchNormalization):
     """Drop-in for ``keras.layers.BatchNormalization`` (no masks, no renorm)."""
 
+    #: Part of the collective's name: the same on every rank. make_sync_batchnorm numbers layers in model
+    #: order; a layer built directly falls back to its Keras name (per-process counters: build alike everywhere).
+    collective_index = None
+
     def _moments(self, inputs, mask):
         hvd = _horovod()
-        if hvd is None:  # one rank: no empty batches
+        if hvd is None:  # no Horovod (LocalProcess): one rank, no empty batches
             return super()._moments(inputs, mask)
         if mask is not None or self.renorm:
             raise ValueError("SyncBatchNormalization supports neither masks nor renorm")
@@ -43,7 +49,8 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                            tf.reshape(count, [1])], 0)
         # The name starts with "Horovod" (a lost peer is recognised by it, see hvdkit.keras.process) and is the
         # layer's own: ranks running this in different step graphs still pair up.
-        total = hvd.allreduce(local, op=hvd.Sum, name=f"HorovodAllreduce_hvdkit_sync_bn_{self.name}",
+        tag = self.collective_index if self.collective_index is not None else self.name
+        total = hvd.allreduce(local, op=hvd.Sum, name=f"HorovodAllreduce_hvdkit_sync_bn_{tag}",
                               ignore_name_scope=True)
         channels = tf.size(local) // 2
         n = total[-1]
@@ -61,10 +68,12 @@ def make_sync_batchnorm(model: keras.Model) -> int:
     for layer in model._flatten_layers(include_self=False):
         if type(layer) is keras.layers.BatchNormalization:
             layer.__class__ = SyncBatchNormalization
+            layer.collective_index = changed
             changed += 1
     return changed
 
 
+@keras.saving.register_keras_serializable(package="hvdkit")
 class EmptySafeBatchNormalization(keras.layers.BatchNormalization):
     """BatchNormalization that leaves its moving statistics alone on an empty training batch (Keras' own
     folds that batch's NaN moments into them). Keras ``fit`` trains a rank without samples in the short

@@ -10,5 +10,7 @@ from .adapter import TorchAdapter
 from .data import TorchData
 from .feed import TorchFeed
 from .process import HorovodProcess, LocalProcess
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = ["TorchAdapter", "TorchData", "TorchFeed", "HorovodProcess", "LocalProcess"]
+__all__ = ["TorchAdapter", "TorchData", "TorchFeed", "HorovodProcess", "LocalProcess", "SyncBatchNorm",
+           "convert_sync_batchnorm"]

@@ -97,17 +97,29 @@ class TorchAdapter(Adapter):
         """No samples here in this (last, short) step: a zero gradient still joins the allreduce. The model runs
         on the empty batch, so SyncBatchNorm's collective runs on every rank and sparse gradients stay sparse
         (an Embedding(sparse=True)'s zeros must meet the others' sparse tensors in the same collective)."""
+        needs_forward = any(isinstance(m, SyncBatchNorm) for m in self.model.modules())
         if empty_inputs is not None:
-            leaves = [t for t in torch.utils._pytree.tree_leaves(self.model(empty_inputs)) if torch.is_tensor(t)]
+            try:
+                outputs = self.model(empty_inputs)
+            except Exception as e:  # some layers refuse zero rows; only SyncBatchNorm needs the forward pass
+                if needs_forward:
+                    raise HvdkitError(f"the model cannot run on an empty batch ({type(e).__name__}: {e}), which "
+                                      "SyncBatchNorm needs on a rank without samples in the last step; choose a "
+                                      "batch size or worker count that leaves every rank a sample") from None
+                outputs = None
+            leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if torch.is_tensor(t)]
             if leaves:
                 (sum(t.sum() for t in leaves) * 0).backward()
                 return
         sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad).backward()
 
     def min_batch_samples(self) -> int:
-        plain_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, SyncBatchNorm)
+        # torch's BatchNorm raises on a 1-sample batch in training mode; SyncBatchNorm counts every rank's
+        # samples, except at one rank, where it is plain BatchNorm
+        alone = self.process is None or self.process.size == 1
+        plain_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (alone or not isinstance(m, SyncBatchNorm))
                        for m in self.model.modules())
-        return 2 if plain_bn else 1  # torch's BatchNorm raises on a 1-sample batch in training mode
+        return 2 if plain_bn else 1
 
     def sync_buffers(self) -> None:
         self.process.average_tensors([b for b in self.model.buffers() if b.is_floating_point()])
