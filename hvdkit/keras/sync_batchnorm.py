@@ -4,8 +4,8 @@ Horovod's ``hvd.SyncBatchNormalization`` does not work on Keras 3 (it passes ``f
 BatchNormalization rejects), and Keras' own ``synchronized=True`` needs a tf.distribute strategy. This layer
 overrides only how the batch moments are computed: per channel, each rank's sum, sum of squares and count
 (float64) are summed over ranks in one allreduce (differentiable: its gradient is an allreduce too). A rank
-with no samples in a step calls it on an empty batch and adds zeros. Without Horovod running, or at one
-rank, it is plain BatchNormalization.
+with no samples in a step calls it on an empty batch and adds zeros. Without Horovod running
+(``LocalProcess``) it is plain BatchNormalization.
 
 Example::
 
@@ -64,13 +64,19 @@ def make_sync_batchnorm(model: keras.Model) -> int:
     """Turn every BatchNormalization layer of ``model`` (built or not) into a :class:`SyncBatchNormalization`,
     keeping its variables; returns how many. A built Keras model cannot swap a layer for another object, so
     the layer's class changes in place (the subclass adds no state)."""
-    changed = 0
-    for layer in model._flatten_layers(include_self=False):
-        if type(layer) is keras.layers.BatchNormalization:
-            layer.__class__ = SyncBatchNormalization
-            layer.collective_index = changed
-            changed += 1
-    return changed
+    layers = _swap_plain_batchnorm(model, SyncBatchNormalization)
+    for index, layer in enumerate(layers):
+        layer.collective_index = index
+    return len(layers)
+
+
+def _swap_plain_batchnorm(model: keras.Model, cls) -> list:
+    """Every plain BatchNormalization layer of ``model``, in model order, its class changed to ``cls``."""
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if type(layer) is keras.layers.BatchNormalization]
+    for layer in layers:
+        layer.__class__ = cls
+    return layers
 
 
 @keras.saving.register_keras_serializable(package="hvdkit")
@@ -88,9 +94,4 @@ class EmptySafeBatchNormalization(keras.layers.BatchNormalization):
 def make_empty_safe_batchnorm(model: keras.Model) -> int:
     """Every plain BatchNormalization of ``model`` as an :class:`EmptySafeBatchNormalization` (class changed in
     place, as in :func:`make_sync_batchnorm`); returns how many."""
-    changed = 0
-    for layer in model._flatten_layers(include_self=False):
-        if type(layer) is keras.layers.BatchNormalization:
-            layer.__class__ = EmptySafeBatchNormalization
-            changed += 1
-    return changed
+    return len(_swap_plain_batchnorm(model, EmptySafeBatchNormalization))
