@@ -6,7 +6,8 @@
 """
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
-from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
+from hvdkit.scripting import (MetricsFile, config_from_args, keras_learning_rate, main_guard, summary_line,
+                               training_parser)
 
 
 def make_model(keras):
@@ -34,11 +35,11 @@ def main():
         test = TFStream(tf.data.Dataset.from_tensor_slices(test), n=len(x_test))
     keras.utils.set_random_seed(args.seed)
     model = make_model(keras)
-    optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
+    optimizer = keras.optimizers.SGD(keras_learning_rate(args), momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
-    result = Trainer(adapter, config_from_args(args)).fit(train, test)
-    write_metrics(args.metrics_json, result, "tensorflow", result.rank, mode=args.mode, input=args.input)
+    metrics = MetricsFile(args.metrics_json, mode=args.mode, input=args.input)
+    result = Trainer(adapter, config_from_args(args), [metrics]).fit(train, test)
     if result.rank == 0:
         print(summary_line(result), flush=True)
 

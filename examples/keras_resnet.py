@@ -9,7 +9,8 @@ ranks); with it the batch statistics are computed over all ranks' samples of the
 """
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
-from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
+from hvdkit.scripting import (MetricsFile, config_from_args, keras_learning_rate, main_guard, summary_line,
+                               training_parser)
 
 # The same network, recipe and defaults as examples/torch_resnet.py.
 EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY, CHANNELS = 10, 32, 3e-4, 1e-2, 32
@@ -48,14 +49,13 @@ def main():
         x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
     keras.utils.set_random_seed(args.seed)
     model = make_model(keras)
-    optimizer = keras.optimizers.AdamW(args.lr, weight_decay=WEIGHT_DECAY)
+    optimizer = keras.optimizers.AdamW(keras_learning_rate(args), weight_decay=WEIGHT_DECAY)
     # No weight decay on BatchNorm scales/shifts and biases (the usual ResNet recipe).
     optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
-    result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "tensorflow", result.rank, mode=args.mode,
-                  sync_batchnorm=args.sync_batchnorm)
+    metrics = MetricsFile(args.metrics_json, mode=args.mode, sync_batchnorm=args.sync_batchnorm)
+    result = Trainer(adapter, config_from_args(args), [metrics]).fit((x_train, y_train), (x_test, y_test))
     if result.rank == 0:
         print(summary_line(result), flush=True)
 

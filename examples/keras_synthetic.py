@@ -5,7 +5,7 @@
 from hvdkit import Trainer
 from hvdkit.bench.models import keras_cnn  # the same CNN `hvdkit bench train` measures
 from hvdkit.datasets import synthetic_images
-from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
+from hvdkit.scripting import MetricsFile, config_from_args, keras_learning_rate, main_guard, training_parser
 
 
 @main_guard
@@ -20,11 +20,11 @@ def main():
     x_test, y_test = synthetic_images(1024, seed=args.seed + 1)
     keras.utils.set_random_seed(args.seed)
     model = keras_cnn(keras)
-    optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
+    optimizer = keras.optimizers.SGD(keras_learning_rate(args), momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
-    result = Trainer(adapter, config_from_args(args)).fit((x, y), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "tensorflow", result.rank, mode=args.mode)
+    metrics = MetricsFile(args.metrics_json, mode=args.mode)
+    result = Trainer(adapter, config_from_args(args), [metrics]).fit((x, y), (x_test, y_test))
     if result.rank == 0:
         print(f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers ({args.mode})", flush=True)
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
-from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
+from hvdkit.scripting import (MetricsFile, config_from_args, main_guard, summary_line, torch_lr_scheduler,
+                               training_parser)
 from hvdkit.torch import TorchAdapter
 
 
@@ -25,9 +26,10 @@ def main():
     torch.manual_seed(args.seed)
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression)
-    result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "torch", result.rank)
+    adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression,
+                           scheduler=torch_lr_scheduler(args, optimizer))
+    metrics = MetricsFile(args.metrics_json)  # rank 0 writes it at the end of fit, inside the run
+    result = Trainer(adapter, config_from_args(args), [metrics]).fit((x_train, y_train), (x_test, y_test))
     if result.rank == 0:
         print(summary_line(result), flush=True)
 

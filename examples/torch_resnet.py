@@ -12,12 +12,13 @@ from torch import nn
 
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
-from hvdkit.scripting import config_from_args, main_guard, summary_line, training_parser, write_metrics
+from hvdkit.scripting import (MetricsFile, config_from_args, main_guard, summary_line, torch_lr_scheduler,
+                               training_parser)
 from hvdkit.torch import TorchAdapter
 
 # Defaults: in 17 launches of this and keras_resnet.py (seeds 0-4, 1 and 2 workers, with and without
 # --sync-batchnorm) test accuracy was >= 0.98 after epoch 10 and >= 0.97 from epoch 9. The LR is scaled
-# by the world size and kept constant (the trainer has no schedule).
+# by the world size and kept constant (--lr-schedule none).
 EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY, CHANNELS = 10, 32, 3e-4, 1e-2, 32
 
 
@@ -56,9 +57,10 @@ def main():
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression)
-    result = Trainer(adapter, config_from_args(args)).fit((x_train, y_train), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "torch", result.rank, sync_batchnorm=args.sync_batchnorm)
+    adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression,
+                           scheduler=torch_lr_scheduler(args, optimizer))
+    metrics = MetricsFile(args.metrics_json, sync_batchnorm=args.sync_batchnorm)
+    result = Trainer(adapter, config_from_args(args), [metrics]).fit((x_train, y_train), (x_test, y_test))
     if result.rank == 0:
         print(summary_line(result), flush=True)
 

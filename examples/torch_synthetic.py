@@ -8,7 +8,7 @@ from torch import nn
 from hvdkit import Trainer
 from hvdkit.bench.models import torch_cnn  # the same CNN `hvdkit bench train` measures
 from hvdkit.datasets import synthetic_images
-from hvdkit.scripting import config_from_args, main_guard, training_parser, write_metrics
+from hvdkit.scripting import MetricsFile, config_from_args, main_guard, torch_lr_scheduler, training_parser
 from hvdkit.torch import TorchAdapter
 
 
@@ -21,10 +21,11 @@ def main():
     x_test, y_test = synthetic_images(1024, seed=args.seed + 1)
     torch.manual_seed(args.seed)
     model = torch_cnn()
-    adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
-                           nn.functional.cross_entropy, compression=args.compression)
-    result = Trainer(adapter, config_from_args(args)).fit((x, y), (x_test, y_test))
-    write_metrics(args.metrics_json, result, "torch", result.rank)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression,
+                           scheduler=torch_lr_scheduler(args, optimizer))
+    metrics = MetricsFile(args.metrics_json)
+    result = Trainer(adapter, config_from_args(args), [metrics]).fit((x, y), (x_test, y_test))
     if result.rank == 0:
         print(f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)
 

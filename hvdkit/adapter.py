@@ -8,7 +8,7 @@ method runs on every rank in the same order, so the collectives inside line up.
 Example (what :class:`hvdkit.Trainer` does with it)::
 
     adapter.attach(process)                                   # after process.init(...)
-    adapter.prepare(lr_factor=process.size, accumulation=1)   # wrap optimizer, scale LR
+    adapter.prepare(lr_factor=process.size, accumulation=1)   # wrap optimizer, scale LR (clip_grad_norm=...)
     adapter.broadcast_state()                                 # rank 0's model everywhere
     loss_sum, count = adapter.train_step(micro_batches)
     sums = adapter.eval_batch(inputs, targets)                # {"loss": .., "correct": .., "count": ..}
@@ -16,7 +16,7 @@ Example (what :class:`hvdkit.Trainer` does with it)::
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .feed import Feed, MicroBatch
 from .process import Process
@@ -45,14 +45,17 @@ class Adapter(abc.ABC):
 
     # ---- model and optimizer -------------------------------------------------------------
     @abc.abstractmethod
-    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False) -> None:
+    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
+                clip_grad_norm: Optional[float] = None) -> None:
         """Wrap the optimizer for allreduce (reducing every ``accumulation`` backward passes), scale the LR
-        by ``lr_factor``, make BatchNorm layers synchronised when asked. No collective: the trainer
-        broadcasts the state next."""
+        by ``lr_factor``, make BatchNorm layers synchronised when asked, clip the averaged gradients to the
+        global norm ``clip_grad_norm`` (None: no clipping). No collective: the trainer broadcasts the state next."""
 
     @abc.abstractmethod
     def set_lr_factor(self, factor: float) -> None:
-        """Set every LR to ``factor`` times the LR the user gave (warmup, rescaling)."""
+        """From the next optimizer step on, apply ``factor`` times the LR of the user's schedule (or the LR the
+        user gave): world-size scaling and warmup. The schedule's own LR is never overwritten, so a schedule
+        keeps its state and a resize changes only the factor."""
 
     @abc.abstractmethod
     def broadcast_state(self) -> None:
@@ -115,7 +118,7 @@ class Adapter(abc.ABC):
     # ---- state -------------------------------------------------------------------------------
     @abc.abstractmethod
     def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
-        """Model, optimizer and ``progress`` as one blob (rank 0 calls this alone)."""
+        """Model, optimizer (with its LR schedule's state) and ``progress`` as one blob (rank 0 calls this alone)."""
 
     @abc.abstractmethod
     def state_from_bytes(self, blob: bytes) -> Dict[str, Any]:

@@ -7,16 +7,22 @@ Example::
     hvdkit launch --launcher mpirun -np 2 --print examples/torch_digits.py
     hvdkit launch -np 2 --hosts-file hosts.txt --max-np 4 examples/torch_digits.py     # elastic
     hvdkit audit results/audit --samples 1437 --epochs 3
+    hvdkit bench -h
+
+``hvdkit launch`` checks its input first (exit 2, one ``hvdkit: error: <problem>; <fix>`` line), then runs the
+launcher under :mod:`hvdkit.supervise`: a failed job ends with one line naming the first failing rank and the
+log file holding the full output (exit codes are listed there).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
 from .errors import HvdkitError
-from .launch import LAUNCHERS, Elastic, discovery_command, launch_command
+from .launch import LAUNCHERS, Elastic, discovery_command, launch_command, preflight
+
+ELASTIC_FLAGS = ("min_np", "max_np", "elastic_timeout", "network_interface")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,18 +34,25 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun")
     launch.add_argument("-np", "--num-proc", dest="np", type=int, default=2)
     launch.add_argument("-H", "--hosts", default=None, help="host1:slots,host2:slots (default localhost:NP)")
-    launch.add_argument("--print", action="store_true", help="print the command instead of running it")
+    launch.add_argument("--print", action="store_true",
+                        help="print the command instead of running it (files are not checked)")
+    launch.add_argument("--log", metavar="FILE", default=None,
+                        help="write the launcher's full output here and keep it (default: a file in the temp "
+                             "directory, named on failure, removed after success)")
+    launch.add_argument("--verbose", action="store_true",
+                        help="show the launcher's output unfiltered (its tracebacks and banners included)")
     elastic = launch.add_argument_group("elastic (horovodrun only)")
     elastic.add_argument("--hosts-file",
                          help="elastic: hosts come from this file (python -m hvdkit.discover_hosts reads it)")
-    elastic.add_argument("--min-np", type=int, default=1)
+    elastic.add_argument("--min-np", type=int, default=None, help="(default 1)")
     elastic.add_argument("--max-np", type=int, default=None)
-    elastic.add_argument("--elastic-timeout", type=int, default=600)
+    elastic.add_argument("--elastic-timeout", type=int, default=None, help="seconds (default 600)")
     elastic.add_argument("--network-interface", default=None, help='e.g. eth0; "lo" to start on one machine')
     launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
-    bench = sub.add_parser("bench", help="benchmarks against the peers (allreduce, train); see hvdkit bench -h",
-                           add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    # Listed for the top-level help only: main() hands everything after "bench" to bench's own parser, which
+    # argparse's REMAINDER cannot do when the first word is an option such as -h.
+    sub.add_parser("bench", help="benchmarks against the peers (allreduce, train); see hvdkit bench -h",
+                   add_help=False)
     audit = sub.add_parser("audit", help="prove exactly-once training from --audit-dir records")
     audit.add_argument("directory")
     audit.add_argument("--samples", type=int, required=True, help="training samples per epoch")
@@ -48,32 +61,62 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["bench"]:   # bench parses its own arguments, -h included
+            from .bench.run import main as bench_main
+            return bench_main(argv[1:])
+        args = _parser().parse_args(argv)
         if args.command == "doctor":
             from .doctor import run_doctor
             return run_doctor(as_json=args.json)
-        if args.command == "bench":
-            from .bench.run import main as bench_main
-            return bench_main(args.rest)
         if args.command == "audit":
             from .audit import main as audit_main
             return audit_main([args.directory, "--samples", str(args.samples), "--epochs", str(args.epochs)])
-        if not args.script:
-            raise HvdkitError("launch needs a script to run, e.g. hvdkit launch -np 2 examples/torch_digits.py")
-        spec = None
-        if args.hosts_file:
-            spec = Elastic(discovery_command(args.hosts_file), min_np=args.min_np, max_np=args.max_np,
-                           timeout=args.elastic_timeout, network_interface=args.network_interface)
-        cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=args.hosts, elastic=spec)
-        print(shlex.join(cmd), file=sys.stdout if args.print else sys.stderr, flush=True)
-        if args.print:
-            return 0
-        os.execvp(cmd[0], cmd)
+        return _launch(args)
     except HvdkitError as e:
         print(f"hvdkit: error: {e}", file=sys.stderr)
         return 2
-    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Check, build, then run (or ``--print``) the launch command; the exit codes are hvdkit.supervise's."""
+    if not args.script:
+        raise HvdkitError("launch needs a script to run, e.g. hvdkit launch -np 2 examples/torch_digits.py")
+    stray = [f"--{name.replace('_', '-')}" for name in ELASTIC_FLAGS if getattr(args, name) is not None]
+    if stray and not args.hosts_file:
+        verb = "applies" if len(stray) == 1 else "apply"
+        raise HvdkitError(f"{', '.join(stray)} {verb} only to elastic launches; add --hosts-file FILE or drop them")
+    min_np = 1 if args.min_np is None else args.min_np
+    notes = preflight(args.script, np=args.np, launcher=args.launcher, hosts_file=args.hosts_file, min_np=min_np,
+                      max_np=args.max_np, check_files=not args.print)
+    spec = None
+    if args.hosts_file:
+        spec = Elastic(discovery_command(args.hosts_file), min_np=min_np, max_np=args.max_np,
+                       timeout=600 if args.elastic_timeout is None else args.elastic_timeout,
+                       network_interface=args.network_interface)
+    cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=args.hosts, elastic=spec)
+    if args.print:
+        print(shlex.join(cmd), flush=True)
+        return 0
+    log = _writable_log(args.log)
+    for note in notes:
+        print(note, file=sys.stderr)
+    print(shlex.join(cmd), file=sys.stderr, flush=True)
+    from .supervise import supervise
+    return supervise(cmd, log_path=log, verbose=args.verbose, keep_log=args.log is not None)
+
+
+def _writable_log(path):
+    """Check a --log path before the job starts (a job must not fail at the end for want of its log)."""
+    if path is None:
+        return None
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise HvdkitError(f"cannot write log file {path} ({e.strerror}); pass --log with a writable path") from None
+    return path
 
 
 if __name__ == "__main__":

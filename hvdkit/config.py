@@ -31,6 +31,12 @@ class TrainConfig:
     sync_batchnorm: BatchNorm layers compute their batch statistics over all ranks (torch and Keras);
         without it each rank normalises by its own batch and running statistics are averaged over ranks
         before every evaluation, commit and checkpoint.
+    clip_grad_norm: clip the gradients, after they are averaged over ranks, to this global L2 norm (all
+        parameters together; the same on every rank); None: no clipping.
+
+    The LR an optimizer step applies is ``schedule(step) * lr_factor(world_size, global_step)``: the user's
+    schedule (a torch LR scheduler, a Keras ``LearningRateSchedule``, or the constant LR) times the
+    world-size factor ramped up by warmup (see :meth:`lr_factor`).
     """
     epochs: int = 1
     batch_size: int = 32
@@ -55,6 +61,7 @@ class TrainConfig:
     durable_every: int = 1
     audit_dir: Optional[str] = None
     sync_batchnorm: bool = False
+    clip_grad_norm: Optional[float] = None
 
     def validate(self) -> "TrainConfig":
         def need(ok, msg):
@@ -74,6 +81,9 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
         need(callable(self.lr_scaling) or self.lr_scaling in ("linear", "none"),
              f"lr_scaling must be 'linear', 'none' or a function of the world size (got {self.lr_scaling!r})")
+        need(self.clip_grad_norm is None or (isinstance(self.clip_grad_norm, (int, float))
+                                             and not isinstance(self.clip_grad_norm, bool) and self.clip_grad_norm > 0),
+             f"clip_grad_norm must be a number > 0 or None (got {self.clip_grad_norm!r}); pass e.g. --clip-grad-norm 1.0")
         return self
 
     def lr_factor(self, world_size: int, global_step: int) -> float:

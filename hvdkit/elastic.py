@@ -32,10 +32,12 @@ class StateHooks:
     set_progress: Callable[[Progress], None]
     durable: Optional[Callable[[bytes, Progress], None]] = None   # write a commit to disk (rank 0)
     on_restore: Optional[Callable[[Progress], None]] = None        # after a rollback to ``progress``
+    is_final: Optional[Callable[[Progress], bool]] = None          # the run's last commit: always durable
 
 
 class ElasticState(State):
-    """Commit = snapshot in memory (+ every ``durable_every``-th commit through ``hooks.durable``)."""
+    """Commit = snapshot in memory (+ every ``durable_every``-th commit, and the last one, through
+    ``hooks.durable``)."""
 
     def __init__(self, process, hooks: StateHooks, durable_every: int = 1):
         super().__init__(bcast_object=process.broadcast_object, get_rank=lambda: process.rank)
@@ -50,7 +52,8 @@ class ElasticState(State):
     def save(self) -> None:
         self._snapshot()
         self.commits += 1
-        if self.hooks.durable is not None and self.commits % self.durable_every == 0:
+        final = self.hooks.is_final is not None and self.hooks.is_final(self.committed[1])
+        if self.hooks.durable is not None and (self.commits % self.durable_every == 0 or final):
             self.hooks.durable(*self.committed)
 
     def restore(self) -> None:

@@ -21,12 +21,22 @@ LAUNCHERS = ("horovodrun", "mpirun")
 FORWARDED_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
 
 
-def _tool(name: str, python: str) -> str:
-    """Prefer the tool next to ``python`` (the venv's horovodrun), then PATH, then the bare name."""
+def find_tool(name: str, python: Optional[str] = None) -> Optional[str]:
+    """The path of ``name`` next to ``python`` (the venv's horovodrun) or else on PATH; None if neither.
+
+    >>> find_tool("no-such-launcher-here", "/usr/bin/python3") is None
+    True
+    """
+    python = python or sys.executable
     beside = os.path.join(os.path.dirname(python), name)
     if os.path.isabs(python) and os.access(beside, os.X_OK):
         return beside
-    return shutil.which(name) or name
+    return shutil.which(name)
+
+
+def _tool(name: str, python: str) -> str:
+    """:func:`find_tool`, or the bare name (so ``--print`` still shows a line on a machine without the tool)."""
+    return find_tool(name, python) or name
 
 
 @dataclasses.dataclass
@@ -76,8 +86,8 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     """argv that runs ``python script...`` on ``np`` workers.
 
     horovodrun: Gloo controller (``--gloo``), the mode elastic training also needs.
-    mpirun (OpenMPI): no core binding, ``--allow-run-as-root`` when root, ``--oversubscribe`` when
-    ``np`` exceeds the cores, environment forwarded with ``-x``.
+    mpirun (OpenMPI): no core binding, ranks tagged in the output (``--tag-output``), ``--allow-run-as-root``
+    when root, ``--oversubscribe`` when ``np`` exceeds the cores, environment forwarded with ``-x``.
     hosts: ``"host1:2,host2:2"``; default ``localhost:np``. ``env`` adds variables for every rank.
     elastic: an :class:`Elastic` (horovodrun only): hosts then come from its discovery command.
     """
@@ -97,7 +107,10 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
         if env:
             cmd = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *cmd]
         return cmd + [python, *script]
-    cmd = [_tool("mpirun", python), "-np", str(np), "-H", hosts, "--bind-to", "none", "--map-by", "slot"]
+    # --tag-output prefixes each worker line with [jobid,rank]<stream>: so a failure can be pinned on a rank
+    # (horovodrun tags its workers' lines by itself).
+    cmd = [_tool("mpirun", python), "-np", str(np), "-H", hosts, "--bind-to", "none", "--map-by", "slot",
+           "--tag-output"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     if int(np) > (os.cpu_count() or 1):
@@ -110,3 +123,88 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     for key, value in sorted(env.items()):
         cmd += ["-x", f"{key}={value}"]
     return cmd + [*extra, python, *script]
+
+
+def preflight(script: Sequence[str], np: int = 2, launcher: str = "horovodrun", python: Optional[str] = None,
+              hosts_file: Optional[str] = None, min_np: int = 1, max_np: Optional[int] = None,
+              check_files: bool = True) -> List[str]:
+    """Check a launch before anything starts: raise :class:`HvdkitError` ("<problem>; <fix>") for the first
+    problem, return notes worth printing. ``check_files=False`` (``--print``) checks the numbers only.
+
+    Example::
+
+        preflight(["examples/torch_digits.py"], np=2)   # [] : ready to launch
+        preflight(["no_such.py"], np=2)   # HvdkitError: script no_such.py not found (from /work); check the path, ...
+    """
+    _check_numbers(np, launcher, hosts_file, min_np, max_np)
+    if not check_files:
+        return []
+    _check_script(script)
+    notes = _check_hosts_file(hosts_file, np) if hosts_file else []
+    _check_launcher(launcher, python or sys.executable)
+    return notes
+
+
+def _check_numbers(np: int, launcher: str, hosts_file: Optional[str], min_np: int, max_np: Optional[int]) -> None:
+    if launcher not in LAUNCHERS:
+        raise HvdkitError(f"unknown launcher {launcher!r}; use one of {', '.join(LAUNCHERS)}")
+    if np < 1:
+        raise HvdkitError(f"-np must be >= 1 (got {np}); pass the number of workers, e.g. -np 2")
+    if hosts_file is None:
+        return
+    if launcher != "horovodrun":
+        raise HvdkitError("elastic training (--hosts-file) runs under horovodrun (Gloo) only; "
+                          "drop --launcher mpirun or --hosts-file")
+    if min_np < 1:
+        raise HvdkitError(f"--min-np must be >= 1 (got {min_np}); pass e.g. --min-np 1")
+    if np < min_np:
+        raise HvdkitError(f"-np {np} is below --min-np {min_np}; start with at least --min-np workers")
+    if max_np is not None and max_np < np:
+        raise HvdkitError(f"--max-np {max_np} is below -np {np}; raise --max-np or lower -np")
+
+
+def _script_path(script: Sequence[str]) -> Optional[str]:
+    """The file python will run: the first argument unless it is an option (then the first ``*.py``);
+    None for ``-m module`` and ``-c code``."""
+    if not script or script[0] in ("-m", "-c"):
+        return None
+    if not script[0].startswith("-"):
+        return script[0]
+    return next((arg for arg in script if arg.endswith(".py")), None)
+
+
+def _check_script(script: Sequence[str]) -> None:
+    path = _script_path(script)
+    if path is not None and not os.path.isfile(path):
+        raise HvdkitError(f"script {path} not found (from {os.getcwd()}); check the path, "
+                          "e.g. hvdkit launch -np 2 examples/torch_digits.py")
+
+
+def _check_hosts_file(hosts_file: str, np: int) -> List[str]:
+    """The hosts file must exist and parse (the same parser horovodrun's discovery runs); fewer slots than
+    ``np`` is allowed (hosts may join later) but noted."""
+    from .discover_hosts import parse
+    try:
+        with open(hosts_file) as f:
+            hosts = parse(f.read(), hosts_file)
+    except FileNotFoundError:
+        raise HvdkitError(f"hosts file {hosts_file} not found; create it with one host:slots per line, "
+                          "e.g. localhost:2") from None
+    except OSError as e:
+        raise HvdkitError(f"cannot read hosts file {hosts_file} ({e.strerror}); "
+                          "pass a readable file with --hosts-file") from None
+    except ValueError as e:
+        raise HvdkitError(str(e)) from None
+    slots = sum(n for _, n in hosts)
+    if slots < np:
+        return [f"hvdkit: note: {hosts_file} lists {slots} slot(s) for -np {np}; "
+                "the job waits for more hosts (up to --elastic-timeout)"]
+    return []
+
+
+def _check_launcher(launcher: str, python: str) -> None:
+    if find_tool(launcher, python):
+        return
+    fix = {"horovodrun": "install Horovod into this environment (mpi/setup.sh) or use --launcher mpirun",
+           "mpirun": "install OpenMPI (apt-get install openmpi-bin) or use --launcher horovodrun"}[launcher]
+    raise HvdkitError(f"{launcher} not found next to {python} or on PATH; {fix}")

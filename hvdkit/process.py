@@ -60,6 +60,14 @@ class Process(abc.ABC):
     def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``fn(state)`` inside the elastic retry loop: a lost peer restores ``state`` and runs it again."""
 
+    def is_peer_lost(self, error: BaseException) -> bool:
+        """True when ``error`` means a peer vanished mid-collective (elastic: roll back), not a bug to report."""
+        from horovod.common.exceptions import HorovodInternalError
+        return isinstance(error, HorovodInternalError)
+
+    def abort(self) -> None:
+        """Stop this rank's collectives so that every other rank's pending one fails now (one rank raised)."""
+
 
 class HorovodObjects:
     """Rank, size and object collectives, identical in ``horovod.torch`` and ``horovod.tensorflow``.
@@ -86,6 +94,11 @@ class HorovodObjects:
 
     def allgather_object(self, obj: Any) -> List[Any]:
         return self.hvd.allgather_object(obj, name="hvdkit.gather")
+
+    def abort(self) -> None:
+        # Horovod's coordinated shutdown: every rank's pending and next collective raises (torch:
+        # HorovodInternalError; TF: an op error naming Horovod) instead of waiting for this rank.
+        self.hvd.shutdown()
 
 
 class LocalProcess(Process):

@@ -13,6 +13,10 @@ from typing import Any, Dict, List, Optional
 from .audit import AuditLog
 
 
+# Rank 0 logs a line with this after every rank reached the end of fit (outputs written); hvdkit launch looks for it.
+COMPLETE_MARK = "training complete"
+
+
 def fresh_progress(n: int, seed: int) -> Dict[str, Any]:
     """Where a run stands (what commits and checkpoints save): the epoch, samples done in it, the step."""
     return {"epoch": 0, "position": 0, "global_step": 0, "n": n, "seed": seed, "layout": []}
@@ -50,3 +54,5 @@ class Run:
     resets: int = 0
     rolled_back: bool = False
     hosts: Optional[List[str]] = None
+    fatal: Optional[str] = None            # this rank's error line, handed to every rank (elastic)
+    result: Optional[FitResult] = None     # set when the run finished (Trainer._finish)

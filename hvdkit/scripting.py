@@ -6,17 +6,19 @@ Example::
     args = parser.parse_args()
     cfg = config_from_args(args)
     ...
-    write_metrics(args.metrics_json, result, framework="torch", rank=result.rank)
+    Trainer(adapter, cfg, callbacks=[MetricsFile(args.metrics_json)]).fit(train, test)
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Dict, Optional
 
+from .callbacks import Callback
 from .checkpoint import atomic_write
 from .config import TrainConfig
 from .errors import HvdkitError
@@ -45,7 +47,55 @@ def training_parser(description: str, epochs: int, batch_size: int, lr: float) -
     p.add_argument("--audit-dir", default=None, help="record trained sample ids (check with `hvdkit audit`)")
     p.add_argument("--sync-batchnorm", action="store_true",
                    help="BatchNorm statistics over all ranks' samples (not each rank's own batch)")
+    p.add_argument("--clip-grad-norm", type=float, default=None,
+                   help="clip the averaged gradients to this global L2 norm (default: no clipping)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="none",
+                   help="step: LR x0.1 every --lr-decay-steps optimizer steps; cosine: from --lr to 0 over "
+                        "--lr-decay-steps steps (then 0); both times the --lr-scaling/--warmup-steps factor")
+    p.add_argument("--lr-decay-steps", type=int, default=1000, help="optimizer steps of --lr-schedule")
     return p
+
+
+LR_SCHEDULES = ("none", "step", "cosine")
+
+
+def scheduled_lr(schedule: str, lr: float, decay_steps: int, step: int) -> float:
+    """The LR ``--lr-schedule`` gives optimizer step ``step`` (0-based) before the world-size/warmup factor: the
+    formula both :func:`torch_lr_scheduler` and :func:`keras_learning_rate` implement."""
+    if schedule == "step":
+        return lr * 0.1 ** (step // decay_steps)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
+    return lr
+
+
+def _check_schedule(args: argparse.Namespace) -> None:
+    if args.lr_schedule != "none" and args.lr_decay_steps < 1:
+        raise HvdkitError(f"--lr-decay-steps must be >= 1 (got {args.lr_decay_steps})")
+
+
+def torch_lr_scheduler(args: argparse.Namespace, optimizer):
+    """The torch scheduler ``--lr-schedule`` asks for (None for none); pass it to ``TorchAdapter(scheduler=...)``
+    with the default ``scheduler_interval="step"``."""
+    _check_schedule(args)
+    if args.lr_schedule == "none":
+        return None
+    import torch
+    if args.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_steps, gamma=0.1)
+    steps = args.lr_decay_steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: scheduled_lr("cosine", 1.0, steps, t))
+
+
+def keras_learning_rate(args: argparse.Namespace):
+    """The Keras optimizer's ``learning_rate`` for ``--lr --lr-schedule``: a float, or a ``LearningRateSchedule``."""
+    _check_schedule(args)
+    if args.lr_schedule == "none":
+        return args.lr
+    import keras
+    if args.lr_schedule == "step":
+        return keras.optimizers.schedules.ExponentialDecay(args.lr, args.lr_decay_steps, 0.1, staircase=True)
+    return keras.optimizers.schedules.CosineDecay(args.lr, args.lr_decay_steps)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -55,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         checkpoint_every=args.checkpoint_every, stop_after_steps=args.stop_after_steps,
         tensorboard_dir=args.tensorboard_dir, progress_bar=not args.no_progress and sys.stderr.isatty(),
         commit_every=args.commit_every, durable_every=args.durable_every, audit_dir=args.audit_dir,
-        sync_batchnorm=args.sync_batchnorm)
+        sync_batchnorm=args.sync_batchnorm, clip_grad_norm=args.clip_grad_norm)
 
 
 def write_metrics(path: Optional[str], result, framework: str, rank: int, **extra: Any) -> Dict[str, Any]:
@@ -73,6 +123,22 @@ def write_metrics(path: Optional[str], result, framework: str, rank: int, **extr
         os.makedirs(directory, exist_ok=True)
         atomic_write(path, (json.dumps(metrics, indent=1) + "\n").encode())
     return metrics
+
+
+class MetricsFile(Callback):
+    """Rank 0 writes the run's metrics JSON at the very end of ``fit``, inside the run: in an elastic job a
+    rank 0 lost before the file is complete is replaced, and the new rank 0 writes it.
+
+    Example::
+
+        Trainer(adapter, cfg, callbacks=[MetricsFile(args.metrics_json, mode="fit")]).fit(train, test)
+    """
+
+    def __init__(self, path: Optional[str], **extra: Any):
+        self.path, self.extra = path, extra
+
+    def on_train_end(self, trainer, result) -> None:
+        write_metrics(self.path, result, trainer.adapter.framework, trainer.process.rank, **self.extra)
 
 
 def summary_line(result) -> str:

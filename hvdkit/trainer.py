@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+import traceback
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ from .log import get_logger
 from .loop import EpochLoop
 from .process import Process
 from .resume import load_latest, resume_line, resumed_progress
-from .run_state import FitResult, Run, fresh_progress
+from .run_state import COMPLETE_MARK, FitResult, Run, fresh_progress
 from .sharding import check_train_config
 
 
@@ -59,8 +60,20 @@ class Trainer:
         self.process = process
         self.log = None
         self.elastic = False
-        self.active_callbacks: List[Callback] = []
+        self.callbacks: List[Callback] = []
+        self._begun: set = set()
         self.buffers_stale = True  # set by every training step; see agree_buffers
+
+    @property
+    def active_callbacks(self) -> List[Callback]:
+        """The callbacks of this rank now: rank-0 ones only while this worker is rank 0 (an elastic reset can
+        make another worker rank 0; its rank-0 callbacks begin then), ``all_ranks`` ones always."""
+        chosen = [c for c in self.callbacks if c.all_ranks or self.process.rank == 0]
+        for cb in chosen:
+            if id(cb) not in self._begun:
+                self._begun.add(id(cb))
+                cb.on_train_begin(self)
+        return chosen
 
     def agree_buffers(self) -> None:
         """Buffers (BatchNorm statistics) the mean over ranks, unless no step ran since they last were: the
@@ -118,14 +131,14 @@ class Trainer:
         random.seed(derived)
 
     def _callbacks(self) -> List[Callback]:
-        cfg, chosen, rank = self.config, [], self.process.rank
-        if rank == 0:
-            if cfg.progress_bar:
-                chosen.append(ProgressBar())
-            chosen.append(LogLines(cfg.log_every))
-            if cfg.tensorboard_dir:
-                chosen.append(TensorBoard(cfg.tensorboard_dir))
-        return chosen + [c for c in self.user_callbacks if c.all_ranks or rank == 0]
+        """Built-in rank-0 side effects, then the user's; which of them run is decided per call (above)."""
+        cfg, chosen = self.config, []
+        if cfg.progress_bar:
+            chosen.append(ProgressBar())
+        chosen.append(LogLines(cfg.log_every))
+        if cfg.tensorboard_dir:
+            chosen.append(TensorBoard(cfg.tensorboard_dir))
+        return chosen + self.user_callbacks
 
     def save_checkpoint(self, store: Optional[CheckpointStore], progress: Dict[str, Any], blob: bytes = None) -> None:
         """Rank 0 writes one durable checkpoint of the current state (``blob`` if already serialised)."""
@@ -153,41 +166,106 @@ class Trainer:
 
     # ---- fit -----------------------------------------------------------------------------------
     def fit(self, train, eval_data=None) -> FitResult:
-        """Train on ``train`` (arrays, a dataset, a tf.data source or a Feed); evaluate on ``eval_data``."""
+        """Train on ``train`` (arrays, a dataset, a tf.data source or a Feed); evaluate on ``eval_data``.
+
+        An exception on one rank ends every rank (see :meth:`_failed`): static jobs within seconds, every
+        rank naming the failing one; elastic jobs on every rank with the failing rank's own error line.
+        """
         cfg = self.config.validate()
         a = self.adapter
         self.process = p = self.process or a.default_process()
         p.init(seed=cfg.seed, threads=cfg.threads)
         a.attach(p)
         self.log = get_logger(p.rank)
+        self.elastic = cfg.elastic if cfg.elastic is not None else os.environ.get("HOROVOD_ELASTIC") == "1"
+        self.callbacks, self._begun = self._callbacks(), set()
+        run = Run(progress=fresh_progress(0, cfg.seed), audit=AuditLog(cfg.audit_dir) if cfg.audit_dir else None)
+        try:
+            train_feed, eval_feed, store, resumed = self._prepare(run, train, eval_data)
+        except Exception as e:
+            if not self.elastic or self.process.size == 1:
+                raise
+            # Elastic: the others are about to sync in Horovod's loop; join them and tell them (first thing
+            # in the loop body) instead of leaving them to treat this worker as a lost host.
+            run.fatal = self._failure_line(e, run, "before training")
+            self.log.error(self._traceback(e))
+            train_feed = eval_feed = store = resumed = None
+        if self.elastic:
+            self._fit_elastic(run, store, train_feed, eval_feed, resumed)
+        else:
+            try:
+                a.broadcast_state()
+                self.place_rng(run.progress)
+                if run.audit:
+                    run.audit.start(run.progress["global_step"], p.rank, p.size)
+                EpochLoop(self, run, train_feed, eval_feed, lambda: self.save_checkpoint(store, run.progress)).run()
+                self._finish(run, resumed)
+            except Exception as e:
+                self._failed(e, run)
+        return run.result
+
+    def _prepare(self, run: Run, train, eval_data):
+        """Feeds, checks, the optimizer wrapped, callbacks begun, checkpoints opened: all before any step."""
+        a, p, cfg = self.adapter, self.process, self.config
         train_feed = a.make_feed(train)
         eval_feed = a.make_feed(eval_data) if eval_data is not None else None
         check_train_config(train_feed.n, p.size, cfg.batch_size, cfg.accumulation)  # same verdict on every rank
         if eval_feed is not None and eval_feed.n == 0:
             raise HvdkitError("the evaluation dataset is empty; pass a non-empty test split or none")
-        self.elastic = cfg.elastic if cfg.elastic is not None else os.environ.get("HOROVOD_ELASTIC") == "1"
-        run = Run(progress=fresh_progress(train_feed.n, cfg.seed),
-                  audit=AuditLog(cfg.audit_dir) if cfg.audit_dir else None)
+        run.progress = fresh_progress(train_feed.n, cfg.seed)
         train_feed.record_ids = run.audit is not None
-        a.prepare(lr_factor=cfg.lr_factor(p.size, 0), accumulation=cfg.accumulation, sync_batchnorm=cfg.sync_batchnorm)
-        self.active_callbacks = self._callbacks()
-        for cb in self.active_callbacks:
-            cb.on_train_begin(self)
+        a.prepare(lr_factor=cfg.lr_factor(p.size, 0), accumulation=cfg.accumulation, sync_batchnorm=cfg.sync_batchnorm,
+                  clip_grad_norm=cfg.clip_grad_norm)
+        self.active_callbacks  # noqa: B018 -- begins this rank's callbacks (on_train_begin) now
         store, resumed = self._open_checkpoints(train_feed.n)
         if resumed:
             run.progress.update(resumed_progress(resumed))
-        if self.elastic:
-            self._fit_elastic(run, store, train_feed, eval_feed)
-        else:
-            a.broadcast_state()
-            self.place_rng(run.progress)
-            if run.audit:
-                run.audit.start(run.progress["global_step"], p.rank, p.size)
-            EpochLoop(self, run, train_feed, eval_feed, lambda: self.save_checkpoint(store, run.progress)).run()
-        result = self._result(run, resumed)
+        return train_feed, eval_feed, store, resumed
+
+    # ---- the end of a run, and a rank that fails --------------------------------------------------
+    def _finish(self, run: Run, resumed) -> None:
+        """The run's last moments: ``on_train_end`` (rank 0's final side effects, e.g. the metrics file), then
+        one collective every rank must reach. Elastic: a worker lost before it rolls everyone back to the final
+        commit (training is not repeated) and whoever is rank 0 then runs the side effects; static: the job
+        fails instead of ending with exit 0 and missing outputs."""
+        run.result = self._result(run, resumed)
         for cb in self.active_callbacks:
-            cb.on_train_end(self, result)
-        return result
+            cb.on_train_end(self, run.result)
+        self.process.allreduce_sum(np.zeros(1))
+        run.result = self._result(run, resumed)
+        if self.process.rank == 0:   # `hvdkit launch` reads this: a worker lost after it does not fail the job
+            self.log.info(f"{COMPLETE_MARK}: {run.result.epochs_done} epochs, step {run.result.global_step}, "
+                          f"{run.result.world_size} workers; outputs written")
+
+    @staticmethod
+    def _traceback(error: BaseException) -> str:
+        return "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+
+    def _failure_line(self, error: BaseException, run: Run, where: Optional[str] = None) -> str:
+        """One line naming this rank, where it was, and the error (HvdkitError messages as they are)."""
+        progress = run.progress
+        if where is None and progress["epoch"] >= self.config.epochs:
+            where = f"after training (step {progress['global_step']})"
+        where = where or f"at epoch {progress['epoch'] + 1}, step {progress['global_step']}"
+        what = str(error) if isinstance(error, HvdkitError) else f"{type(error).__name__}: {error}"
+        return f"rank {self.process.rank} failed {where}: {what.splitlines()[0] if what else type(error).__name__}"
+
+    def _failed(self, error: BaseException, run: Run) -> None:
+        """Static job: one rank raised. Its traceback, then Horovod shut down on this rank so every other rank's
+        pending collective fails now (not when the launcher notices), and one line on every rank."""
+        p = self.process
+        if p.is_peer_lost(error):
+            raise HvdkitError(f"rank {p.rank} stopped at epoch {run.progress['epoch'] + 1}, step "
+                              f"{run.progress['global_step']}: another rank failed or left the job (its own error "
+                              "line is the first in the job's output)") from error
+        if isinstance(error, HvdkitError) and p.size == 1:
+            raise error
+        if not isinstance(error, HvdkitError):  # the user's own message needs no traceback
+            self.log.error(self._traceback(error))
+        line = self._failure_line(error, run)
+        if p.size > 1:
+            p.abort()
+        raise HvdkitError(line) from error
 
     def _open_checkpoints(self, n: int):
         """The checkpoint store (or None) and the checkpoint resumed from (or None), loaded into the adapter.
@@ -207,7 +285,7 @@ class Trainer:
             self.log.info(resume_line(resumed, n, p.size))
         return store, resumed
 
-    def _fit_elastic(self, run: Run, store, train_feed, eval_feed) -> None:
+    def _fit_elastic(self, run: Run, store, train_feed, eval_feed, resumed) -> None:
         from .elastic import ElasticState, StateHooks
         a, p, cfg = self.adapter, self.process, self.config
 
@@ -222,18 +300,29 @@ class Trainer:
         hooks = StateHooks(
             to_bytes=a.state_to_bytes, from_bytes=a.state_from_bytes, broadcast=a.broadcast_state,
             get_progress=lambda: run.progress, set_progress=set_progress, on_restore=on_restore,
-            durable=(lambda blob, progress: self.save_checkpoint(store, progress, blob)) if store else None)
+            durable=(lambda blob, progress: self.save_checkpoint(store, progress, blob)) if store else None,
+            is_final=lambda progress: progress["epoch"] >= cfg.epochs)
         state = ElasticState(p, hooks, durable_every=cfg.durable_every)
-        p.elastic_run(lambda st: self._elastic_body(st, run, train_feed, eval_feed))(state)
+        p.elastic_run(lambda st: self._elastic_body(st, run, train_feed, eval_feed, resumed))(state)
         if run.progress["epoch"] < cfg.epochs and not run.stopped:  # never report a cut-short run as done
             raise HvdkitError(f"elastic training ended early at epoch {run.progress['epoch'] + 1}, step "
                               f"{run.progress['global_step']}; see the workers' errors above")
 
-    def _elastic_body(self, state, run: Run, train_feed, eval_feed) -> None:
-        """One (re)start inside Horovod's elastic loop, right after the state sync."""
+    def _elastic_body(self, state, run: Run, train_feed, eval_feed, resumed) -> None:
+        """One (re)start inside Horovod's elastic loop, right after the state sync.
+
+        A rank that raised an ordinary error (not a lost peer) is still here: it shut Horovod down so the others
+        rolled back and re-initialised with it, and the first collective of the body hands every rank its error
+        line; then every rank stops with that line (retrying would only fail again, or carry on without it).
+        """
+        from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
         p = self.process
         self.log = get_logger(p.rank)
-        hosts = p.allgather_object(f"{p.hostname}/{p.local_rank}")
+        gathered = p.allgather_object((f"{p.hostname}/{p.local_rank}", run.fatal))
+        fatal = [line for _, line in gathered if line]
+        if fatal:
+            raise HvdkitError(fatal[0])
+        hosts = [host for host, _ in gathered]
         if run.hosts is not None:
             run.resets += 1
             joined, left = sorted(set(hosts) - set(run.hosts)), sorted(set(run.hosts) - set(hosts))
@@ -243,10 +332,22 @@ class Trainer:
                           f"step {run.progress['global_step']}; LR x{self.config.lr_factor(p.size, run.progress['global_step']):g}")
         run.hosts, run.rolled_back, run.checked_first = hosts, False, False
         self.buffers_stale = True  # the same on every rank, a worker that just joined included
-        self.place_rng(run.progress)
-        if run.audit:
-            run.audit.start(run.progress["global_step"], p.rank, p.size)
-        EpochLoop(self, run, train_feed, eval_feed, state.commit).run()
+        try:
+            self.place_rng(run.progress)
+            if run.audit:
+                run.audit.start(run.progress["global_step"], p.rank, p.size)
+            EpochLoop(self, run, train_feed, eval_feed, state.commit).run()
+            self._finish(run, resumed)
+        except HostsUpdatedInterrupt:
+            raise
+        except Exception as e:
+            if p.is_peer_lost(e):
+                raise
+            run.fatal = self._failure_line(e, run)
+            if not isinstance(e, HvdkitError):
+                self.log.error(self._traceback(e))
+            p.abort()
+            raise HorovodInternalError(run.fatal) from e
 
     def _result(self, run: Run, resumed) -> FitResult:
         p, cfg = self.process, self.config

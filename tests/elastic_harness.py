@@ -33,7 +33,8 @@ class ElasticJob:
 
     def __init__(self, tmp, framework: str, hosts: List[str], np: int, extra=(), max_np: int = 2,
                  timeout: int = 30, reset_limit: Optional[int] = None, tag: str = "run",
-                 gate_step: Optional[int] = None):
+                 gate_step: Optional[int] = None, gate_at: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None, cooldown: Optional[tuple] = None):
         self.tmp, self.framework = tmp, framework
         self.gate_dir = os.path.join(tmp, f"gate-{tag}")
         self.hosts_file = os.path.join(tmp, "hosts.txt")
@@ -46,12 +47,13 @@ class ElasticJob:
         args = [GATED, os.path.join(REPO, script), *flags, "--audit-dir", self.audit_dir,
                 "--metrics-json", self.metrics, "--checkpoint-dir", self.ckpt, "--no-progress", *extra]
         elastic = Elastic(discovery_command(self.hosts_file), min_np=1, max_np=max_np, timeout=timeout,
-                          reset_limit=reset_limit, cooldown=None, network_interface="lo")
+                          reset_limit=reset_limit, cooldown=cooldown, network_interface="lo")
         self.cmd = launch_command(args, np=np, elastic=elastic, python=sys.executable)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HVDKIT_TEST_JOB=tmp)
-        if gate_step is not None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HVDKIT_TEST_JOB=tmp, **(env or {}))
+        if gate_step is not None or gate_at is not None:  # gate_at: "end" or "exit" (see workers/gated.py)
             os.makedirs(self.gate_dir, exist_ok=True)
-            env.update(HVDKIT_GATE_DIR=self.gate_dir, HVDKIT_GATE_STEP=str(gate_step))
+            env.update(HVDKIT_GATE_DIR=self.gate_dir, HVDKIT_GATE_STEP=str(gate_step or 0),
+                       HVDKIT_GATE_AT=gate_at or "step")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                      start_new_session=True)

@@ -13,11 +13,17 @@ two workers is steps 46-90); at batch 32 two workers train 23 (epoch 2 is steps 
 import json
 import os
 import re
+import sys
 import time
 
 import pytest
 
 from hvdkit.audit import check
+from hvdkit.scripting import scheduled_lr
+from proc import WORKERS
+
+sys.path.insert(0, WORKERS)
+import lr_checks  # noqa: E402  (tests/workers)
 
 FRAMEWORKS = ["torch", "tensorflow"]
 # tf.data inputs (TFStream) are re-split mid-epoch too: Keras fit for joins and restarts, the loop for leaves and kills
@@ -51,10 +57,17 @@ def resize_at_gate(job, hosts_before, hosts_after):
 
 
 @pytest.mark.parametrize("framework", WITH_FIT_TFDATA)
-def test_host_added_mid_training(elastic_job, framework):
-    job = elastic_job(framework, ONE, np=1, extra=EXTRA, gate_step=20)
+def test_host_added_mid_training(elastic_job, framework, tmp_path):
+    lr_log = str(tmp_path / "lr")
+    schedule = ["--lr", "0.05", "--lr-schedule", "step", "--lr-decay-steps", "30"]   # x0.1 every 30 steps
+    job = elastic_job(framework, ONE, np=1, extra=EXTRA + schedule, gate_step=20, env={"HVDKIT_LR_LOG": lr_log})
     resize_at_gate(job, ONE, BOTH)
     metrics = finished_exactly_once(job, {1, 2})
+    # the LR each step applied, read from the optimizer: the schedule x the world size at that step; the resize at
+    # step 20 doubles it and does not restart the schedule (a restart would give 0.1 instead of 0.01 from step 31)
+    records = lr_checks.read_log(lr_log)
+    assert {r["size"] for r in records} == {1, 2}
+    assert not lr_checks.mismatches(records, lambda t: [scheduled_lr("step", 0.05, 30, t)], "linear", 0)
     assert metrics["world_size"] == 2 and metrics["resets"] >= 1
     assert "workers 1 -> 2 (joined: 127.0.0.1/0" in job.output()
     reset = job.resets()[0]   # step 20 of epoch 1 (90 steps on one worker): a stream is re-dealt mid-epoch

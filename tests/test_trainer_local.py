@@ -154,9 +154,13 @@ def test_elastic_host_change_syncs_without_rolling_back(tmp_path):
 
 
 def test_elastic_user_error_is_not_retried():
+    """An ordinary error rolls back once (so every rank learns it through the first collective of the next
+    attempt) and then stops every rank with the failing rank's line: no further training step runs."""
     boom = RaiseOnce(at=3, error=ValueError("a bug in the user's callback"))
-    with pytest.raises(ValueError, match="user's callback"):
-        fit(callbacks=[boom], epochs=2, elastic=True)
+    seen = Recorder()
+    with pytest.raises(HvdkitError, match=r"^rank 0 failed at epoch 1, step 3: ValueError: a bug in the user's callback$"):
+        fit(callbacks=[seen, boom], epochs=2, elastic=True)
+    assert [e for e in seen.events if e[0] == "step"][-1][1] == 3
 
 
 def test_resume_continues_the_dropout_stream(tmp_path):

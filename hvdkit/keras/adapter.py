@@ -3,14 +3,16 @@ allreduce and the broadcast come from ``hvdkit.keras.process``.
 
 Example::
 
-    adapter = KerasAdapter(model, keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy())
+    schedule = keras.optimizers.schedules.CosineDecay(0.05, decay_steps=500)
+    adapter = KerasAdapter(model, keras.optimizers.SGD(schedule), keras.losses.SparseCategoricalCrossentropy())
+    Trainer(adapter, TrainConfig(clip_grad_norm=1.0)).fit((x, y))
 """
 from __future__ import annotations
 
 import io
 import json
 import zlib
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -23,11 +25,56 @@ from .process import HorovodProcess
 from .sync_batchnorm import make_sync_batchnorm
 
 
+class LrScaling:
+    """The trainer's LR factor (world size, warmup) hooked into one Keras optimizer, once per optimizer object.
+
+    Inside ``optimizer.apply`` (the update step and weight decay) the LR is the schedule's value times
+    ``factor``; anywhere else (``optimizer.learning_rate`` read by a callback, a log line, the config) it is the
+    schedule's, or the float LR's variable, unscaled: Keras callbacks that set the LR set the schedule's part.
+    A ``LearningRateSchedule`` is evaluated at ``optimizer.iterations``, the optimizer steps done (committed
+    with the optimizer's variables); Keras' own code would pass the micro-batch count under accumulation.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer):
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer applies through it
+        self.factor = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="hvdkit_lr_factor")
+        self.applying = False
+        current, apply = optimizer._get_current_learning_rate, optimizer.apply
+
+        def current_learning_rate():
+            if isinstance(optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+                value = optimizer._learning_rate(optimizer.iterations)
+            else:
+                value = current()
+            if not self.applying:
+                return value
+            value = tf.convert_to_tensor(value)
+            return value * tf.cast(self.factor, value.dtype)
+
+        def scaled_apply(grads, trainable_variables=None):
+            self.applying = True  # at trace time: the traced update step multiplies by the factor variable
+            try:
+                return apply(grads, trainable_variables)
+            finally:
+                self.applying = False
+
+        optimizer._get_current_learning_rate = current_learning_rate
+        optimizer.apply = scaled_apply
+        optimizer._hvdkit_lr_scaling = self
+
+    @classmethod
+    def of(cls, optimizer) -> "LrScaling":
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        return getattr(inner, "_hvdkit_lr_scaling", None) or cls(optimizer)
+
+
 class KerasAdapter(Adapter):
     """A built Keras 3 model, a Keras optimizer and a mean-reducing ``loss_fn(y_true, y_pred)``.
 
     compression: "none" or "fp16" on the wire. accuracy: count argmax-correct predictions in eval.
     Batches are ``(inputs, targets)``; the model is called as ``model(inputs, training=...)``.
+    The optimizer's learning rate may be a float or a ``keras.optimizers.schedules.LearningRateSchedule``: the
+    step applies ``schedule(optimizer.iterations) * factor`` (world size, warmup; see :class:`LrScaling`).
     """
 
     framework = "tensorflow"
@@ -41,7 +88,8 @@ class KerasAdapter(Adapter):
             raise HvdkitError(f"unknown compression {compression!r}; use one of none, fp16")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.compression, self.accuracy = compression, accuracy
-        self._base_lr = None
+        self._lr: Optional[LrScaling] = None
+        self.clip_grad_norm: Optional[float] = None
         self.sync_batchnorm, self.accumulation = False, 1
 
     def default_process(self):
@@ -51,19 +99,17 @@ class KerasAdapter(Adapter):
         return make_feed(data)
 
     # ---- model and optimizer -------------------------------------------------------------
-    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False) -> None:
-        self.sync_batchnorm, self.accumulation = sync_batchnorm, accumulation
+    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
+                clip_grad_norm: Optional[float] = None) -> None:
+        self.sync_batchnorm, self.accumulation, self.clip_grad_norm = sync_batchnorm, accumulation, clip_grad_norm
         if sync_batchnorm:
             make_sync_batchnorm(self.model)
         if not self.model.built:
             raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
                               "model.build(input_shape) before training")
-        if not isinstance(self.optimizer.learning_rate, keras.Variable):
-            raise HvdkitError("the optimizer's learning rate is a schedule; hvdkit scales and warms up the LR "
-                              "itself, so pass a float learning rate")
         # Optimizer variables exist only once built; build now so they can be broadcast (horovod #2652).
         self.optimizer.build(self.model.trainable_variables)
-        self._base_lr = float(self.optimizer.learning_rate.numpy())
+        self._lr = LrScaling.of(self.optimizer)
         self._grad_step = tf.function(self._grads, reduce_retracing=True)
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
         self._one_step = tf.function(self._step, reduce_retracing=True)
@@ -73,7 +119,14 @@ class KerasAdapter(Adapter):
         self.process.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables))
 
     def set_lr_factor(self, factor: float) -> None:
-        self.optimizer.learning_rate.assign(self._base_lr * factor)
+        self._lr.factor.assign(factor)
+
+    def clip(self, grads):
+        """The averaged gradients scaled by ``min(1, clip_grad_norm / global norm)`` (all of them together)."""
+        if self.clip_grad_norm is None:
+            return grads
+        clipped, _ = tf.clip_by_global_norm(list(grads), self.clip_grad_norm)
+        return clipped
 
     def _grads(self, x, y, weight, training=True):
         """Data loss and gradients of ``weight * loss + regularization / accumulation`` (the regularization
@@ -93,7 +146,7 @@ class KerasAdapter(Adapter):
 
     def _apply(self, grads):
         reduced = self.process.allreduce_gradients(list(grads), compression=self.compression)
-        self.optimizer.apply(reduced, self.model.trainable_variables)
+        self.optimizer.apply(self.clip(reduced), self.model.trainable_variables)
 
     def _step(self, x, y, weight, training=True):
         loss, grads = self._grads(x, y, weight, training)

@@ -65,13 +65,14 @@ class KerasFitAdapter(KerasAdapter):
         self.keras_callbacks = list(keras_callbacks)
         self.accumulation = 1
 
-    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False) -> None:
+    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
+                clip_grad_norm=None) -> None:
         if accumulation > 1:
             if self.optimizer.built:
                 raise HvdkitError("gradient accumulation needs an optimizer that has not been built yet")
             # Keras accumulates k micro-batch gradients and applies their mean every k-th call.
             self.optimizer.gradient_accumulation_steps = accumulation
-        super().prepare(lr_factor, accumulation, sync_batchnorm)
+        super().prepare(lr_factor, accumulation, sync_batchnorm, clip_grad_norm)
         make_empty_safe_batchnorm(self.model)  # an empty last-step batch must not poison moving statistics
         # Horovod's TF ops have no XLA kernels, and Keras' jit_compile="auto" would compile train_step.
         self.model.jit_compile = False
@@ -84,8 +85,8 @@ class KerasFitAdapter(KerasAdapter):
         Keras 3 has no public hook between computing and applying gradients in ``fit``. Its optimizer passes
         the gradients of an update — with accumulation, the mean of the k accumulated ones, on the k-th call
         only — through ``_clip_gradients`` right before the update step: one allreduce per optimizer step,
-        and clipping sees averaged gradients. (Horovod 0.28.1's own DistributedOptimizer silently skips the
-        allreduce on Keras 3.)
+        and clipping (``clip_grad_norm``, then the optimizer's own clipnorm/clipvalue) sees averaged gradients.
+        (Horovod 0.28.1's own DistributedOptimizer silently skips the allreduce on Keras 3.)
         """
         optimizer, adapter = self.optimizer, self
         if getattr(optimizer, "_hvdkit_allreduce", False):  # a second fit() with the same optimizer
@@ -96,7 +97,8 @@ class KerasFitAdapter(KerasAdapter):
         original = optimizer._clip_gradients
 
         def clip_gradients(grads):
-            return original(adapter.process.allreduce_gradients(list(grads), compression=adapter.compression))
+            reduced = adapter.process.allreduce_gradients(list(grads), compression=adapter.compression)
+            return original(adapter.clip(reduced))
 
         optimizer._clip_gradients = clip_gradients
         optimizer._hvdkit_allreduce = True

@@ -68,6 +68,8 @@ class HorovodProcess(core.HorovodObjects, core.Process):
         hvd.init()
         self.hvd = hvd
 
+    is_peer_lost = staticmethod(is_peer_lost)
+
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         return self.hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=self.hvd.Sum,
                                   name="hvdkit.metrics").numpy()

@@ -2,16 +2,19 @@
 
 Example::
 
-    adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=0.05),
-                           torch.nn.functional.cross_entropy, compression="fp16")
-    Trainer(adapter, TrainConfig(epochs=2)).fit((x, y))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=500)
+    adapter = TorchAdapter(model, optimizer, torch.nn.functional.cross_entropy, compression="fp16",
+                           scheduler=scheduler, scheduler_interval="step")
+    Trainer(adapter, TrainConfig(epochs=2, clip_grad_norm=1.0)).fit((x, y))
 """
 from __future__ import annotations
 
 import base64
 import io
+import warnings
 import zlib
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +27,29 @@ from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
+SCHEDULER_INTERVALS = ("step", "epoch")
+
+
+def _point_at(scheduler, optimizer) -> None:
+    """Make ``scheduler`` (and those it chains: SequentialLR, ChainedScheduler) set ``optimizer``'s LRs."""
+    scheduler.optimizer = optimizer
+    for inner in getattr(scheduler, "_schedulers", ()):
+        _point_at(inner, optimizer)
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Scale every gradient by ``min(1, max_norm / (total_norm + 1e-6))`` in place, ``total_norm`` the L2 norm of
+    all of them together; returns ``total_norm``. As ``torch.nn.utils.clip_grad_norm_``, which refuses the sparse
+    gradients of an ``Embedding(sparse=True)``: those count by their (coalesced) values here."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
 
 
 class TorchAdapter(Adapter):
@@ -32,21 +58,43 @@ class TorchAdapter(Adapter):
     compression: "none" or "fp16" (gradients cast to fp16 on the wire).
     op: "average" or "adasum" (Horovod's reduction of gradients).
     accuracy: also count argmax-correct predictions in evaluation (classification).
+    scheduler: a ``torch.optim.lr_scheduler`` scheduler built on ``optimizer`` (any but ReduceLROnPlateau, which
+        needs a metric). The adapter steps it (do not): after every optimizer step (``scheduler_interval="step"``)
+        or after the last step of every epoch (``"epoch"``). Its state is broadcast, committed and checkpointed
+        with the optimizer's, so a resume, a rollback or a resize continues the schedule.
     Batches are ``(inputs, targets)``; the model is called as ``model(inputs)``.
+
+    LR: between steps each param group's ``lr`` is the schedule's (the scheduler's, or the one you gave);
+    during a step (forward, backward, ``optimizer.step()``) it is that times the trainer's factor (world size,
+    warmup), and restored after. So the scheduler never sees the factor and the trainer never overwrites it.
     """
 
     framework = "torch"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Any, Any], torch.Tensor], compression: str = "none",
-                 op: str = "average", accuracy: bool = True):
+                 op: str = "average", accuracy: bool = True, scheduler: Any = None,
+                 scheduler_interval: str = "step"):
         if compression not in COMPRESSIONS:
             raise HvdkitError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
         if op not in OPS:
             raise HvdkitError(f"unknown reduction op {op!r}; use one of {', '.join(OPS)}")
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise HvdkitError(f"unknown scheduler_interval {scheduler_interval!r}; "
+                              f"use one of {', '.join(SCHEDULER_INTERVALS)}")
+        if scheduler is not None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise HvdkitError("ReduceLROnPlateau steps on a validation metric, which the trainer does not pass; "
+                                  "use a scheduler that steps on its own (StepLR, CosineAnnealingLR, LambdaLR, ...)")
+            if not all(callable(getattr(scheduler, m, None)) for m in ("step", "state_dict", "load_state_dict")):
+                raise HvdkitError(f"scheduler must be a torch.optim.lr_scheduler scheduler (got {type(scheduler).__name__})")
+            if getattr(scheduler, "optimizer", None) is not optimizer:
+                raise HvdkitError("the scheduler must be built on the optimizer passed to TorchAdapter")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.compression, self.op, self.accuracy = compression, op, accuracy
-        self._base_lrs: List[float] = []
+        self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
+        self.clip_grad_norm: Optional[float] = None
+        self._lr_factor = 1.0
 
     def default_process(self):
         return HorovodProcess()
@@ -55,13 +103,21 @@ class TorchAdapter(Adapter):
         return TorchFeed.of(data)
 
     # ---- model and optimizer -------------------------------------------------------------
-    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False) -> None:
+    def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
+                clip_grad_norm: Optional[float] = None) -> None:
+        if clip_grad_norm is not None and self.op == "adasum":
+            raise HvdkitError("clip_grad_norm needs op='average': Adasum combines the ranks' parameter updates, "
+                              "so there is no averaged gradient to clip")
         if sync_batchnorm:
             convert_sync_batchnorm(self.model)
-        self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.clip_grad_norm = clip_grad_norm
         self.optimizer = self.process.distributed_optimizer(
             self.optimizer, self.model.named_parameters(), compression=self.compression,
             accumulation=accumulation, op=self.op)
+        # Horovod's optimizer is a new object, sharing the param-group dicts only until a state dict is loaded
+        # into it (broadcast, resume): the scheduler must set the LRs of the optimizer that steps.
+        if self.scheduler is not None:
+            _point_at(self.scheduler, self.optimizer)
         self.set_lr_factor(lr_factor)
 
     def broadcast_state(self) -> None:
@@ -69,16 +125,54 @@ class TorchAdapter(Adapter):
         # Not hvd.broadcast_optimizer_state: on a fresh optimizer it takes a dummy step, which applies
         # weight decay to the parameters and advances Adam's step count. Rank 0's state dict as an object
         # carries the hyperparameters and any state exactly.
+        # The LR scheduler's state travels with it (a worker that joins continues the schedule).
         rank = self.process.rank
-        state = self.process.broadcast_object(self.optimizer.state_dict() if rank == 0 else None)
+        state = self.process.broadcast_object(
+            {"optimizer": self.optimizer.state_dict(),
+             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None} if rank == 0 else None)
         if rank != 0:
-            self.optimizer.load_state_dict(state)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
 
     def set_lr_factor(self, factor: float) -> None:
-        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
-            group["lr"] = base * factor
+        self._lr_factor = float(factor)   # applied during each step only: see train_step
 
     def train_step(self, micro_batches) -> Tuple[float, int]:
+        # The schedule's LR times the factor for the whole step (Adasum steps the inner optimizer during the
+        # backward pass), then the schedule's LR again: the scheduler and the state dicts never see the factor.
+        groups = self.optimizer.param_groups
+        scheduled = [group["lr"] for group in groups]
+        for group, lr in zip(groups, scheduled):
+            group["lr"] = lr * self._lr_factor
+        try:
+            loss_sum, count = self._step(micro_batches)
+        finally:
+            for group, lr in zip(groups, scheduled):
+                group["lr"] = lr
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self._step_scheduler()
+        return loss_sum, count
+
+    def run_epoch(self, feed, steps, before_step, after_step):
+        if self.scheduler is None or self.scheduler_interval != "epoch":
+            return super().run_epoch(feed, steps, before_step, after_step)
+
+        def after_epoch_step(step, step_loss, step_count):
+            if step.end >= feed.n:  # the epoch's last step (however the epoch was split): before its commit
+                self._step_scheduler()
+            return after_step(step, step_loss, step_count)
+        return super().run_epoch(feed, steps, before_step, after_epoch_step)
+
+    def _step_scheduler(self) -> None:
+        with warnings.catch_warnings():
+            # torch's call-order check watches the user's optimizer object, not Horovod's wrapper that steps;
+            # the order is right here (optimizer step, then scheduler step)
+            warnings.filterwarnings("ignore", r"(?s).*(optimizer\.step\(\)` has been overridden|"
+                                              r"Detected call of `lr_scheduler\.step\(\)` before)", UserWarning)
+            self.scheduler.step()
+
+    def _step(self, micro_batches) -> Tuple[float, int]:
         self.model.train()
         self.optimizer.zero_grad()
         loss_sum, count = 0.0, 0
@@ -90,8 +184,25 @@ class TorchAdapter(Adapter):
                 count += batch.count
             else:
                 self._zero_gradient(batch.inputs)
-        self.optimizer.step()
+        if self.clip_grad_norm is None:
+            self.optimizer.step()
+        else:
+            self._clip_and_step()
         return loss_sum, count
+
+    def _clip_and_step(self) -> None:
+        """Clip the averaged gradients (identical on every rank, so is the clipping), then step."""
+        optimizer = self.optimizer
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        synchronize = getattr(optimizer, "synchronize", None)
+        if synchronize is None:  # one rank without Horovod: the gradients are the average already
+            clip_grad_norm_(parameters, self.clip_grad_norm)
+            optimizer.step()
+            return
+        synchronize()  # wait for the allreduce: the gradients are now the average over ranks
+        clip_grad_norm_(parameters, self.clip_grad_norm)
+        with optimizer.skip_synchronize():
+            optimizer.step()
 
     def _zero_gradient(self, empty_inputs) -> None:
         """No samples here in this (last, short) step: a zero gradient still joins the allreduce. The model runs
@@ -153,14 +264,21 @@ class TorchAdapter(Adapter):
     def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
         buffer = io.BytesIO()
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                     "progress": dict(progress), "torch_rng": torch.get_rng_state()}, buffer)
         return buffer.getvalue()
 
     def state_from_bytes(self, blob: bytes) -> Dict[str, Any]:
         try:
             saved = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            scheduler_state = saved.get("scheduler")
+            if (scheduler_state is None) != (self.scheduler is None):
+                raise ValueError("written with an LR scheduler; pass the same scheduler" if self.scheduler is None
+                                 else "written without an LR scheduler; its schedule position is unknown")
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(scheduler_state)
             torch.set_rng_state(saved["torch_rng"])
             return dict(saved["progress"])
         except Exception as e:  # a file from outside: any failure to read it is the file's, reported in one line

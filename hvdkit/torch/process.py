@@ -49,6 +49,8 @@ class HorovodProcess(core.HorovodObjects, core.Process):
         self.hvd = hvd
         _pin_and_seed(seed, threads)
 
+    is_peer_lost = staticmethod(is_peer_lost)
+
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
         return self.hvd.allreduce(tensor, op=self.hvd.Sum, name="hvdkit.metrics").numpy()

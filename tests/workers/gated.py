@@ -11,7 +11,15 @@ gate on a multiple of --commit-every holds the workers just before that commit.
 While a process waits at the gate it also reports host-set changes Horovod's driver notifies it of
 (only the coordinator, rank 0, is notified): ``hosts-updated-<pid>-<n>`` appears in the gate dir, so a
 test can release the gate knowing the resize happens at the very next commit.
+HVDKIT_LR_LOG=DIR records the LR every optimizer step applied (tests/workers/lr_checks.py).
+HVDKIT_STEP_SLEEP=seconds makes every step that much longer (until the file HVDKIT_STEP_SLEEP_UNTIL exists).
+HVDKIT_GATE_AT moves the gate: ``end`` holds every rank in on_train_end (before rank 0's final side effects,
+e.g. the metrics file), ``exit`` after the script returned (its outputs written), just before the process exits.
 Without the variables the script runs unchanged.
+
+HVDKIT_FAULT=``where:rank[:step]`` makes the worker that is rank ``rank`` raise a RuntimeError once (an ordinary
+bug, not a lost peer): ``begin`` in on_train_begin, ``step`` in on_step_end at global step ``step``, ``data``
+when the feed fetches its ``step``-th batch, ``end`` in on_train_end (before rank 0's final side effects).
 """
 import os
 import runpy
@@ -20,6 +28,7 @@ import time
 
 GATE_DIR = os.environ.get("HVDKIT_GATE_DIR")
 GATE_STEP = os.environ.get("HVDKIT_GATE_STEP")
+GATE_AT = os.environ.get("HVDKIT_GATE_AT", "step")
 GIVE_UP_AFTER = float(os.environ.get("HVDKIT_GATE_TIMEOUT", "120"))
 
 
@@ -41,11 +50,23 @@ class _HostsListener:
         _touch(f"hosts-updated-{os.getpid()}-{self.count}")
 
 
+def wait_for_release(where: str) -> None:
+    """Say this worker is at the gate, then block until the test releases it (or gives up)."""
+    release = os.path.join(GATE_DIR, "release")
+    _touch(f"reached-{os.environ.get('HOROVOD_HOSTNAME', 'localhost')}-{os.getpid()}")
+    deadline = time.time() + GIVE_UP_AFTER
+    while not os.path.exists(release):
+        if time.time() > deadline:
+            print(f"gated.py: no release after {GIVE_UP_AFTER:.0f}s at {where}; going on", file=sys.stderr, flush=True)
+            return
+        time.sleep(0.05)
+
+
 def install_gate() -> None:
     from hvdkit.callbacks import Callback
     from hvdkit.trainer import Trainer
 
-    step = int(GATE_STEP)
+    step = int(GATE_STEP or 0)
     release = os.path.join(GATE_DIR, "release")
 
     class Gate(Callback):
@@ -66,23 +87,98 @@ def install_gate() -> None:
         def on_step_end(self, trainer, global_step, loss):
             if not self.listening and os.environ.get("HOROVOD_ELASTIC") == "1":
                 self._listen()  # inside Horovod's elastic loop by now: the manager is initialised
-            if self.done or global_step != step or os.path.exists(release):
+            if GATE_AT == "step" and global_step == step:
+                self.hold(f"step {step}")
+
+        def on_train_end(self, trainer, result):
+            if GATE_AT == "end" and not self.done:
+                _touch(f"rank{trainer.process.rank}-{os.getpid()}")  # which worker is rank 0 now
+                self.hold("on_train_end")
+
+        def hold(self, where: str) -> None:
+            if self.done or os.path.exists(release):
                 return
             self.done = True
-            _touch(f"reached-{os.environ.get('HOROVOD_HOSTNAME', 'localhost')}-{os.getpid()}")
-            deadline = time.time() + GIVE_UP_AFTER
-            while not os.path.exists(release):
-                if time.time() > deadline:
-                    print(f"gated.py: no release after {GIVE_UP_AFTER:.0f}s at step {step}; going on",
-                          file=sys.stderr, flush=True)
-                    return
-                time.sleep(0.05)
+            wait_for_release(where)
 
     original = Trainer.__init__
 
     def __init__(self, adapter, config=None, callbacks=(), **kw):
-        original(self, adapter, config, list(callbacks) + [Gate()], **kw)
+        original(self, adapter, config, [Gate()] + list(callbacks), **kw)  # first: before MetricsFile
 
+    Trainer.__init__ = __init__
+
+
+def install_fault(spec: str) -> None:
+    from hvdkit.callbacks import Callback
+    from hvdkit.feed import IndexedFeed
+    from hvdkit.trainer import Trainer
+
+    where, rank, *step = spec.split(":")
+    rank, step = int(rank), int(step[0]) if step else 0
+    fired = []
+
+    def fire(current_rank: int, what: str) -> None:
+        if current_rank == rank and not fired:
+            fired.append(what)
+            print(f"gated.py: injecting a fault on rank {rank}: {what}", file=sys.stderr, flush=True)
+            raise RuntimeError(f"injected fault in {what} at unix time {time.time():.3f}")
+
+    class Fault(Callback):
+        all_ranks = True
+
+        def on_train_begin(self, trainer):
+            if where == "begin":
+                fire(trainer.process.rank, "on_train_begin")
+
+        def on_step_end(self, trainer, global_step, loss):
+            if where == "step" and global_step == step:
+                fire(trainer.process.rank, f"on_step_end at step {step}")
+
+        def on_train_end(self, trainer, result):
+            if where == "end":
+                fire(trainer.process.rank, "on_train_end")
+
+    if where == "data":  # every framework's indexed feed fetches through its instance's ``fetch``
+        feed_init, calls = IndexedFeed.__init__, []
+
+        def init_with_failing_fetch(self, n):
+            feed_init(self, n)
+            fetch = self.fetch
+
+            def failing_fetch(ids):
+                calls.append(1)
+                if len(calls) == step:
+                    fire(int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))),
+                         f"data loading (batch {step})")
+                return fetch(ids)
+            self.fetch = failing_fetch
+        IndexedFeed.__init__ = init_with_failing_fetch
+    original = Trainer.__init__
+
+    def __init__(self, adapter, config=None, callbacks=(), **kw):
+        original(self, adapter, config, [Fault()] + list(callbacks), **kw)
+    Trainer.__init__ = __init__
+
+
+def install_throttle(seconds: float) -> None:
+    """Every step lasts ``seconds`` longer until the file HVDKIT_STEP_SLEEP_UNTIL exists (a chaos test needs a job
+    that outlasts its events, and then finishes quickly)."""
+    until = os.environ.get("HVDKIT_STEP_SLEEP_UNTIL")
+    from hvdkit.callbacks import Callback
+    from hvdkit.trainer import Trainer
+
+    class Throttle(Callback):
+        all_ranks = True
+
+        def on_step_end(self, trainer, global_step, loss):
+            if not (until and os.path.exists(until)):
+                time.sleep(seconds)
+
+    original = Trainer.__init__
+
+    def __init__(self, adapter, config=None, callbacks=(), **kw):
+        original(self, adapter, config, list(callbacks) + [Throttle()], **kw)
     Trainer.__init__ = __init__
 
 
@@ -90,9 +186,18 @@ if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: gated.py SCRIPT [ARGS...]")
     script = os.path.abspath(sys.argv[1])
-    if GATE_DIR and GATE_STEP:
+    if GATE_DIR and (GATE_STEP or GATE_AT != "step"):
         os.makedirs(GATE_DIR, exist_ok=True)
         install_gate()
+    if os.environ.get("HVDKIT_LR_LOG"):   # record the LR each optimizer step applied (tests/workers/lr_checks.py)
+        import lr_checks   # tests/workers is sys.path[0] here
+        lr_checks.install(os.environ["HVDKIT_LR_LOG"])
+    if os.environ.get("HVDKIT_STEP_SLEEP"):
+        install_throttle(float(os.environ["HVDKIT_STEP_SLEEP"]))
+    if os.environ.get("HVDKIT_FAULT"):
+        install_fault(os.environ["HVDKIT_FAULT"])
     sys.argv = [script, *sys.argv[2:]]
     sys.path[0] = os.path.dirname(script)   # as if the script had been started directly
     runpy.run_path(script, run_name="__main__")
+    if GATE_DIR and GATE_AT == "exit":  # the script is done (outputs written): hold before the process exits
+        wait_for_release("exit")

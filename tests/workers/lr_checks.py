@@ -1,0 +1,185 @@
+"""LR and clipping probe, and the 2-worker worker of tests/test_lr_and_clipping.py.
+
+As a module: :class:`LrProbe`, a trainer callback that records, on every rank and after every step, the LR the
+optimizer step actually applied, read from the framework (torch: each param group's ``lr`` seen by a step
+pre-hook on the optimizer, Horovod's wrapper included; Keras: the ``learning_rate`` passed to the optimizer's
+update step inside the traced step). :func:`install` adds it to every Trainer of a script run in this process
+(for tests/workers/gated.py: ``HVDKIT_LR_LOG=DIR``), :func:`read_log` reads the records back and
+:func:`mismatches` checks them against ``lr(step) = schedule(step) x factor(world size, step)``.
+
+As a wrapper (argv: run LOG_DIR SCRIPT [ARGS...]): runs SCRIPT with :func:`install` (LOG_DIR).
+
+As a script (argv: BACKEND OUT_DIR; BACKEND torch): every rank writes OUT_DIR/rank{r}.json with the LR records
+of a per-step and a per-epoch schedule under linear scaling and warmup, and the final parameters of runs with
+gradient clipping; the test compares them with the formula and with one process trained on the whole batch.
+"""
+import glob
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+from hvdkit.callbacks import Callback
+
+
+def _torch_reader(optimizer):
+    last = {"lr": None}
+
+    def hook(opt, args, kwargs):
+        last["lr"] = [float(group["lr"]) for group in opt.param_groups]
+    optimizer.register_step_pre_hook(hook)
+    return lambda: last["lr"]
+
+
+def _keras_reader(optimizer):
+    import tensorflow as tf
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    seen = tf.Variable(float("nan"), trainable=False, dtype=tf.float64)
+    update = inner._backend_update_step
+
+    def spy(grads, trainable_variables, learning_rate):
+        seen.assign(tf.cast(learning_rate, tf.float64))
+        return update(grads, trainable_variables, learning_rate)
+    inner._backend_update_step = spy
+    return lambda: [float(seen.numpy())]
+
+
+class LrProbe(Callback):
+    """Records ``{"step", "rank", "size", "lr": [per param group]}`` after every step, on every rank; appends
+    each record as a JSON line to ``path`` when given. Installed in ``on_train_begin`` (the optimizer is wrapped
+    by then, the step not yet traced)."""
+
+    all_ranks = True
+
+    def __init__(self, path: Optional[str] = None):
+        self.path, self.records, self._read = path, [], None
+
+    def on_train_begin(self, trainer):
+        if self._read is None:
+            adapter = trainer.adapter
+            self._read = (_torch_reader if adapter.framework == "torch" else _keras_reader)(adapter.optimizer)
+
+    def on_step_end(self, trainer, global_step, loss):
+        record = {"step": int(global_step), "rank": trainer.process.rank, "size": trainer.process.size,
+                  "lr": self._read()}
+        self.records.append(record)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def install(directory: str) -> None:
+    """Every Trainer made in this process from now on records its LRs to ``directory/lr-<pid>.jsonl``."""
+    from hvdkit.trainer import Trainer
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"lr-{os.getpid()}.jsonl")
+    original = Trainer.__init__
+
+    def __init__(self, adapter, config=None, callbacks=(), *args, **kw):
+        original(self, adapter, config, list(callbacks) + [LrProbe(path)], *args, **kw)
+    Trainer.__init__ = __init__
+
+
+def read_log(directory: str) -> List[Dict]:
+    """Every record :func:`install` wrote under ``directory``, from every process."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(directory, "lr-*.jsonl"))):
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    return records
+
+
+def world_factor(size: int, step: int, scaling="linear", warmup: int = 0) -> float:
+    """The documented factor, written out here rather than taken from TrainConfig: the scaled target
+    (``size`` for linear, 1 for none, or ``scaling(size)``), ramped from 1 over ``warmup`` steps."""
+    target = float(scaling(size)) if callable(scaling) else float(size) if scaling == "linear" else 1.0
+    if warmup and step < warmup:
+        return 1.0 + (target - 1.0) * (step + 1) / warmup
+    return target
+
+
+def mismatches(records: List[Dict], schedule: Callable[[int], List[float]], scaling="linear", warmup: int = 0,
+               rel: float = 1e-6, atol: float = 1e-8) -> List[Dict]:
+    """Records whose LR is not ``schedule(t) x world_factor(size, t)``, t = the step's 0-based index
+    (``record["step"] - 1``); ``schedule(t)`` gives one LR per param group. Keras computes the LR in float32:
+    ``atol`` covers it near 0 (the end of a cosine)."""
+    bad = []
+    for r in records:
+        t = r["step"] - 1
+        expected = [lr * world_factor(r["size"], t, scaling, warmup) for lr in schedule(t)]
+        if len(expected) != len(r["lr"]) or any(abs(a - b) > rel * abs(b) + atol
+                                                for a, b in zip(r["lr"], expected)):
+            bad.append(dict(r, expected=expected))
+    return bad
+
+
+# ---- the 2-worker worker ---------------------------------------------------------------------------------
+N, BATCH, EPOCHS = 52, 4, 2     # 2 workers x 4: 7 steps per epoch, the last one short (4 samples)
+BASE_LRS = (0.1, 0.02)          # two param groups
+CLIP = 0.05                     # well below the gradients' norm (about 0.5 here)
+
+
+def data():
+    import numpy as np
+    rng = np.random.default_rng(17)
+    return rng.normal(size=(N, 6)).astype(np.float32), rng.integers(0, 3, size=N).astype(np.int64)
+
+
+def torch_model_and_optimizer(seed: int, momentum: float = 0.9):
+    import torch
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    groups = [{"params": model[0].parameters(), "lr": BASE_LRS[0]}, {"params": model[2].parameters(), "lr": BASE_LRS[1]}]
+    return model, torch.optim.SGD(groups, lr=BASE_LRS[0], momentum=momentum)
+
+
+def main(backend: str, out_dir: str) -> None:
+    import numpy as np
+    import torch
+    from hvdkit import TrainConfig, Trainer
+    from hvdkit.torch import TorchAdapter
+    if backend != "torch":
+        sys.exit(f"unknown backend {backend!r}")
+    launch_rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+    x, y = data()
+    quiet = dict(progress_bar=False, batch_size=BATCH, epochs=EPOCHS, seed=0)
+    record = {"backend": backend}
+
+    # LR each step: a per-step and a per-epoch StepLR, linear scaling (x2 at 2 workers) ramped over 5 steps
+    for interval, step_size in (("step", 3), ("epoch", 1)):
+        model, optimizer = torch_model_and_optimizer(seed=5 + launch_rank)   # rank 0's weights are broadcast
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.5)
+        probe = LrProbe()
+        adapter = TorchAdapter(model, optimizer, torch.nn.functional.cross_entropy, scheduler=scheduler,
+                               scheduler_interval=interval)
+        result = Trainer(adapter, TrainConfig(lr_scaling="linear", warmup_steps=5, **quiet), [probe]).fit((x, y))
+        record[f"lr_{interval}"] = probe.records
+        record[f"lr_{interval}_between_steps"] = [float(g["lr"]) for g in adapter.optimizer.param_groups]
+        record["size"], record["rank"], record["steps"] = result.world_size, result.rank, result.global_step
+
+    # Clipping of the averaged gradients, plain and with 2 backward passes per step
+    for accumulation in (1, 2):
+        model, optimizer = torch_model_and_optimizer(seed=9 + launch_rank)
+        adapter = TorchAdapter(model, optimizer, torch.nn.functional.cross_entropy)
+        Trainer(adapter, TrainConfig(lr_scaling="none", clip_grad_norm=CLIP, accumulation=accumulation, **quiet)).fit((x, y))
+        record[f"clip_acc{accumulation}"] = [t.detach().numpy().astype(np.float64).ravel().tolist()
+                                             for t in model.state_dict().values()]
+    with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
+        json.dump(record, f)
+
+
+def run_script(directory: str, script: str, args: List[str]) -> None:
+    """Run ``script`` with ``args`` as its command line, every Trainer in it recording to ``directory``."""
+    import runpy
+    install(directory)
+    script = os.path.abspath(script)
+    sys.argv = [script, *args]
+    sys.path[0] = os.path.dirname(script)   # as if the script had been started directly
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "run":      # lr_checks.py run LOG_DIR SCRIPT [ARGS...]
+        run_script(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:                         # lr_checks.py BACKEND OUT_DIR
+        main(sys.argv[1], sys.argv[2])
