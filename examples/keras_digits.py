@@ -7,12 +7,14 @@
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
 from hvdkit.scripting import (MetricsFile, config_from_args, keras_learning_rate, main_guard, summary_line,
-                               training_parser)
+                               limit_train, training_parser)
 
 
 def make_model(keras):
+    # The logits in float32 under --precision bf16 too (Keras' mixed-precision advice): losses and metrics get
+    # float32 outputs (the top-3 metric's in_top_k takes no bfloat16); with fp32 nothing changes.
     return keras.Sequential([keras.Input(shape=(64,)), keras.layers.Dense(128, activation="relu"),
-                             keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
+                             keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10, dtype="float32")])
 
 
 @main_guard
@@ -23,22 +25,23 @@ def main():
     parser.add_argument("--input", choices=["arrays", "tfdata"], default="arrays",
                         help="arrays: numpy arrays; tfdata: the same data as tf.data pipelines (hvdkit.keras.TFStream)")
     args = parser.parse_args()
-    from hvdkit.keras import TFStream, make_adapter  # imports TensorFlow quietly
+    from hvdkit.keras import TFStream, make_adapter, use_precision  # imports TensorFlow quietly
     import keras
     import tensorflow as tf
     x_train, y_train, x_test, y_test = digits_split()
-    if args.limit_train is not None:
-        x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
+    x_train, y_train = limit_train(args, x_train, y_train)   # --limit-train, checked
     train, test = (x_train, y_train), (x_test, y_test)
     if args.input == "tfdata":
         train = TFStream(tf.data.Dataset.from_tensor_slices(train), n=len(x_train))
         test = TFStream(tf.data.Dataset.from_tensor_slices(test), n=len(x_test))
     keras.utils.set_random_seed(args.seed)
+    use_precision(args.precision)  # bf16: Keras' mixed_bfloat16 policy, set before the model is built
     model = make_model(keras)
     optimizer = keras.optimizers.SGD(keras_learning_rate(args), momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
-    metrics = MetricsFile(args.metrics_json, mode=args.mode, input=args.input)
+    top3 = keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3")  # reported as eval_top3, exact
+    adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression, metrics=[top3])
+    metrics = MetricsFile(args.metrics_json, mode=args.mode, input=args.input, precision=args.precision)
     result = Trainer(adapter, config_from_args(args), [metrics]).fit(train, test)
     if result.rank == 0:
         print(summary_line(result), flush=True)

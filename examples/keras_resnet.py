@@ -10,7 +10,7 @@ ranks); with it the batch statistics are computed over all ranks' samples of the
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
 from hvdkit.scripting import (MetricsFile, config_from_args, keras_learning_rate, main_guard, summary_line,
-                               training_parser)
+                               limit_train, training_parser)
 
 # The same network, recipe and defaults as examples/torch_resnet.py.
 EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY, CHANNELS = 10, 32, 3e-4, 1e-2, 32
@@ -42,19 +42,20 @@ def main():
     parser.add_argument("--mode", choices=["fit", "loop"], default="fit",
                         help="fit: Keras model.fit; loop: hvdkit's GradientTape step in tf.function")
     args = parser.parse_args()
-    from hvdkit.keras import make_adapter  # imports TensorFlow quietly
+    from hvdkit.keras import make_adapter, use_precision  # imports TensorFlow quietly
     import keras
     x_train, y_train, x_test, y_test = digits_split(images=True)   # NHWC images
-    if args.limit_train is not None:
-        x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
+    x_train, y_train = limit_train(args, x_train, y_train)   # --limit-train, checked
     keras.utils.set_random_seed(args.seed)
+    use_precision(args.precision)  # bf16: Keras' mixed_bfloat16 policy, set before the model is built
     model = make_model(keras)
     optimizer = keras.optimizers.AdamW(keras_learning_rate(args), weight_decay=WEIGHT_DECAY)
     # No weight decay on BatchNorm scales/shifts and biases (the usual ResNet recipe).
     optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
-    metrics = MetricsFile(args.metrics_json, mode=args.mode, sync_batchnorm=args.sync_batchnorm)
+    metrics = MetricsFile(args.metrics_json, mode=args.mode, sync_batchnorm=args.sync_batchnorm,
+                          precision=args.precision)
     result = Trainer(adapter, config_from_args(args), [metrics]).fit((x_train, y_train), (x_test, y_test))
     if result.rank == 0:
         print(summary_line(result), flush=True)

@@ -14,16 +14,17 @@ def main():
     parser.add_argument("--samples", type=int, default=8192, help="synthetic training samples")
     parser.add_argument("--mode", choices=["fit", "loop"], default="fit")
     args = parser.parse_args()
-    from hvdkit.keras import make_adapter
+    from hvdkit.keras import make_adapter, use_precision
     import keras
     x, y = synthetic_images(args.samples, seed=args.seed)
     x_test, y_test = synthetic_images(1024, seed=args.seed + 1)
     keras.utils.set_random_seed(args.seed)
+    use_precision(args.precision)  # bf16: Keras' mixed_bfloat16 policy, set before the model is built
     model = keras_cnn(keras)
     optimizer = keras.optimizers.SGD(keras_learning_rate(args), momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression)
-    metrics = MetricsFile(args.metrics_json, mode=args.mode)
+    metrics = MetricsFile(args.metrics_json, mode=args.mode, precision=args.precision)
     result = Trainer(adapter, config_from_args(args), [metrics]).fit((x, y), (x_test, y_test))
     if result.rank == 0:
         print(f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers ({args.mode})", flush=True)

@@ -9,7 +9,7 @@ from torch import nn
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
 from hvdkit.scripting import (MetricsFile, config_from_args, main_guard, summary_line, torch_lr_scheduler,
-                               training_parser)
+                               limit_train, training_parser)
 from hvdkit.torch import TorchAdapter
 
 
@@ -17,18 +17,22 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
+def top3_hits(outputs, targets):
+    """Per-batch SUM of top-3 hits: reported as eval_top3 (exact over all ranks' test samples)."""
+    return (outputs.topk(3, dim=1).indices == targets[:, None]).any(dim=1).sum()
+
+
 @main_guard
 def main():
     args = training_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, lr=0.05).parse_args()
     x_train, y_train, x_test, y_test = digits_split()
-    if args.limit_train is not None:
-        x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
+    x_train, y_train = limit_train(args, x_train, y_train)   # --limit-train, checked
     torch.manual_seed(args.seed)
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression,
-                           scheduler=torch_lr_scheduler(args, optimizer))
-    metrics = MetricsFile(args.metrics_json)  # rank 0 writes it at the end of fit, inside the run
+                           scheduler=torch_lr_scheduler(args, optimizer), metrics={"top3": top3_hits})
+    metrics = MetricsFile(args.metrics_json, precision=args.precision)  # rank 0 writes it at the end of fit
     result = Trainer(adapter, config_from_args(args), [metrics]).fit((x_train, y_train), (x_test, y_test))
     if result.rank == 0:
         print(summary_line(result), flush=True)

@@ -13,7 +13,7 @@ from torch import nn
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
 from hvdkit.scripting import (MetricsFile, config_from_args, main_guard, summary_line, torch_lr_scheduler,
-                               training_parser)
+                               limit_train, training_parser)
 from hvdkit.torch import TorchAdapter
 
 # Defaults: in 17 launches of this and keras_resnet.py (seeds 0-4, 1 and 2 workers, with and without
@@ -48,8 +48,7 @@ def main():
     args = training_parser(__doc__.splitlines()[0], epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR).parse_args()
     x_train, y_train, x_test, y_test = digits_split()
     x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)   # NCHW images
-    if args.limit_train is not None:
-        x_train, y_train = x_train[:args.limit_train], y_train[:args.limit_train]
+    x_train, y_train = limit_train(args, x_train, y_train)   # --limit-train, checked
     torch.manual_seed(args.seed)
     model = make_model()
     # No weight decay on BatchNorm scales/shifts and biases (the usual ResNet recipe).
@@ -59,7 +58,7 @@ def main():
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression,
                            scheduler=torch_lr_scheduler(args, optimizer))
-    metrics = MetricsFile(args.metrics_json, sync_batchnorm=args.sync_batchnorm)
+    metrics = MetricsFile(args.metrics_json, sync_batchnorm=args.sync_batchnorm, precision=args.precision)
     result = Trainer(adapter, config_from_args(args), [metrics]).fit((x_train, y_train), (x_test, y_test))
     if result.rank == 0:
         print(summary_line(result), flush=True)

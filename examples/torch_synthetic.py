@@ -24,7 +24,7 @@ def main():
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression,
                            scheduler=torch_lr_scheduler(args, optimizer))
-    metrics = MetricsFile(args.metrics_json)
+    metrics = MetricsFile(args.metrics_json, precision=args.precision)
     result = Trainer(adapter, config_from_args(args), [metrics]).fit((x, y), (x_test, y_test))
     if result.rank == 0:
         print(f"{result.samples_per_sec:.0f} samples/s on {result.world_size} workers", flush=True)

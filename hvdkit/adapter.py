@@ -8,7 +8,7 @@ method runs on every rank in the same order, so the collectives inside line up.
 Example (what :class:`hvdkit.Trainer` does with it)::
 
     adapter.attach(process)                                   # after process.init(...)
-    adapter.prepare(lr_factor=process.size, accumulation=1)   # wrap optimizer, scale LR (clip_grad_norm=...)
+    adapter.prepare(lr_factor=process.size, accumulation=1)   # wrap optimizer, scale LR (clip_grad_norm=..., precision=...)
     adapter.broadcast_state()                                 # rank 0's model everywhere
     loss_sum, count = adapter.train_step(micro_batches)
     sums = adapter.eval_batch(inputs, targets)                # {"loss": .., "correct": .., "count": ..}
@@ -16,11 +16,31 @@ Example (what :class:`hvdkit.Trainer` does with it)::
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .feed import Feed, MicroBatch
 from .process import Process
 from .sharding import Step
+
+
+RESERVED_METRICS = ("loss", "count", "correct", "samples")
+
+
+def check_metrics(metrics: Optional[Dict[str, Any]], accuracy: bool) -> Dict[str, Any]:
+    """A user's ``metrics={name: ...}`` checked (names that evaluation does not report itself); a new dict."""
+    if metrics is None:
+        return {}
+    from .errors import HvdkitError
+    if not isinstance(metrics, dict):
+        raise HvdkitError(f"metrics must be a dict of name -> function (got {type(metrics).__name__})")
+    taken = RESERVED_METRICS + (("accuracy",) if accuracy else ())
+    for name, fn in metrics.items():
+        if not isinstance(name, str) or not name or name in taken:
+            raise HvdkitError(f"metric name {name!r} is taken or empty (evaluation reports {', '.join(taken)} "
+                              "itself); choose another name")
+        if not callable(fn):
+            raise HvdkitError(f"metric {name} must be a function of (outputs, targets) returning a per-batch sum")
+    return dict(metrics)
 
 
 class Adapter(abc.ABC):
@@ -29,6 +49,7 @@ class Adapter(abc.ABC):
 
     framework: str = "?"
     process: Process = None
+    nonfinite: str = "off"   # set by the trainer (TrainConfig.nonfinite) before prepare
 
     # ---- wiring ------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -46,10 +67,30 @@ class Adapter(abc.ABC):
     # ---- model and optimizer -------------------------------------------------------------
     @abc.abstractmethod
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
-                clip_grad_norm: Optional[float] = None) -> None:
+                clip_grad_norm: Optional[float] = None, precision: str = "fp32") -> None:
         """Wrap the optimizer for allreduce (reducing every ``accumulation`` backward passes), scale the LR
         by ``lr_factor``, make BatchNorm layers synchronised when asked, clip the averaged gradients to the
-        global norm ``clip_grad_norm`` (None: no clipping). No collective: the trainer broadcasts the state next."""
+        global norm ``clip_grad_norm`` (None: no clipping), compute in ``precision`` ("fp32", or "bf16": forward
+        and loss in bfloat16, float32 weights and gradients, so the allreduce is float32). No collective: the
+        trainer broadcasts the state next."""
+
+    def set_nonfinite(self, mode: str) -> None:
+        """``"stop"``/``"skip"``: from now on check every optimizer step for a non-finite loss (on any rank) or a
+        non-finite norm of the averaged gradients, and skip that step's update on every rank (the trainer then
+        stops, or goes on); the verdict must be the same on every rank without a collective of its own — an
+        adapter folds a rank's non-finite loss into the gradients it averages (a NaN in one of them), so the
+        averaged norm is non-finite everywhere. ``"off"``: no check. Called before :meth:`prepare`."""
+        self.nonfinite = mode
+
+    def last_step_finite(self) -> Tuple[bool, Optional[float]]:
+        """After a step with the check on: (False if its update was skipped as non-finite, the averaged
+        gradient norm or None); the same on every rank."""
+        return True, None
+
+    def state_finite(self, buffers: bool = True) -> bool:
+        """True when every trained parameter (and, with ``buffers``, every buffer :meth:`sync_buffers` agrees)
+        is finite."""
+        return True
 
     @abc.abstractmethod
     def set_lr_factor(self, factor: float) -> None:
@@ -69,15 +110,16 @@ class Adapter(abc.ABC):
                   after_step: Callable[[Step, float, int], bool]) -> Tuple[float, int]:
         """Run ``steps`` (every rank the same number); ``after_step`` returning True ends the epoch early.
 
-        Returns this rank's (sum of sample losses, samples). Adapters whose framework owns the loop
+        Returns this rank's (sum of sample losses, samples), steps skipped as non-finite left out. Adapters whose framework owns the loop
         (Keras ``model.fit``) override this and call the two hooks from that loop.
         """
         loss_sum, count = 0.0, 0
         for step, micro_batches in feed.step_batches(steps, self.process.rank, self.process.size):
             before_step(step)
             step_loss, step_count = self.train_step(micro_batches)
-            loss_sum += step_loss
-            count += step_count
+            if self.nonfinite == "off" or self.last_step_finite()[0]:  # a skipped step trained nothing
+                loss_sum += step_loss
+                count += step_count
             if after_step(step, step_loss, step_count):
                 break
         return loss_sum, count
@@ -108,7 +150,20 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def eval_batch(self, inputs: Any, targets: Any) -> Dict[str, float]:
-        """Sums over one batch: at least ``loss`` (summed sample losses) and ``count``."""
+        """Sums over one batch: at least ``loss`` (summed sample losses) and ``count``; the trainer reports each
+        sum over the whole evaluation set divided by ``count`` (``correct`` as ``accuracy``)."""
+
+    def reset_eval_state(self) -> None:
+        """Before an evaluation: clear stateful metrics (their state then sums this rank's batches)."""
+
+    def eval_state(self) -> Sequence[float]:
+        """Stateful metrics' state after this rank's batches, as numbers that add up over ranks (the same length
+        on every rank); the trainer sums it over ranks with the per-batch sums."""
+        return ()
+
+    def eval_results(self, summed_state: Sequence[float]) -> Dict[str, float]:
+        """Stateful metrics' values from their state summed over ranks."""
+        return {}
 
     @abc.abstractmethod
     def parameter_checksums(self, buffers: bool = True) -> List[Tuple[str, int]]:

@@ -21,6 +21,8 @@ import time
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+from .errors import HvdkitError
+
 
 class AuditLog:
     """Appends one line per step as it starts, and a marker line where training resumed or rolled back."""
@@ -107,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--samples", type=int, required=True, help="training samples per epoch")
     parser.add_argument("--epochs", type=int, required=True)
     args = parser.parse_args(argv)
+    if not glob.glob(os.path.join(args.directory, "audit-*.jsonl")):
+        raise HvdkitError(f"no audit records (audit-*.jsonl) in {args.directory}; pass the --audit-dir the run "
+                          "wrote to")
     report = check(args.directory, args.samples, args.epochs)
     for line in report["problems"]:
         print(f"problem: {line}")

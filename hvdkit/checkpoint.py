@@ -4,6 +4,7 @@ Layout of a checkpoint directory::
 
     ckpt-00000042.bin    the adapter's bytes (for torch: a plain ``torch.save`` file)
     ckpt-00000042.json   manifest: sha256 and size of the .bin, progress, world size, time
+    best/ckpt-00000007.* with ``keep_best``: the best checkpoints by the monitored metric (:class:`BestStore`)
 
 Both are written to a temporary name, fsynced and renamed, the manifest last: a checkpoint
 exists only once its manifest does, and a reader checks the .bin against the manifest's
@@ -55,6 +56,9 @@ def atomic_write(path: str, data: bytes) -> None:
 def ensure_writable_dir(path: str) -> str:
     """Create ``path`` if needed and prove it is writable; raise one clear HvdkitError otherwise."""
     path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise HvdkitError(f"checkpoint directory {path} is a file, not a directory; pass a directory to "
+                          "--checkpoint-dir (it is created if missing)")
     try:
         os.makedirs(path, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
@@ -102,6 +106,16 @@ class CheckpointStore:
                     os.unlink(p)
         return bin_path
 
+    def newest_step(self) -> Optional[int]:
+        """The global step in the newest readable manifest (None when there is none): is the final state on disk?"""
+        for number in reversed(self.numbers()):
+            try:
+                with open(self._paths(number)[1], "rb") as f:
+                    return int(json.loads(f.read())["global_step"])
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+        return None
+
     def verify(self, number: int) -> Tuple[bytes, Dict]:
         """Read checkpoint ``number``; raise HvdkitError naming the file when it is damaged."""
         bin_path, json_path = self._paths(number)
@@ -111,7 +125,7 @@ class CheckpointStore:
             with open(bin_path, "rb") as f:
                 blob = f.read()
         except (OSError, ValueError) as e:
-            raise HvdkitError(f"checkpoint {bin_path} is unreadable ({e}); delete it to skip it") from None
+            raise HvdkitError(f"checkpoint {bin_path} is unreadable ({e}); it was not loaded") from None
         if not isinstance(manifest, dict) or not {"size", "sha256", "file"} <= set(manifest):
             raise HvdkitError(f"checkpoint {bin_path} has a malformed manifest {os.path.basename(json_path)} (not an "
                               "object with size, sha256 and file); it was not loaded")
@@ -142,6 +156,79 @@ class CheckpointStore:
                 problems.append(str(e))
                 self.log(f"warning: {e}; falling back to an older checkpoint")
         if problems:
-            raise HvdkitError(f"no usable checkpoint in {self.directory}: {problems[0]}; "
-                              "remove the damaged files to start from scratch")
+            raise HvdkitError(f"no usable checkpoint in {self.directory}: {problems[0]}; nothing was changed there: "
+                              "pass another --checkpoint-dir, or move these files away to start from scratch")
         return None
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a < b if mode == "min" else a > b
+
+
+class BestStore(CheckpointStore):
+    """The ``keep`` best checkpoints by a monitored metric, in their own directory (``<checkpoint_dir>/best``).
+
+    Same format as :class:`CheckpointStore` (each written atomically, sha256-checked manifest last); each
+    manifest also holds ``monitor``, ``monitor_value``, ``monitor_mode`` and ``epoch`` (the evaluation's epoch).
+    A checkpoint is written when fewer than ``keep`` are kept or its value beats the worst kept one (ties keep the
+    older), and the worst beyond ``keep`` is deleted after the new one is complete. Entries of epochs at or after
+    the one being evaluated belong to a timeline that was rolled back or never finished (a crash, a resume from
+    an earlier checkpoint) and are dropped first. Only rank 0 calls :meth:`offer`.
+
+    Example::
+
+        best = BestStore("/tmp/run1/best", keep=3)
+        best.offer(blob, {"epoch": 4, ...}, monitor="eval_accuracy", value=0.97, mode="max")   # path or None
+        best.ranked()      # [(value, epoch, number, manifest), ...] best first
+    """
+
+    def ranked(self, mode: str = None) -> List[Tuple[float, int, int, Dict]]:
+        """``(value, epoch, number, manifest)`` of every kept checkpoint with a readable manifest, best first
+        (``mode`` default: each manifest's own)."""
+        entries = []
+        for number in self.numbers():
+            try:
+                with open(self._paths(number)[1], "rb") as f:
+                    manifest = json.loads(f.read())
+                entries.append((float(manifest["monitor_value"]), int(manifest["epoch"]), number, manifest))
+            except (OSError, ValueError, KeyError, TypeError):
+                self.log(f"warning: best checkpoint manifest {self._paths(number)[1]} is unreadable; ignored")
+        mode = mode or (entries[0][3].get("monitor_mode", "min") if entries else "min")
+        sign = 1.0 if mode == "min" else -1.0
+        return sorted(entries, key=lambda e: (sign * e[0], e[1]))
+
+    def _remove(self, number: int) -> None:
+        bin_path, json_path = self._paths(number)
+        for path in (json_path, bin_path):  # manifest first: a checkpoint without its manifest does not exist
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def offer(self, blob: bytes, meta: Dict, monitor: str, value: float, mode: str) -> Optional[str]:
+        """Keep this checkpoint if it is among the ``keep`` best; returns its path, or None if not kept."""
+        epoch = int(meta["epoch"])
+        entries = self.ranked(mode)
+        for _, old_epoch, number, manifest in entries:
+            if old_epoch >= epoch:
+                self._remove(number)  # a timeline that was rolled back or never finished
+            elif manifest.get("monitor") != monitor or manifest.get("monitor_mode") != mode:
+                self.log(f"warning: removing best checkpoint {manifest.get('file')}: ranked by "
+                         f"{manifest.get('monitor')} ({manifest.get('monitor_mode')}), not {monitor} ({mode})")
+                self._remove(number)
+        entries = [e for e in entries if e[1] < epoch and e[3].get("monitor") == monitor
+                   and e[3].get("monitor_mode") == mode]
+        if value != value:  # NaN ranks nowhere
+            return None
+        if len(entries) >= self.keep and not _better(value, entries[self.keep - 1][0], mode):
+            return None
+        ensure_writable_dir(self.directory)
+        existing = self.numbers()
+        number = existing[-1] + 1 if existing else 0
+        bin_path, json_path = self._paths(number)
+        atomic_write(bin_path, blob)
+        manifest = dict(meta, monitor=monitor, monitor_value=float(value), monitor_mode=mode,
+                        sha256=hashlib.sha256(blob).hexdigest(), size=len(blob), file=os.path.basename(bin_path),
+                        saved_at=time.time())
+        atomic_write(json_path, json.dumps(manifest, sort_keys=True).encode())
+        for _, _, old, _ in self.ranked(mode)[self.keep:]:
+            self._remove(old)
+        return bin_path

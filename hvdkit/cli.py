@@ -19,14 +19,14 @@ import argparse
 import shlex
 import sys
 
-from .errors import HvdkitError
+from .errors import HvdkitError, OneLineParser
 from .launch import LAUNCHERS, Elastic, discovery_command, launch_command, preflight
 
 ELASTIC_FLAGS = ("min_np", "max_np", "elastic_timeout", "network_interface")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hvdkit", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="hvdkit", description=__doc__.splitlines()[0])   # usage errors: one line
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="check that this machine can run Horovod jobs")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any, Callable, Dict, Optional
 
 from horovod.common.elastic import State
+from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
 Progress = Dict[str, Any]
 
@@ -33,6 +34,10 @@ class StateHooks:
     durable: Optional[Callable[[bytes, Progress], None]] = None   # write a commit to disk (rank 0)
     on_restore: Optional[Callable[[Progress], None]] = None        # after a rollback to ``progress``
     is_final: Optional[Callable[[Progress], bool]] = None          # the run's last commit: always durable
+    # One rank's ordinary error (a bug, not a lost peer) must stop every rank, not be retried or left behind:
+    exchange_failures: Optional[Callable[[], None]] = None  # first collective of a sync: raises if any rank failed
+    on_error: Optional[Callable[[BaseException], None]] = None     # record this rank's error for that exchange
+    is_peer_lost: Optional[Callable[[BaseException], bool]] = None
 
 
 class ElasticState(State):
@@ -43,7 +48,12 @@ class ElasticState(State):
         super().__init__(bcast_object=process.broadcast_object, get_rank=lambda: process.rank)
         self.process, self.hooks, self.durable_every = process, hooks, durable_every
         self.commits = 0
-        self._snapshot()
+        try:
+            self._snapshot()
+        except Exception as e:   # e.g. a model this rank failed to prepare: the first sync stops every rank
+            if not self._recorded(e):
+                raise
+            self.committed = (None, copy.deepcopy(self.hooks.get_progress()))
 
     def _snapshot(self) -> None:
         progress = copy.deepcopy(self.hooks.get_progress())
@@ -57,13 +67,39 @@ class ElasticState(State):
             self.hooks.durable(*self.committed)
 
     def restore(self) -> None:
-        blob, progress = self.committed
-        self.hooks.from_bytes(blob)
-        self.hooks.set_progress(copy.deepcopy(progress))
-        if self.hooks.on_restore is not None:
-            self.hooks.on_restore(copy.deepcopy(progress))
+        # Horovod calls this after a failed collective, then re-initialises and syncs: an error here is recorded
+        # and stops every rank at that sync (raised from here, it would end this worker as if its host failed).
+        try:
+            blob, progress = self.committed
+            if blob is not None:
+                self.hooks.from_bytes(blob)
+            self.hooks.set_progress(copy.deepcopy(progress))
+            if self.hooks.on_restore is not None:
+                self.hooks.on_restore(copy.deepcopy(progress))
+        except Exception as e:
+            if not self._recorded(e):
+                raise
 
     def sync(self) -> None:
-        self.hooks.broadcast()
-        self.hooks.set_progress(self.process.broadcast_object(copy.deepcopy(self.hooks.get_progress())))
-        self._snapshot()
+        if self.hooks.exchange_failures is not None:
+            self.hooks.exchange_failures()   # before the broadcast: a rank that failed may not be able to join it
+        try:
+            self.hooks.broadcast()
+            self.hooks.set_progress(self.process.broadcast_object(copy.deepcopy(self.hooks.get_progress())))
+            self._snapshot()
+        except HostsUpdatedInterrupt:
+            raise
+        except Exception as e:
+            if not self._recorded(e):
+                raise
+            self.process.abort()   # the others' pending broadcast fails now; Horovod retries; the next sync stops
+            raise HorovodInternalError(str(e)) from e
+
+    def _recorded(self, error: BaseException) -> bool:
+        """Record ``error`` for the next exchange when it is this rank's own (not a lost peer); False otherwise."""
+        hooks = self.hooks
+        if hooks.on_error is None or isinstance(error, HostsUpdatedInterrupt) or \
+                (hooks.is_peer_lost is not None and hooks.is_peer_lost(error)):
+            return False
+        hooks.on_error(error)
+        return True

@@ -195,6 +195,8 @@ def _check_hosts_file(hosts_file: str, np: int) -> List[str]:
                           "pass a readable file with --hosts-file") from None
     except ValueError as e:
         raise HvdkitError(str(e)) from None
+    if not hosts:   # during a run an empty file drains every host (on purpose); at the start nothing could run
+        raise HvdkitError(f"hosts file {hosts_file} lists no hosts; add at least one host:slots line, e.g. localhost:2")
     slots = sum(n for _, n in hosts)
     if slots < np:
         return [f"hvdkit: note: {hosts_file} lists {slots} slot(s) for -np {np}; "

@@ -19,6 +19,8 @@ from typing import Any, Callable, List
 
 import numpy as np
 
+from .errors import HvdkitError
+
 
 class Process(abc.ABC):
     """Rank, size, the metric and object collectives, and the elastic retry loop of one framework."""
@@ -128,4 +130,75 @@ class LocalProcess(Process):
         # Horovod's own framework-free retry loop, with nothing to re-initialise: a test can raise
         # HorovodInternalError in a callback and watch the state roll back, all in one process.
         from horovod.common.elastic import run_fn
-        return run_fn(fn, lambda: None)
+        return run_fn(guard_rollbacks(fn, self), lambda: None)
+
+
+# ---- stalls: a rank stuck outside the collectives ---------------------------------------------------------
+# Horovod's stall check (on by default) only warns: the coordinator names the ranks missing from a collective
+# every HOROVOD_STALL_CHECK_TIME_SECONDS (60 s), and its default HOROVOD_STALL_SHUTDOWN_TIME_SECONDS of 0 lets
+# the job wait forever. hvdkit shuts Horovod down after 600 s instead: ten warnings' worth, far above any wait a
+# healthy job has here (a checkpoint written by rank 0 while the others wait, a rank re-reading a stream's
+# remainder after a resize, first-step tracing), and the same as horovodrun's --elastic-timeout, so a hung job
+# frees its hosts in minutes, not never. Every rank's pending collective then fails (torch: HorovodInternalError;
+# TF: an op error naming Horovod) and the rank that stalled fails at its next one.
+STALL_WARNING_SECONDS = 60
+STALL_SHUTDOWN_SECONDS = 600
+
+
+def apply_stall_defaults(environ=os.environ) -> None:
+    """Set hvdkit's stall-check defaults before ``hvd.init()``, leaving every variable the user set alone.
+
+    ``HOROVOD_STALL_CHECK_DISABLE=1`` (horovodrun ``--no-stall-check``) turns the check off and is respected;
+    a user's warning time above 600 s moves the shutdown to twice that (Horovod ignores a shutdown time
+    below the warning time).
+
+    Example::
+
+        >>> env = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "5"}
+        >>> apply_stall_defaults(env); env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"]
+        '600'
+    """
+    if environ.get("HOROVOD_STALL_CHECK_DISABLE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(STALL_WARNING_SECONDS))
+    try:
+        warning = int(environ["HOROVOD_STALL_CHECK_TIME_SECONDS"])
+    except ValueError:  # Horovod will complain about it itself; do not guess a shutdown time from it
+        return
+    environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+                       str(STALL_SHUTDOWN_SECONDS if warning * 2 <= STALL_SHUTDOWN_SECONDS else warning * 2))
+
+
+#: Restarts of an elastic job from one and the same commit before hvdkit stops it (see guard_rollbacks).
+ROLLBACK_LIMIT = 3
+
+
+def guard_rollbacks(fn: Callable[[Any], Any], process: Process, limit: int = ROLLBACK_LIMIT) -> Callable[[Any], Any]:
+    """``fn(state)`` for Horovod's elastic retry loop, refusing to restart it from the same commit ``limit`` times.
+
+    A stall shutdown looks like a lost peer to the elastic loop: every rank rolls back to the last commit and
+    retries. Once, that recovers a rank that was only slow; a rank that stalls at the same place every time
+    would make the job retry forever (each try costing the stall shutdown time). Horovod's retries go through
+    here right after the state sync: a restart with no commit since the previous one counts, any commit resets
+    the count, and rank 0's count is broadcast so that every rank (a worker that just joined too) stops alike.
+    ``state.commits`` (``hvdkit.elastic.ElasticState``) tells commits apart; a state without it is not guarded.
+
+    Example::
+
+        run = process.elastic_run(body)    # HorovodProcess.elastic_run wraps body with guard_rollbacks
+    """
+    seen = {"commits": None, "repeats": 0}
+
+    def guarded(state):
+        commits = getattr(state, "commits", None)
+        if commits is not None:
+            seen["repeats"] = seen["repeats"] + 1 if commits == seen["commits"] else 0
+            seen["commits"] = commits
+            repeats = process.broadcast_object(seen["repeats"])
+            if repeats >= limit:
+                raise HvdkitError(
+                    f"the elastic job restarted {repeats} times in a row from the same commit without training a "
+                    "step further (a rank stalled or a worker was lost each time); stopping instead of retrying "
+                    "forever. See the first error, or Horovod's stall warning naming the missing ranks, above")
+        return fn(state)
+    return guarded

@@ -50,7 +50,8 @@ def resumed_progress(resumed: Dict[str, Any]) -> Dict[str, Any]:
     knowledge, on the world that wrote it."""
     layout = resumed.get("layout") or ([[int(resumed["saved_world_size"]), 0]]
                                        if resumed.get("saved_world_size") else [])
-    return dict({k: resumed[k] for k in ("epoch", "position", "global_step")}, layout=layout, rng=resumed.get("rng"))
+    return dict({k: resumed[k] for k in ("epoch", "position", "global_step")}, layout=layout, rng=resumed.get("rng"),
+                **{k: resumed[k] for k in ("best", "skipped") if resumed.get(k) is not None})
 
 
 def resume_line(progress: Dict[str, Any], n: int, world_size: int) -> str:

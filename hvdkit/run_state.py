@@ -15,6 +15,8 @@ from .audit import AuditLog
 
 # Rank 0 logs a line with this after every rank reached the end of fit (outputs written); hvdkit launch looks for it.
 COMPLETE_MARK = "training complete"
+# ... and this when a fit begins (a script may call fit more than once).
+START_MARK = "training starts"
 
 
 def fresh_progress(n: int, seed: int) -> Dict[str, Any]:
@@ -38,6 +40,8 @@ class FitResult:
     resumed_from: Optional[Dict[str, Any]]
     resets: int = 0
     rank: int = 0
+    best: Optional[Dict[str, Any]] = None    # the monitored metric's record (TrainConfig.monitor), if watched
+    skipped_steps: int = 0                   # steps whose update was skipped (nonfinite="skip")
 
 
 @dataclasses.dataclass
@@ -54,5 +58,5 @@ class Run:
     resets: int = 0
     rolled_back: bool = False
     hosts: Optional[List[str]] = None
-    fatal: Optional[str] = None            # this rank's error line, handed to every rank (elastic)
+    fatal: Optional[tuple] = None          # (this rank's error line, bad input?), handed to every rank (elastic)
     result: Optional[FitResult] = None     # set when the run finished (Trainer._finish)

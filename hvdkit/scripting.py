@@ -16,19 +16,31 @@ import json
 import math
 import os
 import sys
+import tempfile
 from typing import Any, Callable, Dict, Optional
 
 from .callbacks import Callback
 from .checkpoint import atomic_write
 from .config import TrainConfig
-from .errors import HvdkitError
+from .errors import HvdkitError, OneLineParser, RankFailed
+
+
+def _learning_rate(text: str) -> float:
+    """``--lr``: a finite number > 0 (NaN trains garbage without a word, a negative LR is torch's traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text!r}), e.g. --lr 0.05")
+    return value
 
 
 def training_parser(description: str, epochs: int, batch_size: int, lr: float) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = OneLineParser(description=description)   # a usage error is one line, not the usage block per rank
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=batch_size, help="samples per worker per step")
-    p.add_argument("--lr", type=float, default=lr, help="learning rate for one worker (scaled by --lr-scaling)")
+    p.add_argument("--lr", type=_learning_rate, default=lr, help="learning rate for one worker (scaled by --lr-scaling)")
     p.add_argument("--lr-scaling", choices=["linear", "none"], default="linear")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -53,6 +65,24 @@ def training_parser(description: str, epochs: int, batch_size: int, lr: float) -
                    help="step: LR x0.1 every --lr-decay-steps optimizer steps; cosine: from --lr to 0 over "
                         "--lr-decay-steps steps (then 0); both times the --lr-scaling/--warmup-steps factor")
     p.add_argument("--lr-decay-steps", type=int, default=1000, help="optimizer steps of --lr-schedule")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: forward pass and loss in bfloat16 (torch autocast, Keras mixed_bfloat16); weights, "
+                        "gradients and their allreduce stay float32")
+    p.add_argument("--keep-best", type=int, default=0,
+                   help="also keep the K best checkpoints by --monitor in CHECKPOINT_DIR/best (needs --checkpoint-dir)")
+    p.add_argument("--monitor", default="eval_loss",
+                   help="epoch metric for --keep-best and early stopping: eval_loss, eval_accuracy, eval_<metric>, "
+                        "or loss (training)")
+    p.add_argument("--monitor-mode", choices=["min", "max"], default=None,
+                   help="whether --monitor should go down or up (default: min for *loss*/*error*, max for "
+                        "*accuracy*/*top*)")
+    p.add_argument("--min-delta", type=float, default=0.0,
+                   help="early stopping: an improvement must beat the best by more than this")
+    p.add_argument("--early-stopping-patience", type=int, default=0,
+                   help="stop after N evaluations in a row without improvement of --monitor (0: never)")
+    p.add_argument("--nonfinite", choices=["stop", "skip", "off"], default="stop",
+                   help="a NaN/Inf loss or gradient norm: stop every rank at that step (exit non-zero), skip that "
+                        "step's update on every rank, or off (no check)")
     return p
 
 
@@ -71,7 +101,7 @@ def scheduled_lr(schedule: str, lr: float, decay_steps: int, step: int) -> float
 
 def _check_schedule(args: argparse.Namespace) -> None:
     if args.lr_schedule != "none" and args.lr_decay_steps < 1:
-        raise HvdkitError(f"--lr-decay-steps must be >= 1 (got {args.lr_decay_steps})")
+        raise HvdkitError(f"--lr-decay-steps must be >= 1 (got {args.lr_decay_steps}); pass e.g. --lr-decay-steps 1000")
 
 
 def torch_lr_scheduler(args: argparse.Namespace, optimizer):
@@ -105,7 +135,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         checkpoint_every=args.checkpoint_every, stop_after_steps=args.stop_after_steps,
         tensorboard_dir=args.tensorboard_dir, progress_bar=not args.no_progress and sys.stderr.isatty(),
         commit_every=args.commit_every, durable_every=args.durable_every, audit_dir=args.audit_dir,
-        sync_batchnorm=args.sync_batchnorm, clip_grad_norm=args.clip_grad_norm)
+        sync_batchnorm=args.sync_batchnorm, clip_grad_norm=args.clip_grad_norm,
+        precision=args.precision, keep_best=args.keep_best, monitor=args.monitor, monitor_mode=args.monitor_mode,
+        min_delta=args.min_delta, early_stopping_patience=args.early_stopping_patience, nonfinite=args.nonfinite)
 
 
 def write_metrics(path: Optional[str], result, framework: str, rank: int, **extra: Any) -> Dict[str, Any]:
@@ -116,13 +148,50 @@ def write_metrics(path: Optional[str], result, framework: str, rank: int, **extr
         "train_samples_per_epoch": result.train_samples_per_epoch,
         "test_accuracy": result.eval.get("accuracy"), "test_loss": result.eval.get("loss"),
         "test_samples": result.eval.get("samples"), "samples_per_sec": round(result.samples_per_sec, 1),
-        "stopped_early": result.stopped_early,
+        "stopped_early": result.stopped_early, "best": result.best, "skipped_steps": result.skipped_steps,
         "resumed": bool(result.resumed_from), "resets": result.resets, "history": result.history, **extra}
     if path and rank == 0:
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        atomic_write(path, (json.dumps(metrics, indent=1) + "\n").encode())
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            atomic_write(path, (json.dumps(metrics, indent=1) + "\n").encode())
+        except OSError as e:
+            raise _unwritable_metrics(path, e) from None
     return metrics
+
+
+def _unwritable_metrics(path: str, error: OSError) -> HvdkitError:
+    # makedirs meeting a regular file says "File exists", which names neither the file nor the problem
+    why = "part of the path is a file" if isinstance(error, FileExistsError) else error.strerror
+    return HvdkitError(f"cannot write the metrics file {path} ({why}); pass a writable --metrics-json")
+
+
+def check_metrics_path(path: str) -> None:
+    """Raise one line now, not after training, when the metrics file could not be written (rank 0)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise HvdkitError(f"--metrics-json {path} is a directory; pass a file name, e.g. "
+                          f"{os.path.join(path, 'metrics.json')}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-").close()
+    except OSError as e:
+        raise _unwritable_metrics(path, e) from None
+
+
+def limit_train(args: argparse.Namespace, *arrays):
+    """``arrays`` cut to the first ``--limit-train`` samples (unchanged without the flag); a limit below 1 or
+    above the number of samples is an error, not a silent slice."""
+    k, n = args.limit_train, len(arrays[0])
+    if k is None:
+        return arrays
+    if k < 1:
+        raise HvdkitError(f"--limit-train {k}: the training dataset is empty; pass --limit-train 1 or more, "
+                          "or drop it to use all samples" if k == 0 else
+                          f"--limit-train must be >= 1 (got {k}); pass the number of training samples to use")
+    if k > n:
+        raise HvdkitError(f"--limit-train {k} is more than the {n} training samples; pass at most {n}, "
+                          "or drop it to use them all")
+    return tuple(a[:k] for a in arrays)
 
 
 class MetricsFile(Callback):
@@ -137,6 +206,10 @@ class MetricsFile(Callback):
     def __init__(self, path: Optional[str], **extra: Any):
         self.path, self.extra = path, extra
 
+    def on_train_begin(self, trainer) -> None:
+        if self.path:   # rank 0, before any step: a path that cannot be written fails now, not after training
+            check_metrics_path(self.path)
+
     def on_train_end(self, trainer, result) -> None:
         write_metrics(self.path, result, trainer.adapter.framework, trainer.process.rank, **self.extra)
 
@@ -150,12 +223,14 @@ def summary_line(result) -> str:
 
 
 def main_guard(fn: Callable[[], Any]) -> Callable[[], None]:
-    """Decorator for a script's main: an HvdkitError becomes one line on stderr and exit code 2."""
+    """Decorator for a script's main: an HvdkitError becomes one line on stderr and exit code 2 (bad input), or 1
+    when it reports a rank that failed (:class:`hvdkit.errors.RankFailed`: a bug, whose traceback that rank
+    printed)."""
     @functools.wraps(fn)
     def wrapper():
         try:
             fn()
         except HvdkitError as e:
             print(f"hvdkit: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(1 if isinstance(e, RankFailed) else 2)
     return wrapper

@@ -49,7 +49,7 @@ import time
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 from .errors import HvdkitError
-from .run_state import COMPLETE_MARK
+from .run_state import COMPLETE_MARK, START_MARK
 
 GRACE = 10.0        # seconds the launcher gets to stop its workers after a forwarded signal
 DRAIN = 5.0         # seconds to read what is left in the pipe once the launcher has exited
@@ -73,6 +73,10 @@ MPIRUN_NOISE = re.compile(r"Primary job\s+terminated normally|mpirun detected th
 SECONDARY = "another rank failed or left the job"
 # What rank 0's trainer logs once every rank finished fit.
 COMPLETE_LINE = f"[hvdkit rank 0] {COMPLETE_MARK}:"
+START_LINE = f"[hvdkit rank 0] {START_MARK}"
+# A rank's line naming the failing rank itself (the trainer's): in elastic jobs every rank prints it, and the
+# launcher's numbers are initial ranks, so the line is the summary as it is.
+NAMES_FAILING_RANK = re.compile(r"^hvdkit: error: rank \d+ failed ")
 # Launcher lines naming the first failing worker.
 HOROVOD_EXIT = re.compile(r"^Process (\d+) exit with status code (-?\d+)\.")
 HOROVOD_TERMINATING = re.compile(r"^Terminating remaining workers after failure of Process \d+\.")
@@ -221,6 +225,7 @@ class FailureTracker:
         self.launcher_last: Optional[str] = None
         self.failures: List[Tuple[int, int]] = []              # every (rank, exit code) the launcher reported
         self.completed = False                                 # rank 0's trainer said every rank finished fit
+        self.failures_before_complete = 0
         self._after_dashes = False
         self._mpi_rank: Optional[int] = None                   # "Process name:" seen, "Exit code:" next
 
@@ -235,7 +240,9 @@ class FailureTracker:
         if not body:
             return
         if COMPLETE_LINE in body:
-            self.completed = True
+            self.completed, self.failures_before_complete = True, len(self.failures)
+        elif START_LINE in body:   # a script's next fit: not complete until it says so
+            self.completed = False
         # hvdkit's own error line says the most (unless it only says another rank failed), then a Python exception
         # line, then anything on stderr.
         priority = (3 if "hvdkit: error:" in body and SECONDARY not in body else
@@ -304,7 +311,8 @@ class FailureTracker:
     def lost_after_completion(self) -> bool:
         """Training completed (rank 0 said so) and every failure the launcher reported is a worker killed by a
         signal: a worker lost while the finished job was shutting down."""
-        return self.completed and bool(self.failures) and all(code < 0 or code > 128 for _, code in self.failures)
+        return (self.completed and len(self.failures) > self.failures_before_complete == 0
+                and all(code < 0 or code > 128 for _, code in self.failures))
 
     def error_line(self, rank: int) -> Optional[str]:
         return self.best.get(rank, (0, None))[1]
@@ -350,6 +358,8 @@ def summary(tracker: FailureTracker, launcher: str, returncode: int, log_path: s
     if tracker.first_failure is not None:
         rank, code = tracker.origin()
         said = tracker.error_line(rank)
+        if said and NAMES_FAILING_RANK.match(said):
+            return f"{said}{where}", exit_code_for(code)
         said = f": {said}" if said else " without an error line of its own"
         return f"hvdkit: error: rank {rank} failed first ({_describe(code)}){said}{where}", exit_code_for(code)
     if tracker.first_error_rank is not None:   # the launcher did not say who failed first: the first rank to complain

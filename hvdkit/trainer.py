@@ -33,14 +33,14 @@ import numpy as np
 from .adapter import Adapter
 from .audit import AuditLog
 from .callbacks import Callback, LogLines, ProgressBar, TensorBoard
-from .checkpoint import CheckpointStore, ensure_writable_dir
+from .checkpoint import BestStore, CheckpointStore, ensure_writable_dir
 from .config import TrainConfig
-from .errors import HvdkitError
+from .errors import HvdkitError, RankFailed, StoppedOnEveryRank
 from .log import get_logger
 from .loop import EpochLoop
 from .process import Process
 from .resume import load_latest, resume_line, resumed_progress
-from .run_state import COMPLETE_MARK, FitResult, Run, fresh_progress
+from .run_state import COMPLETE_MARK, START_MARK, FitResult, Run, fresh_progress
 from .sharding import check_train_config
 
 
@@ -63,6 +63,8 @@ class Trainer:
         self.callbacks: List[Callback] = []
         self._begun: set = set()
         self.buffers_stale = True  # set by every training step; see agree_buffers
+        self.best_store: Optional[BestStore] = None   # keep_best: rank 0 writes the best checkpoints here
+        self.last_checkpoint: Optional[str] = None    # the newest checkpoint written or resumed from (rank 0)
 
     @property
     def active_callbacks(self) -> List[Callback]:
@@ -93,7 +95,7 @@ class Trainer:
                 outcome = ("error", str(e))
         kind, value = self.process.broadcast_object(outcome)
         if kind == "error":
-            raise HvdkitError(value)
+            raise StoppedOnEveryRank(value)  # every rank got the same verdict: none waits, none is to blame
         return value
 
     def check_same_parameters(self, when: str, buffers: bool = True) -> None:
@@ -146,21 +148,36 @@ class Trainer:
             blob = blob if blob is not None else self.adapter.state_to_bytes(progress)
             meta = {k: v for k, v in progress.items() if k != "rng"}  # the blob holds the random states
             path = store.save(blob, dict(meta, world_size=self.process.size, framework=self.adapter.framework))
+            self.last_checkpoint = path
             self.log.info(f"checkpoint {path} (epoch {progress['epoch']}, position {progress['position']})")
 
     def evaluate(self, data) -> Dict[str, float]:
-        """Exact metrics over ``data``: each sample counted once, sums reduced over ranks."""
+        """Exact metrics over ``data``: each sample counted once (the ranks' shares are disjoint, unpadded).
+
+        Per-batch sums (the loss, argmax hits, the adapter's ``metrics=`` functions) are summed over the share,
+        then over ranks, and divided by the sample count; stateful metrics (Keras ``Metric`` objects, compiled
+        metrics) add their state variables to the same reduction and are computed from the summed state. One
+        allreduce for all of them.
+        """
         a, p, cfg = self.adapter, self.process, self.config
         self.agree_buffers()  # BatchNorm statistics: the ranks' mean, so every rank scores with the same model
         feed = a.make_feed(data)
         keys = sorted(a.metric_names())
         totals = dict.fromkeys(keys, 0.0)
+        a.reset_eval_state()
         for inputs, targets in feed.eval_batches(p.rank, p.size, cfg.eval_batch_size or cfg.batch_size):
             for key, value in a.eval_batch(inputs, targets).items():
                 totals[key] += float(value)
-        reduced = dict(zip(keys, p.allreduce_sum(np.array([totals[k] for k in keys], dtype=np.float64))))
+        state = np.asarray(a.eval_state(), dtype=np.float64).ravel()
+        summed = p.allreduce_sum(np.concatenate([np.array([totals[k] for k in keys], dtype=np.float64), state]))
+        reduced = dict(zip(keys, summed[:len(keys)]))
         count = reduced.pop("count")
-        metrics = {k.replace("correct", "accuracy"): v / max(count, 1) for k, v in reduced.items()}
+        metrics = {("accuracy" if k == "correct" else k): v / max(count, 1) for k, v in reduced.items()}
+        stateful = a.eval_results(summed[len(keys):])
+        clash = sorted(set(stateful) & {"loss", "samples"})
+        if clash:
+            raise StoppedOnEveryRank(f"a metric is named {clash[0]}, which evaluation reports itself; rename it")
+        metrics.update(stateful)  # a compiled "accuracy" replaces the argmax one (it knows the labels' format)
         metrics["samples"] = int(count)
         return metrics
 
@@ -178,17 +195,20 @@ class Trainer:
         a.attach(p)
         self.log = get_logger(p.rank)
         self.elastic = cfg.elastic if cfg.elastic is not None else os.environ.get("HOROVOD_ELASTIC") == "1"
-        self.callbacks, self._begun = self._callbacks(), set()
+        self.callbacks, self._begun, self._ended = self._callbacks(), set(), set()
         run = Run(progress=fresh_progress(0, cfg.seed), audit=AuditLog(cfg.audit_dir) if cfg.audit_dir else None)
+        if p.rank == 0:   # `hvdkit launch` reads this too: a new fit has begun (see COMPLETE_MARK)
+            self.log.info(f"{START_MARK} on {p.size} worker{'s' if p.size > 1 else ''}")
         try:
             train_feed, eval_feed, store, resumed = self._prepare(run, train, eval_data)
         except Exception as e:
-            if not self.elastic or self.process.size == 1:
+            if not self.elastic:
+                self._failed(e, run, "before training")
+            if p.size == 1:
                 raise
-            # Elastic: the others are about to sync in Horovod's loop; join them and tell them (first thing
-            # in the loop body) instead of leaving them to treat this worker as a lost host.
-            run.fatal = self._failure_line(e, run, "before training")
-            self.log.error(self._traceback(e))
+            # Elastic: the others are about to sync in Horovod's loop; join them and tell them (the first
+            # collective of the sync) instead of leaving them to treat this worker as a lost host.
+            self._record_failure(e, run, "before training")
             train_feed = eval_feed = store = resumed = None
         if self.elastic:
             self._fit_elastic(run, store, train_feed, eval_feed, resumed)
@@ -199,7 +219,7 @@ class Trainer:
                 if run.audit:
                     run.audit.start(run.progress["global_step"], p.rank, p.size)
                 EpochLoop(self, run, train_feed, eval_feed, lambda: self.save_checkpoint(store, run.progress)).run()
-                self._finish(run, resumed)
+                self._finish(run, resumed)   # static: the loop's last commit wrote the final checkpoint
             except Exception as e:
                 self._failed(e, run)
         return run.result
@@ -214,8 +234,12 @@ class Trainer:
             raise HvdkitError("the evaluation dataset is empty; pass a non-empty test split or none")
         run.progress = fresh_progress(train_feed.n, cfg.seed)
         train_feed.record_ids = run.audit is not None
+        if cfg.monitor.startswith("eval_") and eval_feed is None and (cfg.keep_best or cfg.early_stopping_patience):
+            raise HvdkitError(f"monitor {cfg.monitor} needs evaluation data; pass a test split to fit, or monitor "
+                              "the training loss (--monitor loss)")
+        a.set_nonfinite(cfg.nonfinite)
         a.prepare(lr_factor=cfg.lr_factor(p.size, 0), accumulation=cfg.accumulation, sync_batchnorm=cfg.sync_batchnorm,
-                  clip_grad_norm=cfg.clip_grad_norm)
+                  clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision)
         self.active_callbacks  # noqa: B018 -- begins this rank's callbacks (on_train_begin) now
         store, resumed = self._open_checkpoints(train_feed.n)
         if resumed:
@@ -223,14 +247,25 @@ class Trainer:
         return train_feed, eval_feed, store, resumed
 
     # ---- the end of a run, and a rank that fails --------------------------------------------------
-    def _finish(self, run: Run, resumed) -> None:
+    @staticmethod
+    def _store_behind(store: CheckpointStore, progress) -> bool:
+        return store.newest_step() != int(progress["global_step"])
+
+    def _finish(self, run: Run, resumed, store: Optional[CheckpointStore] = None) -> None:
         """The run's last moments: ``on_train_end`` (rank 0's final side effects, e.g. the metrics file), then
-        one collective every rank must reach. Elastic: a worker lost before it rolls everyone back to the final
-        commit (training is not repeated) and whoever is rank 0 then runs the side effects; static: the job
-        fails instead of ending with exit 0 and missing outputs."""
+        one collective every rank must reach. Elastic: a worker lost after the final commit rolls everyone back to
+        it (training is not repeated) and whoever is rank 0 then runs the side effects it has not run yet (a
+        worker lost during the final evaluation or commit rolls back to the previous commit: the rest of the last
+        epoch is trained again); static: the job fails instead of ending with exit 0 and missing outputs."""
         run.result = self._result(run, resumed)
+        if store is not None and self.process.rank == 0 and self._store_behind(store, run.progress):
+            # elastic: rank 0 was lost before its durable write of the final commit finished, and the others
+            # rolled back to that commit; the final checkpoint is written here, once
+            self.save_checkpoint(store, run.progress)
         for cb in self.active_callbacks:
-            cb.on_train_end(self, run.result)
+            if id(cb) not in self._ended:   # a rollback to the final commit: callbacks that ended stay ended
+                cb.on_train_end(self, run.result)
+                self._ended.add(id(cb))
         self.process.allreduce_sum(np.zeros(1))
         run.result = self._result(run, resumed)
         if self.process.rank == 0:   # `hvdkit launch` reads this: a worker lost after it does not fail the job
@@ -243,29 +278,43 @@ class Trainer:
 
     def _failure_line(self, error: BaseException, run: Run, where: Optional[str] = None) -> str:
         """One line naming this rank, where it was, and the error (HvdkitError messages as they are)."""
-        progress = run.progress
-        if where is None and progress["epoch"] >= self.config.epochs:
-            where = f"after training (step {progress['global_step']})"
-        where = where or f"at epoch {progress['epoch'] + 1}, step {progress['global_step']}"
+        where = where or self._where(run)
         what = str(error) if isinstance(error, HvdkitError) else f"{type(error).__name__}: {error}"
         return f"rank {self.process.rank} failed {where}: {what.splitlines()[0] if what else type(error).__name__}"
 
-    def _failed(self, error: BaseException, run: Run) -> None:
+    def _failed(self, error: BaseException, run: Run, where: Optional[str] = None) -> None:
         """Static job: one rank raised. Its traceback, then Horovod shut down on this rank so every other rank's
         pending collective fails now (not when the launcher notices), and one line on every rank."""
         p = self.process
         if p.is_peer_lost(error):
-            raise HvdkitError(f"rank {p.rank} stopped at epoch {run.progress['epoch'] + 1}, step "
-                              f"{run.progress['global_step']}: another rank failed or left the job (its own error "
-                              "line is the first in the job's output)") from error
-        if isinstance(error, HvdkitError) and p.size == 1:
-            raise error
-        if not isinstance(error, HvdkitError):  # the user's own message needs no traceback
+            said = str(error).strip().splitlines()
+            raise RankFailed(f"rank {p.rank} stopped {self._where(run)}: another rank failed or left the job (its own "
+                             f"error line is the first in the job's output){'; Horovod: ' + said[0] if said else ''}"
+                             ) from error
+        if isinstance(error, StoppedOnEveryRank) or p.size == 1:
+            raise error  # nobody is left waiting: every rank stops here alike, or there is no other rank
+        line = self._record_failure(error, run, where)
+        p.abort()
+        if isinstance(error, HvdkitError):
+            raise error  # bad input (often found alike on every rank): its own one line, exit 2
+        raise RankFailed(line) from error
+
+    def _where(self, run: Run) -> str:
+        progress = run.progress
+        if progress["epoch"] >= self.config.epochs:
+            return f"after training (step {progress['global_step']})"
+        return f"at epoch {progress['epoch'] + 1}, step {progress['global_step']}"
+
+    def _record_failure(self, error: BaseException, run: Run, where: Optional[str] = None) -> str:
+        """This rank's error: its traceback logged (not for the user's own HvdkitError message), its one line kept
+        in ``run.fatal`` for the other ranks (elastic), and returned."""
+        if run.fatal is not None:   # the first error counts; what fails after it (e.g. a snapshot) follows from it
+            return run.fatal[0]
+        if not isinstance(error, HvdkitError):
             self.log.error(self._traceback(error))
-        line = self._failure_line(error, run)
-        if p.size > 1:
-            p.abort()
-        raise HvdkitError(line) from error
+        line = self._failure_line(error, run, where)
+        run.fatal = (line, isinstance(error, HvdkitError) and not isinstance(error, RankFailed))
+        return line
 
     def _open_checkpoints(self, n: int):
         """The checkpoint store (or None) and the checkpoint resumed from (or None), loaded into the adapter.
@@ -280,8 +329,11 @@ class Trainer:
         agree = (lambda compute: compute()) if self.elastic else self._agree
         directory = agree(lambda: ensure_writable_dir(cfg.checkpoint_dir))
         store = CheckpointStore(directory, keep=cfg.keep_checkpoints, log=self.log.warning)
+        if cfg.keep_best:
+            self.best_store = BestStore(os.path.join(directory, "best"), keep=cfg.keep_best, log=self.log.warning)
         resumed = agree(lambda: load_latest(store, self.adapter, n, cfg.seed)) if cfg.resume else None
         if resumed:
+            self.last_checkpoint = os.path.join(directory, resumed["file"])
             self.log.info(resume_line(resumed, n, p.size))
         return store, resumed
 
@@ -301,28 +353,27 @@ class Trainer:
             to_bytes=a.state_to_bytes, from_bytes=a.state_from_bytes, broadcast=a.broadcast_state,
             get_progress=lambda: run.progress, set_progress=set_progress, on_restore=on_restore,
             durable=(lambda blob, progress: self.save_checkpoint(store, progress, blob)) if store else None,
-            is_final=lambda progress: progress["epoch"] >= cfg.epochs)
+            is_final=lambda progress: progress["epoch"] >= cfg.epochs or run.stopped,
+            exchange_failures=lambda: self._exchange_failures(run),
+            on_error=lambda error: self._record_failure(error, run), is_peer_lost=p.is_peer_lost)
         state = ElasticState(p, hooks, durable_every=cfg.durable_every)
-        p.elastic_run(lambda st: self._elastic_body(st, run, train_feed, eval_feed, resumed))(state)
+        p.elastic_run(lambda st: self._elastic_body(st, run, train_feed, eval_feed, resumed, store))(state)
         if run.progress["epoch"] < cfg.epochs and not run.stopped:  # never report a cut-short run as done
             raise HvdkitError(f"elastic training ended early at epoch {run.progress['epoch'] + 1}, step "
                               f"{run.progress['global_step']}; see the workers' errors above")
 
-    def _elastic_body(self, state, run: Run, train_feed, eval_feed, resumed) -> None:
+    def _elastic_body(self, state, run: Run, train_feed, eval_feed, resumed, store=None) -> None:
         """One (re)start inside Horovod's elastic loop, right after the state sync.
 
-        A rank that raised an ordinary error (not a lost peer) is still here: it shut Horovod down so the others
-        rolled back and re-initialised with it, and the first collective of the body hands every rank its error
-        line; then every rank stops with that line (retrying would only fail again, or carry on without it).
+        A rank that raises an ordinary error (not a lost peer) records its line and shuts Horovod down: the others'
+        pending collective fails, every rank rolls back and re-initialises with it still there, and the sync's
+        first collective (:meth:`_exchange_failures`) stops every rank with that line (retrying would only fail
+        again, or carry on without the failing worker).
         """
         from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
         p = self.process
         self.log = get_logger(p.rank)
-        gathered = p.allgather_object((f"{p.hostname}/{p.local_rank}", run.fatal))
-        fatal = [line for _, line in gathered if line]
-        if fatal:
-            raise HvdkitError(fatal[0])
-        hosts = [host for host, _ in gathered]
+        hosts = p.allgather_object(f"{p.hostname}/{p.local_rank}")
         if run.hosts is not None:
             run.resets += 1
             joined, left = sorted(set(hosts) - set(run.hosts)), sorted(set(run.hosts) - set(hosts))
@@ -337,17 +388,23 @@ class Trainer:
             if run.audit:
                 run.audit.start(run.progress["global_step"], p.rank, p.size)
             EpochLoop(self, run, train_feed, eval_feed, state.commit).run()
-            self._finish(run, resumed)
-        except HostsUpdatedInterrupt:
-            raise
+            self._finish(run, resumed, store)
+        except (HostsUpdatedInterrupt, StoppedOnEveryRank):
+            raise  # StoppedOnEveryRank: raised at the same step on every rank; nobody to roll back for
         except Exception as e:
             if p.is_peer_lost(e):
                 raise
-            run.fatal = self._failure_line(e, run)
-            if not isinstance(e, HvdkitError):
-                self.log.error(self._traceback(e))
+            line = self._record_failure(e, run)
             p.abort()
-            raise HorovodInternalError(run.fatal) from e
+            raise HorovodInternalError(line) from e
+
+    def _exchange_failures(self, run: Run) -> None:
+        """Every rank's recorded error line, gathered; the first stops every rank (bad input: HvdkitError, exit 2;
+        a bug: RankFailed, exit 1)."""
+        failed = [f for f in self.process.allgather_object(run.fatal) if f]
+        if failed:
+            line, bad_input = failed[0]
+            raise (HvdkitError if bad_input else RankFailed)(line)
 
     def _result(self, run: Run, resumed) -> FitResult:
         p, cfg = self.process, self.config
@@ -357,4 +414,5 @@ class Trainer:
             train_samples_per_epoch=run.history[-1]["train_samples"] if run.history else 0,
             samples_trained=run.trained, samples_per_sec=run.trained / run.train_time if run.train_time else 0.0,
             history=run.history, eval=run.eval_metrics, stopped_early=run.stopped, resumed_from=resumed,
-            resets=run.resets, rank=p.rank)
+            resets=run.resets, rank=p.rank, best=run.progress.get("best"),
+            skipped_steps=int(run.progress.get("skipped", 0)))

@@ -7,7 +7,10 @@ Example::
 
     apply_defaults()          # before hvd.init()
 """
+import math
 import os
+
+from .errors import HvdkitError
 
 HOROVOD_DEFAULTS = {
     # Horovod's background thread wakes every cycle; on a 2-core host it competes with the compute thread.
@@ -18,5 +21,27 @@ HOROVOD_DEFAULTS = {
 
 
 def apply_defaults(environ=os.environ) -> None:
+    """Set the defaults the user did not; a value the user set for one of them must make sense (Horovod reads
+    ``HOROVOD_CYCLE_TIME=abc`` as 0 ms without a word and busy-loops)."""
     for key, value in HOROVOD_DEFAULTS.items():
+        given = environ.get(key)
+        if given is not None and not _positive_number(given):
+            raise HvdkitError(f"{key} must be a number of milliseconds > 0 (got {given!r}); unset it "
+                              f"(hvdkit uses {value}) or set e.g. {key}={value}")
         environ.setdefault(key, value)
+
+
+def threads_from_env(environ=os.environ) -> int:
+    """``HVDKIT_THREADS`` (compute threads per worker, Keras; default 1) as a whole number >= 1, or one clear error."""
+    given = environ.get("HVDKIT_THREADS", "1")
+    if not (given.strip().isdigit() and int(given) >= 1):
+        raise HvdkitError(f"HVDKIT_THREADS must be a whole number >= 1 (got {given!r}); unset it (1 compute thread "
+                          "per worker) or set e.g. HVDKIT_THREADS=1")
+    return int(given)
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text)) and float(text) > 0
+    except ValueError:
+        return False

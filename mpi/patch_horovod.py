@@ -8,6 +8,7 @@ Three known problems (see README "How Horovod is built"):
      through ``CMAKE_POLICY_VERSION_MINIMUM=3.5`` in the build environment.
   3. TF 2.21's headers lack ``highwayhash/``, which only the optional XLA ops need:
      leave ``xla_mpi_ops.cc`` out of the TF target.
+  4. A runtime bug: under Gloo the stall check never reports a stalled rank (its rank table is empty).
 
 Every edit asserts that its anchor text exists, so a different sdist fails loudly instead of
 building something half-patched. Running it twice is harmless (edits are marked).
@@ -22,13 +23,13 @@ import sys
 MARK = "# hvdkit-patched"
 
 
-def _edit(path, old, new):
+def _edit(path, old, new, comment="#"):
     text = path.read_text()
-    if MARK in text:
+    if MARK[1:] in text:
         return False
     if old not in text:
         sys.exit(f"patch_horovod: anchor not found in {path}: {old!r}; is this Horovod 0.28.1?")
-    path.write_text(MARK + "\n" + text.replace(old, new, 1))
+    path.write_text(comment + MARK[1:] + "\n" + text.replace(old, new, 1))
     return True
 
 
@@ -68,6 +69,15 @@ def patch(src):
         if old_abi not in text:
             sys.exit(f"patch_horovod: anchor not found in {top}: compatible17_gloo ABI block")
         top.write_text(text.replace(old_abi, new_abi, 1))
+    # 4. Gloo controller: the global-rank table is reserve()d, not resize()d, then written through data(), so its
+    #    size() stays 0 and the stall inspector (which walks it) never sees a missing rank: no stall warning or
+    #    shutdown under horovodrun --gloo, the launcher elastic jobs need (the MPI controller fills it correctly).
+    _edit(
+        src / "horovod/common/gloo/gloo_controller.cc",
+        "  global_ranks_.reserve(size_);",
+        "  global_ranks_.resize(size_);",
+        comment="//",
+    )
     # 3. TF target: drop the optional XLA ops (need highwayhash headers that TF 2.21 does not ship).
     _edit(
         src / "horovod/tensorflow/CMakeLists.txt",

@@ -1,6 +1,7 @@
 """Chaos: one elastic job survives a random sequence of worker kills, hosts removed and hosts added.
 
-The events come from a seed (printed; replay with HVDKIT_CHAOS_SEED=<seed>). After each event the test waits
+The events come from a seed (printed; HVDKIT_CHAOS_SEED=<seed> replays the same choices: which event, which host,
+which worker by its place among the live ones; pids and timings differ). After each event the test waits
 until training has moved on by a few steps, so every event lands on a job that recovered from the one before.
 At the end: exit 0, the audit proves every sample of every epoch trained exactly once across all the worlds the
 job went through, and the accuracy bar holds. HVDKIT_CHAOS_EVENTS (default 8) sets how many events; a soak,
@@ -36,6 +37,7 @@ def choose(rng, slots, live):
     A kill is a host failing: its worker is SIGKILLed and the host leaves the hosts file (Horovod blacklists it
     for a cooldown anyway); a later "add" brings it back, as a repaired or replacement machine.
     """
+    live = [(pid, host) for pid, host in live if host in slots]   # not a worker still leaving a removed host
     live_hosts = {host for _, host in live}
     options = []
     if len(live_hosts) >= 2:                   # another host must keep the state
@@ -50,7 +52,7 @@ def choose(rng, slots, live):
     kind = rng.choice(options)
     slots = dict(slots)
     if kind == "kill":
-        pid, host = rng.choice(sorted(live))
+        pid, host = rng.choice(sorted(live, key=lambda w: (w[1], w[0])))   # by host first: replays pick alike
         del slots[host]
         return kind, (pid, host), slots
     if kind == "remove":
@@ -100,5 +102,6 @@ def test_chaos_elastic_job_survives_random_kills_and_resizes(elastic_job, tmp_pa
     assert report["ok"], (seed, report["problems"])
     with open(job.metrics) as f:
         metrics = json.load(f)
-    assert metrics["epochs"] == EPOCHS and metrics["test_accuracy"] > 0.9, (seed, metrics)
+    print(f"chaos: test accuracy {metrics['test_accuracy']:.4f}, {len(job.resets())} resets")
+    assert metrics["epochs"] == EPOCHS and metrics["test_accuracy"] >= 0.95, (seed, metrics)
     assert len(job.resets()) >= EVENTS, (seed, job.resets())   # every event reshaped the job

@@ -351,9 +351,17 @@ def test_the_failing_rank_is_named_not_the_rank_that_stopped_because_of_it():
     transcript = ("[0]<stderr>:hvdkit: error: rank 0 stopped at epoch 1, step 5: another rank failed or left the job "
                   "(its own error line is the first in the job's output)\n"
                   "[1]<stderr>:hvdkit: error: rank 1 failed at epoch 1, step 5: ValueError: bad sample\n"
-                  "Process 0 exit with status code 2.\nProcess 1 exit with status code 2.\n")
-    assert replay(transcript)[2:] == ("hvdkit: error: rank 1 failed first (exit 2): hvdkit: error: rank 1 failed at "
-                                      "epoch 1, step 5: ValueError: bad sample; full output: /tmp/the.log", 2)
+                  "Process 0 exit with status code 1.\nProcess 1 exit with status code 1.\n")
+    # the trainer's line names the failing rank already: it is the summary
+    assert replay(transcript)[2:] == ("hvdkit: error: rank 1 failed at epoch 1, step 5: ValueError: bad sample; "
+                                      "full output: /tmp/the.log", 1)
+
+
+def test_elastic_every_rank_prints_the_failing_ranks_line_and_the_summary_keeps_its_rank():
+    # elastic: every rank stops with the failing rank's line; horovodrun numbers processes by their first rank
+    line = "hvdkit: error: rank 1 failed at epoch 1, step 4: RuntimeError: boom"
+    transcript = f"[0]<stderr>:{line}\n[1]<stderr>:{line}\nProcess 0 exit with status code 1.\n"
+    assert replay(transcript)[2:] == (f"{line}; full output: /tmp/the.log", 1)
 
 
 COMPLETE = "[0]<stderr>:[hvdkit rank 0] training complete: 2 epochs, step 90, 2 workers; outputs written\n"
@@ -364,6 +372,19 @@ def test_a_worker_killed_after_training_completed_is_a_warning_and_exit_0():
     assert code == 0 and line == ("hvdkit: warning: training completed and its outputs were written; rank 1 (killed "
                                   "by signal 9) lost while the job was ending, so horovodrun exited 1: treated as "
                                   "success; full output: /tmp/the.log")
+
+
+def test_a_kill_in_a_second_fit_after_a_first_completed_fails_the_job():
+    start = "[0]<stderr>:[hvdkit rank 0] training starts on 2 workers\n"
+    transcript = start + COMPLETE + start + "Process 1 exit with status code -9.\n"
+    assert replay(transcript)[3] == 1
+
+
+def test_a_failure_before_completion_is_not_excused_by_it():
+    # a worker died by a signal before the end; the others finished without it (static horovodrun would have
+    # stopped them): only failures after the line count as lost while ending
+    transcript = "Process 1 exit with status code -9.\n" + COMPLETE
+    assert replay(transcript)[3] == 1
 
 
 def test_an_error_after_training_completed_still_fails_the_job():

@@ -238,3 +238,46 @@ def test_no_loadable_checkpoint_stops_with_one_line(tmp_path):
     message = str(error.value)
     assert "no usable checkpoint" in message and "ckpt-00000000.bin" in message and "\n" not in message
     assert "UnpicklingError" in message or "does not fit" in message
+
+
+class LoseAPeerAtTheEnd(Callback):
+    """The first on_train_end raises Horovod's lost-peer error, as the final collective would after a worker died."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_train_end(self, trainer, result):
+        from horovod.common.exceptions import HorovodInternalError
+        self.calls += 1
+        if self.calls == 1:
+            raise HorovodInternalError("a peer was lost at the final collective")
+
+
+def test_elastic_end_rolls_back_to_the_final_commit_and_ends_callbacks_once(tmp_path):
+    seen, lose = Recorder(), LoseAPeerAtTheEnd()
+    result, _ = fit(callbacks=[seen, lose], epochs=2, elastic=True, checkpoint_dir=str(tmp_path))
+    assert result.resets == 1 and result.epochs_done == 2
+    steps = [e for e in seen.events if e[0] == "step"]
+    assert len(steps) == len({e[1] for e in steps})          # no step trained again: rolled back to the final commit
+    assert [e[0] for e in seen.events].count("end") == 1     # a callback that ended is not ended again
+    assert lose.calls == 2                                   # the one that had not finished runs again
+
+
+def test_elastic_final_checkpoint_written_when_rank0_lost_before_its_durable_write(tmp_path, monkeypatch):
+    """Rank 0 died before its durable write of the final commit finished; the survivors rolled back to that commit
+    (simulated: the final durable write is skipped, then a peer is lost at the end): the final checkpoint is
+    written once, at the end."""
+    skipped = []
+    original = Trainer.save_checkpoint
+
+    def save_checkpoint(self, store, progress, blob=None):
+        if progress["epoch"] == 2 and not skipped:
+            skipped.append(progress["global_step"])
+            return
+        original(self, store, progress, blob)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_checkpoint)
+    result, _ = fit(callbacks=[LoseAPeerAtTheEnd()], epochs=2, elastic=True, checkpoint_dir=str(tmp_path),
+                    durable_every=1000)
+    manifests = [json.load(open(tmp_path / name)) for name in _checkpoints(str(tmp_path))]
+    finals = [m for m in manifests if m["epoch"] == 2]
+    assert skipped and len(finals) == 1 and finals[0]["global_step"] == result.global_step == skipped[0]

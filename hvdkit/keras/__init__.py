@@ -20,7 +20,11 @@ Example::
 """
 import os
 
-from .quiet import native_stderr_silenced
+from ..tuning import threads_from_env
+
+threads_from_env()   # a bad HVDKIT_THREADS: one line (HvdkitError) before TensorFlow starts, not a traceback
+
+from .quiet import native_stderr_silenced  # noqa: E402
 
 _show_logs = os.environ.get("HVDKIT_TF_LOGS") == "1"
 if not _show_logs:
@@ -40,20 +44,24 @@ from .adapter import KerasAdapter  # noqa: E402
 from .data import TFFiles, TFStream  # noqa: E402
 from .feed import ArrayFeed, StreamFeed, make_feed  # noqa: E402
 from .fit import KerasFitAdapter  # noqa: E402
+from .precision import use_precision  # noqa: E402
 from .process import HorovodProcess, LocalProcess  # noqa: E402
 from .sync_batchnorm import SyncBatchNormalization  # noqa: E402
 
 
-def make_adapter(model, optimizer, loss, mode: str = "fit", compression: str = "none"):
-    """``mode="fit"``: compile ``model`` and train with Keras' ``model.fit``; ``"loop"``: hvdkit's tf.function step."""
+def make_adapter(model, optimizer, loss, mode: str = "fit", compression: str = "none", metrics=()):
+    """``mode="fit"``: compile ``model`` and train with Keras' ``model.fit``; ``"loop"``: hvdkit's tf.function step.
+
+    metrics: ``keras.metrics.Metric`` objects, compiled into the model (fit) or given to the loop adapter by their
+    names; evaluation reports each as ``<name>`` either way, exact over every rank's share."""
     if mode == "fit":
-        model.compile(optimizer=optimizer, loss=loss)
+        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics) or None)
         return KerasFitAdapter(model, compression=compression)
     if mode == "loop":
-        return KerasAdapter(model, optimizer, loss, compression=compression)
+        return KerasAdapter(model, optimizer, loss, compression=compression, metrics={m.name: m for m in metrics})
     from ..errors import HvdkitError
     raise HvdkitError(f"unknown Keras mode {mode!r}; use fit or loop")
 
 
 __all__ = ["KerasAdapter", "KerasFitAdapter", "TFFiles", "TFStream", "make_adapter", "ArrayFeed", "StreamFeed",
-           "make_feed", "HorovodProcess", "LocalProcess", "SyncBatchNormalization"]
+           "make_feed", "HorovodProcess", "LocalProcess", "SyncBatchNormalization", "use_precision"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -18,9 +19,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..adapter import Adapter
+from ..adapter import Adapter, check_metrics
 from ..errors import HvdkitError
 from .feed import make_feed
+from .precision import check_model_precision
 from .process import HorovodProcess
 from .sync_batchnorm import make_sync_batchnorm
 
@@ -68,19 +70,87 @@ class LrScaling:
         return getattr(inner, "_hvdkit_lr_scaling", None) or cls(optimizer)
 
 
+class UpdateGate:
+    """Skips an optimizer update on every rank when the averaged gradients it would apply are not finite.
+
+    Installed once per optimizer object (like :class:`LrScaling`): the optimizer's weight decay and update step run
+    under ``tf.cond`` on the global norm of the averaged gradients, recorded by :meth:`check` (in the traced step,
+    after the allreduce) in ``norm``. The averaged gradients are the same on every rank, so is the verdict. A skipped
+    update leaves the variables and the optimizer's slots alone; ``iterations`` still counts it (so an LR schedule
+    moves on, as the torch scheduler does), and gradient accumulators are reset as after any update.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer):
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        self.norm = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="hvdkit_grad_norm")
+        update, decay = optimizer._backend_update_step, optimizer._apply_weight_decay
+
+        def when_finite(fn, *args):
+            def run():
+                fn(*args)
+                return tf.constant(True)
+            tf.cond(tf.math.is_finite(self.norm), run, lambda: tf.constant(False))
+
+        def gated_update(grads, trainable_variables, learning_rate):
+            when_finite(update, grads, trainable_variables, learning_rate)
+
+        def gated_decay(variables):
+            if optimizer.weight_decay is not None:
+                when_finite(decay, variables)
+
+        optimizer._backend_update_step = gated_update
+        optimizer._apply_weight_decay = gated_decay
+        optimizer._hvdkit_update_gate = self
+
+    @classmethod
+    def of(cls, optimizer) -> "UpdateGate":
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        return getattr(inner, "_hvdkit_update_gate", None) or cls(optimizer)
+
+    def check(self, grads) -> None:
+        """Record the global norm of the averaged ``grads`` (inside the step, before the optimizer applies them)."""
+        self.norm.assign(tf.cast(tf.linalg.global_norm(list(grads)), tf.float32))
+
+    def last(self) -> Tuple[bool, float]:
+        norm = float(self.norm.numpy())
+        return math.isfinite(norm), norm
+
+
+def poison(loss, variable):
+    """0, or NaN times a zero term in ``variable`` when ``loss`` holds a NaN/Inf: added to the objective, it makes
+    that variable's gradient NaN, so this rank's non-finite loss reaches every rank through the gradient allreduce
+    (the averaged norm is NaN everywhere) without a collective of its own."""
+    bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(loss)))
+    zero = tf.reduce_sum(variable * tf.zeros((), variable.dtype))
+    return tf.cast(zero, loss.dtype) * tf.where(bad, tf.constant(float("nan"), loss.dtype), tf.zeros((), loss.dtype))
+
+
+def _is_stateful(metric) -> bool:
+    return isinstance(metric, keras.metrics.Metric)
+
+
 class KerasAdapter(Adapter):
     """A built Keras 3 model, a Keras optimizer and a mean-reducing ``loss_fn(y_true, y_pred)``.
 
     compression: "none" or "fp16" on the wire. accuracy: count argmax-correct predictions in eval.
+    metrics: ``{name: fn(y_true, y_pred)}`` returning the SUM over the batch of a per-sample value (reported as
+    that sum over the whole evaluation set divided by the sample count), or ``{name: keras.metrics.Metric}``
+    (stateful: its state variables, which must be sums over samples as in Keras' built-in metrics, are summed over
+    ranks and its ``result()`` computed from them; reported under ``name``).
+    Non-finite steps (``TrainConfig.nonfinite``): see :class:`UpdateGate`; a rank's non-finite loss is folded
+    into its gradients (:func:`poison`).
     Batches are ``(inputs, targets)``; the model is called as ``model(inputs, training=...)``.
     The optimizer's learning rate may be a float or a ``keras.optimizers.schedules.LearningRateSchedule``: the
     step applies ``schedule(optimizer.iterations) * factor`` (world size, warmup; see :class:`LrScaling`).
+    Precision: a ``TrainConfig(precision="bf16")`` needs a model built under ``hvdkit.keras.use_precision("bf16")``
+    (Keras' ``mixed_bfloat16``: bfloat16 compute in training and evaluation, float32 variables and gradients, so a
+    float32 allreduce); the adapter refuses a model that computes in another precision than the config's.
     """
 
     framework = "tensorflow"
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_fn,
-                 compression: str = "none", accuracy: bool = True):
+                 compression: str = "none", accuracy: bool = True, metrics: Optional[Dict[str, Any]] = None):
         if type(optimizer).__module__.startswith("horovod"):
             raise HvdkitError("pass a plain Keras optimizer: Horovod's Keras DistributedOptimizer does not average "
                               "gradients on Keras 3; hvdkit does the allreduce itself")
@@ -91,6 +161,8 @@ class KerasAdapter(Adapter):
         self._lr: Optional[LrScaling] = None
         self.clip_grad_norm: Optional[float] = None
         self.sync_batchnorm, self.accumulation = False, 1
+        self.metrics = check_metrics(metrics, accuracy)
+        self._gate: Optional[UpdateGate] = None
 
     def default_process(self):
         return HorovodProcess()
@@ -100,16 +172,19 @@ class KerasAdapter(Adapter):
 
     # ---- model and optimizer -------------------------------------------------------------
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
-                clip_grad_norm: Optional[float] = None) -> None:
+                clip_grad_norm: Optional[float] = None, precision: str = "fp32") -> None:
         self.sync_batchnorm, self.accumulation, self.clip_grad_norm = sync_batchnorm, accumulation, clip_grad_norm
         if sync_batchnorm:
             make_sync_batchnorm(self.model)
         if not self.model.built:
             raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
                               "model.build(input_shape) before training")
+        check_model_precision(self.model, precision)  # the dtype policy is fixed when the layers are built
         # Optimizer variables exist only once built; build now so they can be broadcast (horovod #2652).
         self.optimizer.build(self.model.trainable_variables)
         self._lr = LrScaling.of(self.optimizer)
+        if self.nonfinite != "off":
+            self._gate = UpdateGate.of(self.optimizer)
         self._grad_step = tf.function(self._grads, reduce_retracing=True)
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
         self._one_step = tf.function(self._step, reduce_retracing=True)
@@ -139,6 +214,8 @@ class KerasAdapter(Adapter):
             scaled = loss * tf.cast(weight, loss.dtype)
             if self.model.losses:  # kernel/activity regularizers, as Keras' own fit adds them
                 scaled += tf.cast(tf.add_n(self.model.losses), scaled.dtype) / self.accumulation
+            if self.nonfinite != "off":
+                scaled += poison(loss, self._smallest_variable())
         variables = self.model.trainable_variables
         grads = tape.gradient(scaled, variables)
         # dense: micro-batch gradients are summed (IndexedSlices have no +) and must meet other ranks' zeros
@@ -146,7 +223,20 @@ class KerasAdapter(Adapter):
 
     def _apply(self, grads):
         reduced = self.process.allreduce_gradients(list(grads), compression=self.compression)
+        if self._gate is not None:
+            self._gate.check(reduced)
         self.optimizer.apply(self.clip(reduced), self.model.trainable_variables)
+
+    def _smallest_variable(self):
+        """The trainable variable with the fewest elements (where :func:`poison` puts its NaN)."""
+        return min(self.model.trainable_variables, key=lambda v: int(np.prod(v.shape)))
+
+    def last_step_finite(self) -> Tuple[bool, Optional[float]]:
+        return self._gate.last() if self._gate is not None else (True, None)
+
+    def state_finite(self, buffers: bool = True) -> bool:
+        variables = list(self.model.trainable_variables) + (self._buffers() if buffers else [])
+        return all(bool(np.isfinite(v.numpy()).all()) for v in variables)
 
     def _step(self, x, y, weight, training=True):
         loss, grads = self._grads(x, y, weight, training)
@@ -208,7 +298,45 @@ class KerasAdapter(Adapter):
             v.assign(np.asarray([(seed + 7919 * i) % (2 ** 31 - 1), 0], dtype=v.dtype))
 
     def metric_names(self) -> List[str]:
-        return ["loss", "count"] + (["correct"] if self.accuracy else [])
+        summed = sorted(name for name, fn in self.metrics.items() if not _is_stateful(fn))
+        return ["loss", "count"] + (["correct"] if self.accuracy else []) + summed
+
+    def _stateful(self) -> List[Tuple[str, Any]]:
+        """``(name, metric)`` of the stateful metrics, in a fixed order (the same on every rank)."""
+        return sorted(((name, m) for name, m in self.metrics.items() if _is_stateful(m)), key=lambda item: item[0])
+
+    def reset_eval_state(self) -> None:
+        for _, metric in self._stateful():
+            metric.reset_state()
+
+    def _update_stateful(self, targets, outputs) -> None:
+        for _, metric in self._stateful():
+            metric.update_state(targets, outputs)
+
+    def _state_variables(self) -> list:
+        return [v for _, m in self._stateful() for v in m.variables]
+
+    def _stateful_results(self) -> Dict[str, float]:
+        return {name: float(np.asarray(m.result())) for name, m in self._stateful()}
+
+    def eval_state(self):
+        values = [np.asarray(v.numpy(), dtype=np.float64).ravel() for v in self._state_variables()]
+        return np.concatenate(values) if values else np.zeros(0)
+
+    def _assign_summed(self, variables, summed) -> None:
+        at = 0
+        for v in variables:
+            size = int(np.prod(v.shape))
+            value = np.asarray(summed[at:at + size]).reshape(tuple(v.shape))
+            v.assign(np.rint(value).astype(v.dtype) if "int" in str(v.dtype) else value.astype(v.dtype))
+            at += size
+        if at != len(summed):
+            raise HvdkitError(f"stateful metrics hold {at} numbers here but {len(summed)} were reduced; every rank "
+                              "must build the same metrics")
+
+    def eval_results(self, summed_state) -> Dict[str, float]:
+        self._assign_summed(self._state_variables(), summed_state)
+        return self._stateful_results()
 
     def eval_batch(self, inputs, targets) -> Dict[str, float]:
         outputs = self.model(inputs, training=False)
@@ -216,6 +344,10 @@ class KerasAdapter(Adapter):
         sums = {"loss": float(self.loss_fn(targets, outputs)) * count, "count": float(count)}
         if self.accuracy:
             sums["correct"] = float(np.sum(np.argmax(outputs, axis=-1) == np.asarray(targets)))
+        for name, fn in self.metrics.items():
+            if not _is_stateful(fn):
+                sums[name] = float(fn(targets, outputs))
+        self._update_stateful(targets, outputs)
         return sums
 
     def parameter_checksums(self, buffers: bool = True) -> List[Tuple[str, int]]:

@@ -11,6 +11,14 @@ Elastic resizes mid-epoch stay exactly-once: the trainer records the world size 
 of the epoch, and :meth:`TFSource.segment_dataset` rebuilds what every old rank had left and deals
 it out to the new ranks (see ``hvdkit.sharding.stream_segments``).
 
+More workers than files (an elastic job that grew, or a static one started that way) is handled:
+when whole files would leave some rank without data, :class:`TFFiles` falls back to reading every
+file on every rank and keeping every ``world``-th example, as :class:`TFStream` does.
+
+The declared count (``TFStream``'s ``n``, the sum of ``TFFiles``' ``counts``) is checked while the
+epoch runs: ``hvdkit.keras.feed.StreamFeed`` counts what each rank's stream really holds, and a
+wrong count ends training with an error naming both numbers (:meth:`TFSource.wrong_count`).
+
 Example::
 
     source = TFFiles(sorted(glob.glob("data/*.tfrecord")), parse=parse_example)
@@ -24,7 +32,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import tensorflow as tf
 
 from ..errors import HvdkitError
-from ..sharding import Segment, even_sizes, shard_files
+from ..sharding import Segment, even_sizes
 
 
 def one_thread_options() -> tf.data.Options:
@@ -53,6 +61,19 @@ class TFSource:
 
     def sizes(self, world_size: int) -> List[int]:
         raise NotImplementedError
+
+    def layout_note(self, world_size: int) -> Optional[str]:
+        """A line worth logging once about how this source is split over ``world_size`` ranks, or None."""
+        return None
+
+    def wrong_count(self, found: int) -> str:
+        """The error when the input holds ``found`` examples but ``n`` says otherwise: both numbers and the fix."""
+        return (f"the tf.data input holds {found} examples but n={self.n} was declared "
+                f"({self._consequence(found)}); pass n={found}")
+
+    def _consequence(self, found: int) -> str:
+        return ("the examples past n were never trained" if found > self.n else
+                "the plan had steps for examples that do not exist")
 
     def indexed_shard(self, rank: int, world_size: int) -> tf.data.Dataset:
         """This rank's examples as ``(id, (x, y))``, in source order."""
@@ -108,12 +129,26 @@ class TFStream(TFSource):
     def indexed_shard(self, rank: int, world_size: int) -> tf.data.Dataset:
         return self.dataset.enumerate().shard(world_size, rank)
 
+    def wrong_count(self, found: int) -> str:
+        return (f"the tf.data pipeline holds {found} examples but TFStream was given n={self.n} "
+                f"({self._consequence(found)}); pass its true count: TFStream(dataset, n={found})")
+
 
 class TFFiles(TFSource):
     """Whole files per rank (file i goes to rank i % world), read with ``reader`` and mapped by ``parse``.
 
     reader: called with one file name (a string tensor), returns that file's records.
     counts: examples per file; when omitted every rank counts them once by reading the files.
+
+    When whole files would leave some rank with no example (fewer files than workers, say after an
+    elastic job grew, or empty files), every rank reads all files instead and keeps every
+    ``world``-th example: the same exactly-once epochs and step counts, at ``world`` times the
+    reading per rank. ``StreamFeed`` logs it once on rank 0.
+
+    Example::
+
+        source = TFFiles(sorted(glob.glob("data/*.tfrecord")), parse=parse_example)
+        source.by_file(4)   # False with 3 files: 4 workers read every file and split by example
     """
 
     def __init__(self, files: Sequence[str], parse: Optional[Callable] = None,
@@ -123,6 +158,7 @@ class TFFiles(TFSource):
         if not self.files:
             raise HvdkitError("the file list is empty; check the glob or directory")
         self.parse, self.reader, self.shuffle_buffer = parse, reader, shuffle_buffer
+        self.counted = counts is None
         if counts is None:
             counts = [sum(1 for _ in reader(f)) for f in self.files]
         if len(counts) != len(self.files):
@@ -131,13 +167,41 @@ class TFFiles(TFSource):
         self.n = sum(self.counts)
         self.first_ids = [sum(self.counts[:i]) for i in range(len(self.counts))]
 
+    def by_file(self, world_size: int) -> bool:
+        """Whether ``world_size`` ranks read whole files (else every file, keeping every world-th example).
+
+        Decided from the counts alone, so every rank (and every rank simulated in a test) agrees.
+        """
+        return all(sum(self.counts[r::world_size]) > 0 for r in range(world_size))
+
+    def layout_note(self, world_size: int) -> Optional[str]:
+        if self.by_file(world_size):
+            return None
+        files = f"{len(self.files)} file{'s' if len(self.files) != 1 else ''}"
+        return (f"{files} for {world_size} workers: whole files would leave some rank without "
+                f"data, so every rank reads all files and keeps one example in {world_size} ({world_size}x "
+                f"the reading per rank; split the data into at least {world_size} non-empty files to avoid it)")
+
+    def wrong_count(self, found: int) -> str:
+        fix = ("the files changed after they were counted; rebuild TFFiles" if self.counted else
+               "fix counts= (one number per file) or omit it to have the files counted")
+        return (f"the files hold {found} records but TFFiles counts sum to n={self.n} "
+                f"({self._consequence(found)}); {fix}")
+
     def sizes(self, world_size: int) -> List[int]:
-        shard_files(self.files, 0, world_size)  # raises when some rank would get no file
+        if not self.by_file(world_size):
+            return even_sizes(self.n, world_size)
         return [sum(self.counts[i::world_size]) for i in range(world_size)]
 
     def indexed_shard(self, rank: int, world_size: int) -> tf.data.Dataset:
-        shard_files(self.files, rank, world_size)  # the same check and error as sizes()
-        mine = list(range(rank, len(self.files), world_size))
+        if not self.by_file(world_size):  # every file, then example i to rank i % world (see sizes)
+            return self._read(range(len(self.files))).shard(world_size, rank)
+        return self._read(range(rank, len(self.files), world_size))
+
+    def _read(self, which) -> tf.data.Dataset:
+        """``(id, parsed record)`` of the files ``which``, in order; ids count from each file's first id."""
+        which = list(which)
+
         def parse(record):  # as Dataset.map would call it: a tuple element is spread over the arguments
             if self.parse is None:
                 return record
@@ -146,6 +210,6 @@ class TFFiles(TFSource):
         def read(path, first_id):
             return self.reader(path).enumerate().map(lambda i, record: (i + first_id, parse(record)),
                                                      num_parallel_calls=1)
-        files = tf.data.Dataset.from_tensor_slices(([self.files[i] for i in mine],
-                                                    tf.constant([self.first_ids[i] for i in mine], tf.int64)))
+        files = tf.data.Dataset.from_tensor_slices(([self.files[i] for i in which],
+                                                    tf.constant([self.first_ids[i] for i in which], tf.int64)))
         return files.flat_map(read)

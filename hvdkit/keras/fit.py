@@ -12,13 +12,14 @@ Example::
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 
 from ..errors import HvdkitError
 from ..sharding import Step
-from .adapter import KerasAdapter
+from .adapter import KerasAdapter, poison
 from .sync_batchnorm import make_empty_safe_batchnorm
 from .feed import with_ids as with_ids_of
 
@@ -26,11 +27,13 @@ from .feed import with_ids as with_ids_of
 class _StepHooks(keras.callbacks.Callback):
     """Calls the trainer's per-step hooks from inside ``model.fit`` (k micro-batches = one step)."""
 
-    def __init__(self, steps: List[Step], accumulation: int, before_step, after_step):
+    def __init__(self, steps: List[Step], accumulation: int, before_step, after_step, adapter=None):
         super().__init__()
         self.steps, self.k = steps, accumulation
         self.before_step, self.after_step = before_step, after_step
+        self.adapter = adapter
         self.loss_sum, self.count = 0.0, 0
+        self.base_sum, self.seen = 0.0, 0  # good steps' loss before Keras' running mean restarted; samples since
         self.done, self.stopped = 0, False
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -43,8 +46,13 @@ class _StepHooks(keras.callbacks.Callback):
         step = self.steps[batch // self.k]
         here = sum(len(ids) for ids in step.micro_batches)
         running = float(logs["loss"])  # Keras reports the epoch's running mean
-        self.count += here
-        self.loss_sum = running * self.count
+        self.seen += here
+        if self.adapter is None or self.adapter.nonfinite == "off" or self.adapter.last_step_finite()[0]:
+            self.count += here
+            self.loss_sum = self.base_sum + running * self.seen
+        else:  # a skipped step: its (maybe non-finite) loss leaves the running mean, which restarts after it
+            self.model._loss_tracker.reset_state()
+            self.base_sum, self.seen = self.loss_sum, 0
         self.done += 1
         if self.after_step(step, running * here, here):
             self.model.stop_training = self.stopped = True
@@ -54,25 +62,31 @@ class KerasFitAdapter(KerasAdapter):
     """A compiled Keras 3 model trained by ``model.fit``; same guarantees as :class:`KerasAdapter`.
 
     keras_callbacks: extra Keras callbacks for ``fit`` (they run on every rank).
+    metrics: as :class:`KerasAdapter`'s. Compiled metrics (``model.compile(metrics=[...])``) are reported too,
+        under their Keras names, computed over each rank's exact evaluation share (no padding, no duplicates) from
+        their state variables summed over ranks — exact for metrics whose state is sums over samples, as Keras'
+        built-in ones (Mean-based, accuracies, top-k, Precision/Recall/AUC, confusion-matrix ones); a compiled
+        "accuracy" replaces the built-in argmax one. (The values Keras' ``fit`` logs per rank during training are
+        not reported.)
     """
 
     def __init__(self, model: keras.Model, compression: str = "none", accuracy: bool = True,
-                 keras_callbacks: Sequence[keras.callbacks.Callback] = ()):
+                 keras_callbacks: Sequence[keras.callbacks.Callback] = (), metrics: Optional[Dict[str, Any]] = None):
         if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", False):
             raise HvdkitError("compile the Keras model first: model.compile(optimizer=..., loss=...)")
         loss = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
-        super().__init__(model, model.optimizer, loss, compression=compression, accuracy=accuracy)
+        super().__init__(model, model.optimizer, loss, compression=compression, accuracy=accuracy, metrics=metrics)
         self.keras_callbacks = list(keras_callbacks)
         self.accumulation = 1
 
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
-                clip_grad_norm=None) -> None:
+                clip_grad_norm=None, precision: str = "fp32") -> None:
         if accumulation > 1:
             if self.optimizer.built:
                 raise HvdkitError("gradient accumulation needs an optimizer that has not been built yet")
             # Keras accumulates k micro-batch gradients and applies their mean every k-th call.
             self.optimizer.gradient_accumulation_steps = accumulation
-        super().prepare(lr_factor, accumulation, sync_batchnorm, clip_grad_norm)
+        super().prepare(lr_factor, accumulation, sync_batchnorm, clip_grad_norm, precision)
         make_empty_safe_batchnorm(self.model)  # an empty last-step batch must not poison moving statistics
         # Horovod's TF ops have no XLA kernels, and Keras' jit_compile="auto" would compile train_step.
         self.model.jit_compile = False
@@ -91,16 +105,30 @@ class KerasFitAdapter(KerasAdapter):
         optimizer, adapter = self.optimizer, self
         if getattr(optimizer, "_hvdkit_allreduce", False):  # a second fit() with the same optimizer
             return
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # applies through its inner optimizer
+            raise HvdkitError("loss scaling (LossScaleOptimizer, mixed_float16) is not supported: its updates bypass "
+                              "the gradient allreduce; use bf16 (--precision bf16), which needs no loss scaling")
         if not callable(getattr(optimizer, "_clip_gradients", None)):
             raise HvdkitError(f"this Keras {keras.__version__} optimizer has no _clip_gradients step to average "
                               "gradients in; use the KerasAdapter (GradientTape loop) instead of model.fit")
-        original = optimizer._clip_gradients
+        original, scale = optimizer._clip_gradients, optimizer.scale_loss
 
         def clip_gradients(grads):
             reduced = adapter.process.allreduce_gradients(list(grads), compression=adapter.compression)
+            if adapter._gate is not None:  # nonfinite check: the update below runs only if this norm is finite
+                adapter._gate.check(reduced)
             return original(adapter.clip(reduced))
 
+        def scale_loss(loss):
+            # Keras' train_step passes the loss through here inside the gradient tape: a rank's non-finite loss
+            # becomes a NaN gradient, so the averaged norm is NaN on every rank (no collective of its own)
+            scaled = scale(loss)
+            if adapter.nonfinite != "off":
+                scaled = scaled + keras.ops.cast(poison(loss, adapter._smallest_variable()), scaled.dtype)
+            return scaled
+
         optimizer._clip_gradients = clip_gradients
+        optimizer.scale_loss = scale_loss
         optimizer._hvdkit_allreduce = True
 
     def run_epoch(self, feed, steps, before_step, after_step) -> Tuple[float, int]:
@@ -114,10 +142,37 @@ class KerasFitAdapter(KerasAdapter):
         return self._fit(dataset, steps, len(steps) * self.accumulation, before_step, after_step)
 
     def _fit(self, dataset, steps, batches, before_step, after_step) -> Tuple[float, int]:
-        hooks = _StepHooks(steps, self.accumulation, before_step, after_step)
+        hooks = _StepHooks(steps, self.accumulation, before_step, after_step, adapter=self)
         self.model.fit(dataset, epochs=1, steps_per_epoch=batches, verbose=0, shuffle=False,
                        callbacks=[hooks, *self.keras_callbacks])
         if hooks.done != len(steps) and not hooks.stopped:  # Keras only warns when the input runs out
             raise HvdkitError(f"the input ran out after {hooks.done} of {len(steps)} steps (for tf.data: pass the "
                               "pipeline's true example count as n)")
         return hooks.loss_sum, hooks.count
+
+    # ---- compiled metrics ------------------------------------------------------------------------
+    def _compiled(self):
+        """Keras' compiled metrics (``model.compile(metrics=...)``), or None."""
+        return getattr(self.model, "_compile_metrics", None)
+
+    def reset_eval_state(self) -> None:
+        super().reset_eval_state()
+        if self._compiled() is not None:
+            self._compiled().reset_state()
+
+    def _update_stateful(self, targets, outputs) -> None:
+        super()._update_stateful(targets, outputs)
+        if self._compiled() is not None:
+            self._compiled().update_state(targets, outputs)
+
+    def _state_variables(self) -> list:
+        compiled = self._compiled()
+        if compiled is not None and not compiled.built:  # fit() builds them; evaluation only follows training
+            raise HvdkitError("the compiled metrics were never built (no training step ran on this worker)")
+        return super()._state_variables() + (list(compiled.variables) if compiled is not None else [])
+
+    def _stateful_results(self) -> Dict[str, float]:
+        results = super()._stateful_results()
+        if self._compiled() is not None:
+            results.update({name: float(np.asarray(value)) for name, value in self._compiled().result().items()})
+        return results

@@ -65,6 +65,7 @@ class HorovodProcess(core.HorovodObjects, core.Process):
         import horovod.tensorflow as hvd
         _pin_and_seed(seed, threads)
         apply_defaults()  # hvdkit's measured Horovod settings, unless the user set them
+        core.apply_stall_defaults()  # a rank stuck outside the collectives ends the job (hvdkit.process)
         hvd.init()
         self.hvd = hvd
 
@@ -80,10 +81,11 @@ class HorovodProcess(core.HorovodObjects, core.Process):
         from horovod.common.elastic import run_fn
         from horovod.common.exceptions import HorovodInternalError
         hvd = self.hvd
+        guarded = core.guard_rollbacks(fn, self)  # never retried forever from one commit
 
         def body(state):
             try:
-                return fn(state)
+                return guarded(state)
             except tf.errors.OpError as e:
                 if is_peer_lost(e):
                     raise HorovodInternalError(e) from e
@@ -97,9 +99,14 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     # ---- for the adapters (inside tf.function) ------------------------------------------------
     def allreduce_gradients(self, grads, compression: str = "none"):
         hvd = self.hvd
-        return hvd.grouped_allreduce(_densify(grads), op=hvd.Average, name=GRADIENT_ALLREDUCE,
-                                     ignore_name_scope=True,
-                                     compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
+        grads = _densify(grads)
+        # Horovod's MPI and Gloo ops cannot reduce bfloat16: such a gradient (a bfloat16 variable; float32 ones,
+        # mixed_bfloat16's included, have float32 gradients) is reduced in float32 and cast back
+        low = [g.dtype == tf.bfloat16 for g in grads]
+        reduced = hvd.grouped_allreduce([tf.cast(g, tf.float32) if b else g for g, b in zip(grads, low)],
+                                        op=hvd.Average, name=GRADIENT_ALLREDUCE, ignore_name_scope=True,
+                                        compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
+        return [tf.cast(r, tf.bfloat16) if b else r for r, b in zip(reduced, low)]
 
     def broadcast_variables(self, variables) -> None:
         self.hvd.broadcast_variables(tf_variables(variables), root_rank=0)

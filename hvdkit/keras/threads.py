@@ -11,17 +11,17 @@ Example::
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import tensorflow as tf
 
 from ..errors import HvdkitError
+from ..tuning import threads_from_env
 
 
 def pin_threads(threads: Optional[int] = None) -> bool:
     """Size TF's pools to ``threads`` (default $HVDKIT_THREADS or 1); False when TF has already started."""
-    threads = threads or int(os.environ.get("HVDKIT_THREADS", "1"))
+    threads = threads or threads_from_env()
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)

@@ -11,7 +11,9 @@ Example::
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import math
 import warnings
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -19,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, check_metrics
 from ..errors import HvdkitError
 from .feed import TorchFeed
 from .process import HorovodProcess
@@ -37,6 +39,15 @@ def _point_at(scheduler, optimizer) -> None:
         _point_at(inner, optimizer)
 
 
+def grad_norm(parameters) -> torch.Tensor:
+    """The L2 norm of all gradients together (sparse ones by their coalesced values); 0 without gradients."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
+
+
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Scale every gradient by ``min(1, max_norm / (total_norm + 1e-6))`` in place, ``total_norm`` the L2 norm of
     all of them together; returns ``total_norm``. As ``torch.nn.utils.clip_grad_norm_``, which refuses the sparse
@@ -44,8 +55,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
+    total = grad_norm(parameters)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef.to(g.dtype))
@@ -62,7 +72,20 @@ class TorchAdapter(Adapter):
         needs a metric). The adapter steps it (do not): after every optimizer step (``scheduler_interval="step"``)
         or after the last step of every epoch (``"epoch"``). Its state is broadcast, committed and checkpointed
         with the optimizer's, so a resume, a rollback or a resize continues the schedule.
+    metrics: ``{name: fn(outputs, targets)}``, each returning the SUM over the batch of a per-sample value (a
+        tensor or a number), e.g. top-3 hits ``(outputs.topk(3, 1).indices == targets[:, None]).any(1).sum()``;
+        evaluation reports ``name`` as that sum over the whole evaluation set (every rank's share, reduced like
+        the loss) divided by the sample count.
     Batches are ``(inputs, targets)``; the model is called as ``model(inputs)``.
+
+    Non-finite steps (``TrainConfig.nonfinite``, "stop" by default): a rank whose loss is NaN/Inf puts a NaN into
+    its gradients, so after the allreduce the averaged gradient norm is non-finite on every rank alike; then
+    ``optimizer.step()`` (and the optimizer's state) is skipped on every rank. The LR scheduler still steps.
+
+    Precision (``TrainConfig.precision``): "bf16" runs the forward pass and the loss, in training and in
+    evaluation, under ``torch.autocast("cpu", dtype=torch.bfloat16)``; the parameters, their gradients (so
+    Horovod's allreduce), the optimizer and the backward pass's accumulation stay float32. Evaluation runs in
+    bf16 too: the model is scored as it trains (and as a Keras ``mixed_bfloat16`` model always is).
 
     LR: between steps each param group's ``lr`` is the schedule's (the scheduler's, or the one you gave);
     during a step (forward, backward, ``optimizer.step()``) it is that times the trainer's factor (world size,
@@ -74,7 +97,7 @@ class TorchAdapter(Adapter):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Any, Any], torch.Tensor], compression: str = "none",
                  op: str = "average", accuracy: bool = True, scheduler: Any = None,
-                 scheduler_interval: str = "step"):
+                 scheduler_interval: str = "step", metrics: Optional[Dict[str, Callable[[Any, Any], Any]]] = None):
         if compression not in COMPRESSIONS:
             raise HvdkitError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
         if op not in OPS:
@@ -94,7 +117,10 @@ class TorchAdapter(Adapter):
         self.compression, self.op, self.accuracy = compression, op, accuracy
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.clip_grad_norm: Optional[float] = None
+        self.precision = "fp32"
         self._lr_factor = 1.0
+        self.metrics = check_metrics(metrics, accuracy)
+        self._step_finite, self._grad_norm = True, None
 
     def default_process(self):
         return HorovodProcess()
@@ -104,7 +130,17 @@ class TorchAdapter(Adapter):
 
     # ---- model and optimizer -------------------------------------------------------------
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
-                clip_grad_norm: Optional[float] = None) -> None:
+                clip_grad_norm: Optional[float] = None, precision: str = "fp32") -> None:
+        if precision not in ("fp32", "bf16"):
+            raise HvdkitError(f"unknown precision {precision!r}; use fp32 or bf16")
+        low = next((name for name, p in self.model.named_parameters() if p.dtype == torch.bfloat16), None)
+        if low is not None:  # Horovod's MPI and Gloo ops cannot reduce bfloat16 gradients
+            raise HvdkitError(f"parameter {low} is bfloat16; keep the model in float32 (the master weights) and "
+                              "pass precision='bf16' (--precision bf16) to compute in bfloat16")
+        self.precision = precision
+        if self.nonfinite == "skip" and self.op == "adasum":
+            raise HvdkitError("nonfinite='skip' needs op='average': Adasum applies the ranks' combined update during "
+                              "the step, so a non-finite one cannot be skipped; use --nonfinite stop")
         if clip_grad_norm is not None and self.op == "adasum":
             raise HvdkitError("clip_grad_norm needs op='average': Adasum combines the ranks' parameter updates, "
                               "so there is no averaged gradient to clip")
@@ -172,37 +208,77 @@ class TorchAdapter(Adapter):
                                               r"Detected call of `lr_scheduler\.step\(\)` before)", UserWarning)
             self.scheduler.step()
 
+    def _autocast(self):
+        """The forward pass's precision: bfloat16 autocast for "bf16" (float32 parameters and gradients)."""
+        if self.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _step(self, micro_batches) -> Tuple[float, int]:
         self.model.train()
         self.optimizer.zero_grad()
         loss_sum, count = 0.0, 0
         for batch in micro_batches:
             if batch.count:
-                loss = self.loss_fn(self.model(batch.inputs), batch.targets)
-                (loss * batch.weight).backward()
-                loss_sum += float(loss.detach()) * batch.count
+                with self._autocast():
+                    loss = self.loss_fn(self.model(batch.inputs), batch.targets)
+                value = float(loss.detach())
+                objective = loss * batch.weight
+                if self.nonfinite != "off" and not math.isfinite(value):
+                    objective = objective + self._poison()
+                objective.backward()
+                loss_sum += value * batch.count
                 count += batch.count
             else:
                 self._zero_gradient(batch.inputs)
-        if self.clip_grad_norm is None:
+        self._step_finite, self._grad_norm = True, None
+        if self.op == "adasum":
+            self.optimizer.step()
+            if self.nonfinite != "off":  # Adasum updated already: a NaN in any rank's update is in every model
+                self._step_finite = self.state_finite(buffers=False)
+        elif self.clip_grad_norm is None and self.nonfinite == "off":
             self.optimizer.step()
         else:
-            self._clip_and_step()
+            self._checked_step()
         return loss_sum, count
 
-    def _clip_and_step(self) -> None:
-        """Clip the averaged gradients (identical on every rank, so is the clipping), then step."""
+    def _poison(self) -> torch.Tensor:
+        """A term whose gradient is NaN in one parameter (value 0·NaN): this rank's non-finite loss reaches every
+        rank through the gradient allreduce, with no collective of its own."""
+        first = next(p for p in self.model.parameters() if p.requires_grad)
+        return (first.sum() * 0.0) * float("nan")
+
+    def _checked_step(self) -> None:
+        """The averaged gradients (identical on every rank, so is everything decided here): their norm, checked
+        for NaN/Inf (skip the update if so), clipped, then the step."""
         optimizer = self.optimizer
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         synchronize = getattr(optimizer, "synchronize", None)
-        if synchronize is None:  # one rank without Horovod: the gradients are the average already
-            clip_grad_norm_(parameters, self.clip_grad_norm)
-            optimizer.step()
+        if synchronize is not None:
+            synchronize()  # wait for the allreduce: the gradients are now the average over ranks
+        # (one rank without Horovod: the gradients are the average already)
+        if self.clip_grad_norm is not None:
+            norm = clip_grad_norm_(parameters, self.clip_grad_norm)
+        else:
+            norm = grad_norm(parameters)
+        self._grad_norm = float(norm)
+        if self.nonfinite != "off" and not math.isfinite(self._grad_norm):
+            self._step_finite = False  # no update, no optimizer state change, on every rank
             return
-        synchronize()  # wait for the allreduce: the gradients are now the average over ranks
-        clip_grad_norm_(parameters, self.clip_grad_norm)
-        with optimizer.skip_synchronize():
+        if synchronize is None:
             optimizer.step()
+        else:
+            with optimizer.skip_synchronize():
+                optimizer.step()
+
+    def last_step_finite(self) -> Tuple[bool, Optional[float]]:
+        return self._step_finite, self._grad_norm
+
+    def state_finite(self, buffers: bool = True) -> bool:
+        tensors = [p for p in self.model.parameters()]
+        if buffers:
+            tensors += [b for b in self.model.buffers() if b.is_floating_point()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
 
     def _zero_gradient(self, empty_inputs) -> None:
         """No samples here in this (last, short) step: a zero gradient still joins the allreduce. The model runs
@@ -211,7 +287,8 @@ class TorchAdapter(Adapter):
         needs_forward = any(isinstance(m, SyncBatchNorm) for m in self.model.modules())
         if empty_inputs is not None:
             try:
-                outputs = self.model(empty_inputs)
+                with self._autocast():
+                    outputs = self.model(empty_inputs)
             except Exception as e:  # some layers refuse zero rows; only SyncBatchNorm needs the forward pass
                 if needs_forward:
                     raise HvdkitError(f"the model cannot run on an empty batch ({type(e).__name__}: {e}), which "
@@ -245,15 +322,19 @@ class TorchAdapter(Adapter):
         torch.manual_seed(seed)
 
     def metric_names(self) -> List[str]:
-        return ["loss", "count"] + (["correct"] if self.accuracy else [])
+        return ["loss", "count"] + (["correct"] if self.accuracy else []) + sorted(self.metrics)
 
     @torch.no_grad()
     def eval_batch(self, inputs, targets) -> Dict[str, float]:
         self.model.eval()
-        outputs = self.model(inputs)
-        sums = {"loss": float(self.loss_fn(outputs, targets)) * len(targets), "count": float(len(targets))}
+        with self._autocast():
+            outputs = self.model(inputs)
+            loss = self.loss_fn(outputs, targets)
+        sums = {"loss": float(loss) * len(targets), "count": float(len(targets))}
         if self.accuracy:
             sums["correct"] = float((outputs.argmax(dim=1) == targets).sum())
+        for name, fn in self.metrics.items():
+            sums[name] = float(fn(outputs, targets))
         return sums
 
     def parameter_checksums(self, buffers: bool = True) -> List[Tuple[str, int]]:
@@ -282,5 +363,6 @@ class TorchAdapter(Adapter):
             torch.set_rng_state(saved["torch_rng"])
             return dict(saved["progress"])
         except Exception as e:  # a file from outside: any failure to read it is the file's, reported in one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = " ".join(str(e).split())   # one line: torch's "Error(s) in loading state_dict" names keys below
+            first = first if len(first) <= 160 else first[:157] + "..."
             raise HvdkitError(f"does not fit this model or optimizer ({type(e).__name__}: {first[:200]})") from None

@@ -7,6 +7,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,9 @@ class TorchData:
         """Accept a TorchData, a tuple/list of equally long arrays or tensors, or a torch Dataset."""
         if isinstance(data, cls):
             return data
+        if isinstance(data, (str, bytes, os.PathLike)):   # a str has __getitem__ and __len__: not a Dataset
+            raise HvdkitError(f"cannot use the path {os.fsdecode(data)!r} as a dataset; load it first and pass "
+                              "(features, labels) arrays or a map-style torch Dataset")
         if isinstance(data, (tuple, list)) and data and all(hasattr(d, "shape") for d in data):
             tensors = [torch.as_tensor(np.ascontiguousarray(d)) if isinstance(d, np.ndarray) else d for d in data]
             lengths = {len(t) for t in tensors}

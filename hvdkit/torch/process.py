@@ -45,6 +45,7 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     def init(self, seed: int, threads: int) -> None:
         import horovod.torch as hvd
         apply_defaults()  # hvdkit's measured Horovod settings, unless the user set them
+        core.apply_stall_defaults()  # a rank stuck outside the collectives ends the job (hvdkit.process)
         hvd.init()
         self.hvd = hvd
         _pin_and_seed(seed, threads)
@@ -57,7 +58,8 @@ class HorovodProcess(core.HorovodObjects, core.Process):
 
     def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         import horovod.torch.elastic
-        return horovod.torch.elastic.run(fn)  # retries on HorovodInternalError only (see is_peer_lost)
+        # retries on HorovodInternalError only (see is_peer_lost), never forever from one commit
+        return horovod.torch.elastic.run(core.guard_rollbacks(fn, self))
 
     # ---- for the adapter ------------------------------------------------------------------------
     def distributed_optimizer(self, optimizer, named_parameters, compression: str = "none",
