@@ -293,10 +293,13 @@ class Trainer:
                              ) from error
         if isinstance(error, StoppedOnEveryRank) or p.size == 1:
             raise error  # nobody is left waiting: every rank stops here alike, or there is no other rank
+        if isinstance(error, HvdkitError):
+            # bad input, usually found alike on every rank (many checks are agreed on): its own line, exit 2. No
+            # shutdown: under MPI it finalizes MPI, and a script that catches the error cannot fit again; a rank
+            # that alone found it exits, and the launcher ends the job
+            raise error
         line = self._record_failure(error, run, where)
         p.abort()
-        if isinstance(error, HvdkitError):
-            raise error  # bad input (often found alike on every rank): its own one line, exit 2
         raise RankFailed(line) from error
 
     def _where(self, run: Run) -> str:
