@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hvdkit import HvdkitError, TrainConfig, Trainer
-from hvdkit.callbacks import Callback
+from fault_callbacks import RaiseOnce
 from hvdkit.sharding import plan_epoch
 
 from proc import REPO, WORKERS, explain, launch, run
@@ -36,16 +36,6 @@ def factor(t):
     return lr_checks.world_factor(1, t, lambda w: 3.0, 5)
 
 
-class RaiseOnce(Callback):
-    """Raise ``error`` after global step ``at``, the first time only (a lost peer: elastic rolls back)."""
-
-    def __init__(self, at, error):
-        self.at, self.error, self.fired = at, error, False
-
-    def on_step_end(self, trainer, global_step, loss):
-        if global_step == self.at and not self.fired:
-            self.fired = True
-            raise self.error
 
 
 def lost_peer():

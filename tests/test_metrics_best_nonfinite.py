@@ -16,6 +16,7 @@ import pytest
 
 from hvdkit import HvdkitError, TrainConfig, Trainer
 from hvdkit.callbacks import Callback
+from fault_callbacks import RaiseOnce
 from hvdkit.checkpoint import BestStore, CheckpointStore
 from hvdkit.errors import StoppedOnEveryRank
 from hvdkit.sharding import eval_indices
@@ -244,16 +245,6 @@ def test_early_stopping_stops_at_the_right_evaluation():
     assert (best["value"], best["last"]) == pytest.approx((0.60, 0.58))
 
 
-class RaiseOnce(Callback):
-    all_ranks = True
-
-    def __init__(self, at, error):
-        self.at, self.error, self.fired = at, error, False
-
-    def on_step_end(self, trainer, global_step, loss):
-        if global_step == self.at and not self.fired:
-            self.fired = True
-            raise self.error
 
 
 def test_early_stopping_decision_survives_an_elastic_rollback_and_a_resume(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from hvdkit import HvdkitError, TrainConfig, Trainer
 from hvdkit.audit import check
 from hvdkit.callbacks import Callback
+from fault_callbacks import RaiseOnce
 from hvdkit.sharding import plan_epoch
 
 torch = pytest.importorskip("torch")
@@ -65,16 +66,6 @@ class Recorder(Callback):
         self.events.append(("end", result.global_step))
 
 
-class RaiseOnce(Callback):
-    """Raise ``error`` after global step ``at``, the first time only (a lost peer, a host change)."""
-
-    def __init__(self, at, error):
-        self.at, self.error, self.fired = at, error, False
-
-    def on_step_end(self, trainer, global_step, loss):
-        if global_step == self.at and not self.fired:
-            self.fired = True
-            raise self.error
 
 
 def test_local_fit_equals_plain_torch_and_evaluates_every_sample():
