@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -47,13 +47,18 @@ class EpochLoop:
             if not self.epoch():
                 break
 
-    def commit(self) -> None:
-        """On every rank: agree on the buffers, record every rank's random state, then commit or checkpoint."""
+    def commit(self, evaluated: Optional[Tuple[Dict[str, float], int]] = None) -> bool:
+        """On every rank: agree on the buffers, record every rank's random state, then commit or checkpoint.
+        After an evaluation (``evaluated``: its metrics and 1-based epoch) the monitored metric is watched in
+        between, so a best checkpoint is this very state, random state included; returns the early-stopping
+        verdict."""
         t = self.trainer
         t.agree_buffers()
         self.check_finite("")
         self.run_.progress["rng"] = t.process.allgather_object(t.adapter.rng_state())
+        stop = self.watch(*evaluated) if evaluated is not None else False
         self._save()
+        return stop
 
     # ---- non-finite steps (TrainConfig.nonfinite) ---------------------------------------------
     def _last_good(self) -> str:
@@ -184,8 +189,7 @@ class EpochLoop:
             run.eval_metrics = t.evaluate(self.eval)
             metrics.update({f"eval_{k}": v for k, v in run.eval_metrics.items()})
         progress.update(epoch=epoch + 1, position=0, layout=[])
-        stop = self.watch(metrics, epoch + 1)
-        self.commit()
+        stop = self.commit(evaluated=(metrics, epoch + 1))
         run.history.append(dict(metrics, epoch=epoch + 1))
         for cb in t.active_callbacks:
             cb.on_epoch_end(t, epoch, metrics)

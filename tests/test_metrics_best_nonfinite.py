@@ -213,6 +213,25 @@ def test_best_k_keeps_exactly_the_k_best_with_atomic_manifests_and_resume_loads_
     assert [e for _, e, _, _ in best.ranked()] == [2, 5]    # 0.45 at epoch 7 is not among the 2 best
 
 
+def test_best_checkpoints_hold_the_random_state_of_their_own_epoch(tmp_path):
+    """A best checkpoint is the same state as the regular checkpoint of its epoch, random state included (Dropout
+    draws from it every step): resuming from either continues identically."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 4))
+    adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=0.05), torch.nn.functional.cross_entropy)
+    config = TrainConfig(**dict(QUIET, epochs=2, checkpoint_dir=str(tmp_path), keep_best=2))
+    Trainer(adapter, config, process=LocalProcess()).fit((X, Y), (X_EVAL, Y_EVAL))
+
+    def progress_of(store):
+        return [torch.load(__import__("io").BytesIO(store.verify(n)[0]), weights_only=True)["progress"]
+                for n in store.numbers()]
+    regular = {p["epoch"]: p for p in progress_of(CheckpointStore(str(tmp_path)))}
+    best = progress_of(BestStore(str(tmp_path / "best"), keep=2))
+    assert sorted(p["epoch"] for p in best) == [1, 2] and regular[1]["rng"] != regular[2]["rng"]
+    for p in best:
+        assert p["rng"] == regular[p["epoch"]]["rng"], p["epoch"]
+
+
 def test_best_store_drops_entries_of_a_timeline_that_was_rolled_back(tmp_path):
     store = BestStore(str(tmp_path), keep=3)
     for epoch, value in [(1, 0.3), (2, 0.2), (3, 0.25), (4, 0.1)]:
@@ -364,6 +383,54 @@ def test_keras_skip_mode_skips_exactly_the_bad_steps(mode):
     assert int(adapter.optimizer.iterations.numpy()) == 12   # the schedule counts skipped steps (documented)
 
 
+class Buffers(Callback):
+    """BatchNorm's running mean after every step, by global step."""
+    all_ranks = True
+
+    def __init__(self, read):
+        self.read, self.after = read, {}
+
+    def on_train_begin(self, trainer):
+        self.model = trainer.adapter.model
+
+    def on_step_end(self, trainer, global_step, loss):
+        self.after[global_step] = self.read(self.model).copy()
+
+
+def test_torch_skip_mode_leaves_batchnorm_statistics_as_they_were():
+    """A NaN sample in step 3 made the forward pass write NaN into BatchNorm's running statistics; the skipped
+    step must undo that too, or every evaluation after it is NaN (and the end-of-epoch check stops the run)."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    adapter = TorchAdapter(model, torch.optim.Adam(model.parameters(), lr=0.01), torch.nn.functional.cross_entropy)
+    stats = Buffers(lambda m: m[1].running_mean.detach().numpy())
+    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, nonfinite="skip")), [stats],
+                     process=LocalProcess()).fit((with_nan_rows(9), Y), (X_EVAL, Y_EVAL))
+    assert result.skipped_steps == 1 and math.isfinite(result.eval["loss"])
+    assert np.array_equal(stats.after[3], stats.after[2]) and not np.array_equal(stats.after[4], stats.after[3])
+    assert int(model[1].num_batches_tracked) == 11   # 12 steps, one skipped
+    assert np.isfinite(stats.after[12]).all()
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
+def test_keras_skip_mode_leaves_batchnorm_statistics_as_they_were(mode):
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                              keras.layers.ReLU(), keras.layers.Dense(4)])
+    optimizer = keras.optimizers.Adam(0.01)
+    if mode == "fit":
+        model.compile(optimizer=optimizer, loss=LOGITS)
+        adapter = KerasFitAdapter(model)
+    else:
+        adapter = KerasAdapter(model, optimizer, LOGITS)
+    stats = Buffers(lambda m: m.layers[1].moving_mean.numpy())
+    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, nonfinite="skip")), [stats],
+                     process=KerasLocal()).fit((with_nan_rows(9), Y), (X_EVAL, Y_EVAL))
+    assert result.skipped_steps == 1 and math.isfinite(result.eval["loss"])
+    assert np.array_equal(stats.after[3], stats.after[2]) and not np.array_equal(stats.after[4], stats.after[3])
+    assert np.isfinite(stats.after[12]).all()
+
+
 @pytest.mark.parametrize("mode", ["loop", "fit"])
 def test_keras_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mode):
     with pytest.raises(StoppedOnEveryRank) as error:
@@ -403,6 +470,17 @@ def test_an_inf_loss_with_finite_gradients_is_caught_through_the_gradients(frame
         result, _, _ = keras_fit(framework, y=y, loss=inf_when_label_is_99_keras, epochs=1, eval_data=None,
                                  nonfinite="skip")
     assert result.skipped_steps == 1
+
+
+def test_an_inf_loss_is_caught_when_the_optimizer_steps_only_some_parameters():
+    """The first layer is trainable but not the optimizer's: the NaN that carries a rank's Inf loss into the
+    averaged gradients must land in a parameter the optimizer steps (whose norm is checked)."""
+    model = torch_model()
+    y = Y.copy()
+    y[13] = 99    # step 4
+    adapter = TorchAdapter(model, torch.optim.SGD(model[2].parameters(), lr=0.05), inf_when_label_is_99_torch)
+    with pytest.raises(StoppedOnEveryRank, match=r"^non-finite loss \(inf on rank 0\) at epoch 1, step 4;"):
+        Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, y))
 
 
 def test_nonfinite_off_trains_as_before():

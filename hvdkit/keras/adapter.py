@@ -249,8 +249,26 @@ class KerasAdapter(Adapter):
         x, y = (batch.inputs, batch.targets) if batch.count else (batch.inputs[:0], batch.targets[:0])
         return x, y, tf.constant(batch.weight, tf.float32), bool(batch.count) or self.sync_batchnorm
 
+    def buffers_before_step(self):
+        """Skip mode: the buffers as they are before a step (None otherwise), for :meth:`undo_skipped_step`."""
+        return [v.numpy() for v in self._buffers()] if self.nonfinite == "skip" else None
+
+    def undo_skipped_step(self, before) -> None:
+        """After a step skipped as non-finite: the buffers back to ``before``. The forward pass of that step moved
+        BatchNormalization's moving statistics (to NaN, from a batch holding one); the skipped step changes
+        nothing."""
+        if before is not None and not self.last_step_finite()[0]:
+            for v, value in zip(self._buffers(), before):
+                v.assign(value)
+
     def train_step(self, micro_batches) -> Tuple[float, int]:
         """One optimizer step over ``micro_batches`` (every rank the same number, some maybe empty)."""
+        before = self.buffers_before_step()
+        result = self._train_step(micro_batches)
+        self.undo_skipped_step(before)
+        return result
+
+    def _train_step(self, micro_batches) -> Tuple[float, int]:
         if len(micro_batches) == 1:  # the common case: one graph call per step, as in a hand-written loop
             b = micro_batches[0]
             loss = self._one_step(*self._inputs(b))

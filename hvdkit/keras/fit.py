@@ -35,10 +35,13 @@ class _StepHooks(keras.callbacks.Callback):
         self.loss_sum, self.count = 0.0, 0
         self.base_sum, self.seen = 0.0, 0  # good steps' loss before Keras' running mean restarted; samples since
         self.done, self.stopped = 0, False
+        self.buffers = None  # skip mode: the buffers before the step (KerasAdapter.buffers_before_step)
 
     def on_train_batch_begin(self, batch, logs=None):
         if batch % self.k == 0:
             self.before_step(self.steps[batch // self.k])
+            if self.adapter is not None:
+                self.buffers = self.adapter.buffers_before_step()
 
     def on_train_batch_end(self, batch, logs=None):
         if (batch + 1) % self.k:
@@ -51,6 +54,7 @@ class _StepHooks(keras.callbacks.Callback):
             self.count += here
             self.loss_sum = self.base_sum + running * self.seen
         else:  # a skipped step: its (maybe non-finite) loss leaves the running mean, which restarts after it
+            self.adapter.undo_skipped_step(self.buffers)
             self.model._loss_tracker.reset_state()
             self.base_sum, self.seen = self.loss_sum, 0
         self.done += 1

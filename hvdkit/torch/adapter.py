@@ -217,6 +217,17 @@ class TorchAdapter(Adapter):
     def _step(self, micro_batches) -> Tuple[float, int]:
         self.model.train()
         self.optimizer.zero_grad()
+        # skip mode: a skipped step must leave the buffers too (BatchNorm's running statistics would keep the NaN
+        # of the batch that made it skip, and every evaluation after it would be NaN)
+        before = [b.detach().clone() for b in self.model.buffers()] if self.nonfinite == "skip" else None
+        loss_sum, count = self._forward_backward_update(micro_batches)
+        if before is not None and not self._step_finite:
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), before):
+                    buffer.copy_(saved)
+        return loss_sum, count
+
+    def _forward_backward_update(self, micro_batches) -> Tuple[float, int]:
         loss_sum, count = 0.0, 0
         for batch in micro_batches:
             if batch.count:
@@ -245,8 +256,10 @@ class TorchAdapter(Adapter):
     def _poison(self) -> torch.Tensor:
         """A term whose gradient is NaN in one parameter (value 0·NaN): this rank's non-finite loss reaches every
         rank through the gradient allreduce, with no collective of its own."""
-        first = next(p for p in self.model.parameters() if p.requires_grad)
-        return (first.sum() * 0.0) * float("nan")
+        # a parameter the optimizer steps: its NaN gradient reaches the checked norm (a frozen parameter's
+        # gradient, or one of a parameter the optimizer does not hold, never would)
+        held = next(p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
+        return (held.sum() * 0.0) * float("nan")
 
     def _checked_step(self) -> None:
         """The averaged gradients (identical on every rank, so is everything decided here): their norm, checked
