@@ -1,10 +1,8 @@
 """bf16 mixed precision (``TrainConfig(precision="bf16")``, ``--precision bf16``): the forward pass runs in
 bfloat16, parameters and the gradients handed to the allreduce stay float32, the examples' digits models reach
-the fp32 accuracy within 1 point (in process, world size 1), and a 2-worker launch of each digits example in bf16
-ends with exit 0 at the examples' accuracy bar (Horovod's allreduce refuses bfloat16 tensors, so a bf16 gradient
-anywhere would fail those jobs)."""
+the fp32 accuracy within 1 point (in process, world size 1). At 2 workers under a launcher (Horovod's allreduce
+refuses bfloat16 tensors, so a bf16 gradient anywhere would fail those jobs): tests/test_loop_two_workers.py."""
 import importlib.util
-import json
 import os
 
 import pytest
@@ -12,7 +10,7 @@ import pytest
 from hvdkit import TrainConfig, Trainer
 from hvdkit.datasets import digits_split
 from hvdkit.errors import HvdkitError
-from proc import REPO, explain, launch
+from proc import REPO
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("tensorflow")
@@ -182,16 +180,3 @@ def test_keras_horovod_allreduce_of_a_bf16_gradient_runs_in_fp32():
     out = process.allreduce_gradients([tf.constant([1.5], tf.bfloat16), tf.constant([2.0], tf.float32)])
     assert seen == [tf.float32, tf.float32]
     assert [t.dtype for t in out] == [tf.bfloat16, tf.float32] and float(out[0][0]) == 3.0
-
-
-# ---- 2 workers ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script, flags", [("examples/torch_digits.py", []),
-                                           ("examples/keras_digits.py", ["--epochs", "8"])])
-def test_digits_in_bf16_on_two_workers(tmp_path, script, flags):
-    metrics = tmp_path / "m.json"
-    result = launch(script, ["--precision", "bf16", "--metrics-json", str(metrics), *flags], np=2,
-                    launcher="mpirun", timeout=240)
-    assert result.returncode == 0, explain(result)
-    m = json.loads(metrics.read_text())
-    assert m["precision"] == "bf16" and m["world_size"] == 2 and m["test_samples"] == 360
-    assert m["test_accuracy"] >= 0.95, m
