@@ -177,12 +177,8 @@ def keras_modules():
 
 
 def keras_setup(schedule, seed=3, momentum=0.9):
-    keras, *_ = keras_modules()
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)])
-    lr = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.5, staircase=True) \
-        if schedule else 0.1
-    return model, keras.optimizers.SGD(lr, momentum=momentum)
+    keras_modules()
+    return lr_checks.keras_model_and_optimizer(seed, schedule, momentum)
 
 
 def keras_schedule(schedule):
@@ -245,17 +241,18 @@ def test_keras_elastic_rollback_restores_the_step_count(mode):
     assert np.abs(keras_flat(model) - keras_flat(whole_model)).max() < 1e-6
 
 
-def keras_clip_reference(accumulation):
+def keras_clip_reference(accumulation, batch=4, x=X, y=Y, epochs=2):
+    """One process, plain Keras: the step's gradient (micro-batches weighted by their share), clipped."""
     keras, tf, *_ = keras_modules()
     model, optimizer = keras_setup(schedule=False)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     norms = []
-    for epoch in range(2):
-        for step in plan_epoch(len(X), 0, 1, 4, 0, epoch, accumulation):
+    for epoch in range(epochs):
+        for step in plan_epoch(len(x), 0, 1, batch, 0, epoch, accumulation):
             total = None
             for ids in step.micro_batches:
                 with tf.GradientTape() as tape:
-                    loss = loss_fn(Y[ids], model(X[ids], training=True)) * (len(ids) / step.samples_in_step)
+                    loss = loss_fn(y[ids], model(x[ids], training=True)) * (len(ids) / step.samples_in_step)
                 grads = tape.gradient(loss, model.trainable_variables)
                 total = grads if total is None else [a + b for a, b in zip(total, grads)]
             clipped, norm = tf.clip_by_global_norm(total, CLIP)
@@ -315,13 +312,23 @@ def test_examples_apply_the_schedule_flags(tmp_path, framework):
     assert records[0]["lr"][0] == pytest.approx(0.05) and records[-1]["lr"][0] == pytest.approx(0.0, abs=1e-9)
 
 
-# ---- 2 workers: one launch ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def two_workers(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lr_two_workers")
-    result = launch("tests/workers/lr_checks.py", ["torch", str(out)], np=2, launcher="horovodrun", timeout=300)
+# ---- 2 workers: one launch per framework ---------------------------------------------------------------
+def two_worker_records(tmp_path_factory, backend, launcher):
+    out = tmp_path_factory.mktemp(f"lr_two_workers_{backend}")
+    result = launch("tests/workers/lr_checks.py", [backend, str(out)], np=2, launcher=launcher, timeout=300)
     assert result.returncode == 0, explain(result)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    return two_worker_records(tmp_path_factory, "torch", "horovodrun")
+
+
+@pytest.fixture(scope="module")
+def two_keras_workers(tmp_path_factory):
+    keras_modules()
+    return two_worker_records(tmp_path_factory, "keras", "mpirun")
 
 
 def test_two_workers_lr_is_schedule_times_linear_factor(two_workers):
@@ -348,3 +355,41 @@ def test_two_workers_clip_like_one_process_on_the_whole_batch(two_workers, accum
         got = np.concatenate([np.asarray(t) for t in record[f"clip_acc{accumulation}"]])
         assert np.abs(got - expected).max() < 1e-6
     assert two_workers[0][f"clip_acc{accumulation}"] == two_workers[1][f"clip_acc{accumulation}"]
+
+
+def test_two_keras_workers_lr_is_schedule_times_linear_factor(two_keras_workers):
+    steps = 2 * 7
+    for rank, record in enumerate(two_keras_workers):
+        assert record["size"] == 2 and record["rank"] == rank and record["steps"] == steps
+        for mode in ("loop", "fit"):
+            records = record[f"lr_{mode}"]
+            assert [r["step"] for r in records] == list(range(1, steps + 1)) and {r["size"] for r in records} == {2}
+            assert not mismatches(records, keras_schedule(True), "linear", 5), mode
+            assert records[-1]["lr"] == pytest.approx([2 * 0.1 * 0.5 ** ((steps - 1) // 3)], rel=1e-6)
+    assert two_keras_workers[0]["lr_fit"] == [dict(r, rank=0) for r in two_keras_workers[1]["lr_fit"]]
+
+
+@pytest.mark.parametrize("mode, accumulation", [("loop", 1), ("fit", 2)])
+def test_two_keras_workers_clip_like_one_process_on_the_whole_batch(two_keras_workers, mode, accumulation):
+    x, y = lr_checks.data()
+    reference = keras_clip_reference(accumulation, batch=2 * lr_checks.BATCH, x=x, y=y, epochs=lr_checks.EPOCHS)
+    expected = np.concatenate([v.numpy().ravel() for v in reference.trainable_variables])
+    for record in two_keras_workers:
+        got = np.concatenate([np.asarray(t) for t in record[f"clip_{mode}_acc{accumulation}"]])
+        assert np.abs(got - expected).max() < 1e-6
+    assert two_keras_workers[0][f"clip_{mode}_acc{accumulation}"] == two_keras_workers[1][f"clip_{mode}_acc{accumulation}"]
+
+
+def test_two_keras_workers_stop_together_on_rank_1s_inf_loss(two_keras_workers):
+    """Rank 0's own losses are finite: it learns of rank 1's Inf through the averaged gradients, in that step."""
+    lines = [record["nonfinite_loop"].get("stopped") for record in two_keras_workers]
+    assert lines[0] == lines[1] and lines[0] is not None, lines
+    assert lines[0].startswith(f"non-finite loss (inf on rank 1) at epoch 1, step {lr_checks.BAD_STEP}; stopped on "
+                               "every rank"), lines[0]
+
+
+def test_two_keras_workers_skip_rank_1s_inf_step_together(two_keras_workers):
+    runs = [record["nonfinite_fit"] for record in two_keras_workers]
+    for run_ in runs:
+        assert (run_["skipped"], run_["steps"]) == (1, 7) and np.isfinite(run_["loss"]), run_
+    assert runs[0]["params"] == runs[1]["params"]   # the same update skipped on both ranks

@@ -9,9 +9,10 @@ update step inside the traced step). :func:`install` adds it to every Trainer of
 
 As a wrapper (argv: run LOG_DIR SCRIPT [ARGS...]): runs SCRIPT with :func:`install` (LOG_DIR).
 
-As a script (argv: BACKEND OUT_DIR; BACKEND torch): every rank writes OUT_DIR/rank{r}.json with the LR records
-of a per-step and a per-epoch schedule under linear scaling and warmup, and the final parameters of runs with
-gradient clipping; the test compares them with the formula and with one process trained on the whole batch.
+As a script (argv: BACKEND OUT_DIR; BACKEND torch or keras): every rank writes OUT_DIR/rank{r}.json with the LR
+records of schedules under linear scaling and warmup (torch: per step and per epoch; Keras: both adapters), and the
+final parameters of runs with gradient clipping; the test compares them with the formula and with one process
+trained on the whole batch. Keras also: a non-finite loss on rank 1 alone, stopped (loop) and skipped (fit).
 """
 import glob
 import json
@@ -133,14 +134,92 @@ def torch_model_and_optimizer(seed: int, momentum: float = 0.9):
     return model, torch.optim.SGD(groups, lr=BASE_LRS[0], momentum=momentum)
 
 
+def keras_model_and_optimizer(seed: int, schedule: bool, momentum: float = 0.9):
+    """Dense(8, tanh) -> Dense(3), SGD at 0.1 or ExponentialDecay(0.1, 3 steps, x0.5, staircase)."""
+    import keras
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)])
+    lr = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.5, staircase=True) \
+        if schedule else 0.1
+    return model, keras.optimizers.SGD(lr, momentum=momentum)
+
+
+def inf_when_label_is_99(y_true, y_pred):
+    """Cross entropy plus +inf for a batch holding label 99: an Inf loss on the rank that has that sample only."""
+    import tensorflow as tf
+    y_true = tf.cast(y_true, tf.int32)
+    clean = tf.where(tf.equal(y_true, 99), tf.zeros_like(y_true), y_true)
+    flag = tf.reduce_any(tf.equal(y_true, 99))
+    cross_entropy = tf.keras.losses.sparse_categorical_crossentropy(clean, y_pred, from_logits=True)
+    return tf.reduce_mean(cross_entropy) + tf.stop_gradient(tf.where(flag, float("inf"), 0.0))
+
+
+BAD_STEP = 3   # the Keras non-finite runs: rank 1 alone has an Inf loss in global step 3 (epoch 1)
+
+
+def keras_main(out_dir: str, launch_rank: int) -> None:
+    import numpy as np
+    from hvdkit import TrainConfig, Trainer
+    from hvdkit.errors import StoppedOnEveryRank
+    from hvdkit.keras import KerasAdapter, KerasFitAdapter
+    from hvdkit.sharding import plan_epoch
+    import keras
+    x, y = data()
+    quiet = dict(progress_bar=False, batch_size=BATCH, epochs=EPOCHS, seed=0)
+    record = {"backend": "keras"}
+
+    def adapter_for(mode, model, optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)):
+        if mode == "fit":
+            model.compile(optimizer=optimizer, loss=loss)
+            return KerasFitAdapter(model)
+        return KerasAdapter(model, optimizer, loss)
+
+    # LR each step: the schedule x linear scaling ramped over 5 steps, both adapters
+    for mode in ("loop", "fit"):
+        model, optimizer = keras_model_and_optimizer(3 + launch_rank, schedule=True)  # rank 0's are broadcast
+        probe = LrProbe()
+        result = Trainer(adapter_for(mode, model, optimizer), TrainConfig(lr_scaling="linear", warmup_steps=5, **quiet),
+                         [probe]).fit((x, y))
+        record[f"lr_{mode}"] = probe.records
+        record["size"], record["rank"], record["steps"] = result.world_size, result.rank, result.global_step
+
+    # Clipping of the averaged gradients: the loop step, and fit with 2 backward passes per step
+    for mode, accumulation in (("loop", 1), ("fit", 2)):
+        model, optimizer = keras_model_and_optimizer(3 + launch_rank, schedule=False)
+        Trainer(adapter_for(mode, model, optimizer),
+                TrainConfig(lr_scaling="none", clip_grad_norm=CLIP, accumulation=accumulation, **quiet)).fit((x, y))
+        record[f"clip_{mode}_acc{accumulation}"] = [v.numpy().astype(np.float64).ravel().tolist()
+                                                    for v in model.trainable_variables]
+
+    # Non-finite: label 99 in a sample rank 1 trains in step BAD_STEP; rank 0's own losses stay finite
+    bad_y = y.copy()
+    bad_y[plan_epoch(N, 1, 2, BATCH, 0, 0, 1)[BAD_STEP - 1].micro_batches[0][0]] = 99
+    for mode, nonfinite in (("loop", "stop"), ("fit", "skip")):
+        model, optimizer = keras_model_and_optimizer(3, schedule=False)
+        trainer = Trainer(adapter_for(mode, model, optimizer, loss=inf_when_label_is_99),
+                          TrainConfig(lr_scaling="none", nonfinite=nonfinite, **dict(quiet, epochs=1)))
+        try:
+            result = trainer.fit((x, bad_y))
+            record[f"nonfinite_{mode}"] = {"skipped": result.skipped_steps, "steps": result.global_step,
+                                           "loss": result.history[-1]["loss"],
+                                           "params": [v.numpy().astype(np.float64).ravel().tolist()
+                                                      for v in model.trainable_variables]}
+        except StoppedOnEveryRank as e:
+            record[f"nonfinite_{mode}"] = {"stopped": str(e)}
+    with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
+        json.dump(record, f)
+
+
 def main(backend: str, out_dir: str) -> None:
     import numpy as np
+    launch_rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+    if backend == "keras":
+        return keras_main(out_dir, launch_rank)
+    if backend != "torch":
+        sys.exit(f"unknown backend {backend!r}")
     import torch
     from hvdkit import TrainConfig, Trainer
     from hvdkit.torch import TorchAdapter
-    if backend != "torch":
-        sys.exit(f"unknown backend {backend!r}")
-    launch_rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
     x, y = data()
     quiet = dict(progress_bar=False, batch_size=BATCH, epochs=EPOCHS, seed=0)
     record = {"backend": backend}
