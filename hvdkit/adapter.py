@@ -8,7 +8,8 @@ method runs on every rank in the same order, so the collectives inside line up.
 Example (what :class:`hvdkit.Trainer` does with it)::
 
     adapter.attach(process)                                   # after process.init(...)
-    adapter.prepare(lr_factor=process.size, accumulation=1)   # wrap optimizer, scale LR (clip_grad_norm=..., precision=...)
+    adapter.prepare(lr_factor=process.size, accumulation=1)   # wrap optimizer, scale LR (clip_grad_norm=..., precision=...,
+                                                              # shard_optimizer=...)
     adapter.broadcast_state()                                 # rank 0's model everywhere
     loss_sum, count = adapter.train_step(micro_batches)
     sums = adapter.eval_batch(inputs, targets)                # {"loss": .., "correct": .., "count": ..}
@@ -67,11 +68,13 @@ class Adapter(abc.ABC):
     # ---- model and optimizer -------------------------------------------------------------
     @abc.abstractmethod
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
-                clip_grad_norm: Optional[float] = None, precision: str = "fp32") -> None:
+                clip_grad_norm: Optional[float] = None, precision: str = "fp32", shard_optimizer: bool = False) -> None:
         """Wrap the optimizer for allreduce (reducing every ``accumulation`` backward passes), scale the LR
         by ``lr_factor``, make BatchNorm layers synchronised when asked, clip the averaged gradients to the
         global norm ``clip_grad_norm`` (None: no clipping), compute in ``precision`` ("fp32", or "bf16": forward
-        and loss in bfloat16, float32 weights and gradients, so the allreduce is float32). No collective: the
+        and loss in bfloat16, float32 weights and gradients, so the allreduce is float32). ``shard_optimizer``:
+        ZeRO stage 2 instead of the allreduce (each rank steps 1/N of the parameters with 1/N of the optimizer
+        state; see :meth:`gather_state`); an adapter that cannot raises HvdkitError. No collective: the
         trainer broadcasts the state next."""
 
     def set_nonfinite(self, mode: str) -> None:
@@ -171,9 +174,21 @@ class Adapter(abc.ABC):
         tensor that agrees across ranks after :meth:`sync_buffers`, in a fixed order (not random states)."""
 
     # ---- state -------------------------------------------------------------------------------
+    def gather_state(self) -> None:
+        """Every rank, before any :meth:`state_to_bytes` (a commit, a checkpoint, a best checkpoint): assemble
+        state that lives spread over the ranks (a sharded optimizer's) so that ``state_to_bytes`` can write it
+        whole on one rank. A collective when there is such state and it changed since the last call; nothing
+        otherwise (the default)."""
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of the optimizer state this rank holds now (its tensors; sharded: its shard's); 0 when the
+        adapter does not measure it."""
+        return 0
+
     @abc.abstractmethod
     def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
-        """Model, optimizer (with its LR schedule's state) and ``progress`` as one blob (rank 0 calls this alone)."""
+        """Model, optimizer (with its LR schedule's state) and ``progress`` as one blob (rank 0 calls this alone in a
+        static job, every rank in an elastic commit; always after :meth:`gather_state` on every rank)."""
 
     @abc.abstractmethod
     def state_from_bytes(self, blob: bytes) -> Dict[str, Any]:

@@ -47,6 +47,10 @@ class TrainConfig:
     early_stopping_patience: stop after this many evaluations in a row without improvement (0: never).
     nonfinite: a NaN/Inf loss or gradient norm in a step: "stop" every rank at that step (exit non-zero, the last
         good checkpoint kept), "skip" that step's update on every rank, or "off" (no check).
+    shard_optimizer: ZeRO stage 2 (torch): gradients are reduce-scattered, each rank holds and steps 1/N of the
+        optimizer state, updated parameters are allgathered; the same result as without it. Elementwise torch
+        optimizers only (SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, RAdam), op="average". Checkpoints
+        stay unsharded (they resume at any world size, sharded or not).
 
     The LR an optimizer step applies is ``schedule(step) * lr_factor(world_size, global_step)``: the user's
     schedule (a torch LR scheduler, a Keras ``LearningRateSchedule``, or the constant LR) times the
@@ -83,6 +87,7 @@ class TrainConfig:
     min_delta: float = 0.0
     early_stopping_patience: int = 0
     nonfinite: str = "stop"
+    shard_optimizer: bool = False
 
     def validate(self) -> "TrainConfig":
         def need(ok, msg):
@@ -128,6 +133,8 @@ class TrainConfig:
                  f"cannot tell whether {self.monitor} should go up or down; pass --monitor-mode min or max")
         need(self.nonfinite in NONFINITE,
              f"nonfinite must be one of {', '.join(NONFINITE)} (got {self.nonfinite!r}); pass --nonfinite stop, skip or off")
+        need(isinstance(self.shard_optimizer, bool),
+             f"shard_optimizer must be True or False (got {self.shard_optimizer!r}); pass --shard-optimizer or not")
         return self
 
     def monitor_direction(self) -> Optional[str]:

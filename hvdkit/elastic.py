@@ -38,6 +38,7 @@ class StateHooks:
     exchange_failures: Optional[Callable[[], None]] = None  # first collective of a sync: raises if any rank failed
     on_error: Optional[Callable[[BaseException], None]] = None     # record this rank's error for that exchange
     is_peer_lost: Optional[Callable[[BaseException], bool]] = None
+    gather: Optional[Callable[[], None]] = None   # every rank, before to_bytes (Adapter.gather_state)
 
 
 class ElasticState(State):
@@ -57,6 +58,8 @@ class ElasticState(State):
 
     def _snapshot(self) -> None:
         progress = copy.deepcopy(self.hooks.get_progress())
+        if self.hooks.gather is not None:
+            self.hooks.gather()
         self.committed = (self.hooks.to_bytes(progress), progress)
 
     def save(self) -> None:

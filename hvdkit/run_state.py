@@ -42,6 +42,7 @@ class FitResult:
     rank: int = 0
     best: Optional[Dict[str, Any]] = None    # the monitored metric's record (TrainConfig.monitor), if watched
     skipped_steps: int = 0                   # steps whose update was skipped (nonfinite="skip")
+    optimizer_state_bytes: int = 0           # the most optimizer state one rank held at the end (its tensors)
 
 
 @dataclasses.dataclass
@@ -59,4 +60,5 @@ class Run:
     rolled_back: bool = False
     hosts: Optional[List[str]] = None
     fatal: Optional[tuple] = None          # (this rank's error line, bad input?), handed to every rank (elastic)
+    optimizer_state_bytes: int = 0         # max over ranks, measured at the end (Trainer._finish)
     result: Optional[FitResult] = None     # set when the run finished (Trainer._finish)

@@ -80,6 +80,9 @@ def training_parser(description: str, epochs: int, batch_size: int, lr: float) -
                    help="early stopping: an improvement must beat the best by more than this")
     p.add_argument("--early-stopping-patience", type=int, default=0,
                    help="stop after N evaluations in a row without improvement of --monitor (0: never)")
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="ZeRO stage 2 (torch): each rank keeps 1/N of the optimizer state and of the reduced "
+                        "gradients; same result, checkpoints unsharded")
     p.add_argument("--nonfinite", choices=["stop", "skip", "off"], default="stop",
                    help="a NaN/Inf loss or gradient norm: stop every rank at that step (exit non-zero), skip that "
                         "step's update on every rank, or off (no check)")
@@ -137,7 +140,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         commit_every=args.commit_every, durable_every=args.durable_every, audit_dir=args.audit_dir,
         sync_batchnorm=args.sync_batchnorm, clip_grad_norm=args.clip_grad_norm,
         precision=args.precision, keep_best=args.keep_best, monitor=args.monitor, monitor_mode=args.monitor_mode,
-        min_delta=args.min_delta, early_stopping_patience=args.early_stopping_patience, nonfinite=args.nonfinite)
+        min_delta=args.min_delta, early_stopping_patience=args.early_stopping_patience, nonfinite=args.nonfinite,
+        shard_optimizer=args.shard_optimizer)
 
 
 def write_metrics(path: Optional[str], result, framework: str, rank: int, **extra: Any) -> Dict[str, Any]:
@@ -149,7 +153,8 @@ def write_metrics(path: Optional[str], result, framework: str, rank: int, **extr
         "test_accuracy": result.eval.get("accuracy"), "test_loss": result.eval.get("loss"),
         "test_samples": result.eval.get("samples"), "samples_per_sec": round(result.samples_per_sec, 1),
         "stopped_early": result.stopped_early, "best": result.best, "skipped_steps": result.skipped_steps,
-        "resumed": bool(result.resumed_from), "resets": result.resets, "history": result.history, **extra}
+        "resumed": bool(result.resumed_from), "resets": result.resets,
+        "optimizer_state_bytes": result.optimizer_state_bytes, "history": result.history, **extra}
     if path and rank == 0:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -239,7 +239,7 @@ class Trainer:
                               "the training loss (--monitor loss)")
         a.set_nonfinite(cfg.nonfinite)
         a.prepare(lr_factor=cfg.lr_factor(p.size, 0), accumulation=cfg.accumulation, sync_batchnorm=cfg.sync_batchnorm,
-                  clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision)
+                  clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision, shard_optimizer=cfg.shard_optimizer)
         self.active_callbacks  # noqa: B018 -- begins this rank's callbacks (on_train_begin) now
         store, resumed = self._open_checkpoints(train_feed.n)
         if resumed:
@@ -257,7 +257,10 @@ class Trainer:
         it (training is not repeated) and whoever is rank 0 then runs the side effects it has not run yet (a
         worker lost during the final evaluation or commit rolls back to the previous commit: the rest of the last
         epoch is trained again); static: the job fails instead of ending with exit 0 and missing outputs."""
+        run.optimizer_state_bytes = max(self.process.allgather_object(int(self.adapter.optimizer_state_bytes())))
         run.result = self._result(run, resumed)
+        if store is not None:
+            self.adapter.gather_state()   # every rank: rank 0 may write the final checkpoint just below
         if store is not None and self.process.rank == 0 and self._store_behind(store, run.progress):
             # elastic: rank 0 was lost before its durable write of the final commit finished, and the others
             # rolled back to that commit; the final checkpoint is written here, once
@@ -358,7 +361,8 @@ class Trainer:
             durable=(lambda blob, progress: self.save_checkpoint(store, progress, blob)) if store else None,
             is_final=lambda progress: progress["epoch"] >= cfg.epochs or run.stopped,
             exchange_failures=lambda: self._exchange_failures(run),
-            on_error=lambda error: self._record_failure(error, run), is_peer_lost=p.is_peer_lost)
+            on_error=lambda error: self._record_failure(error, run), is_peer_lost=p.is_peer_lost,
+            gather=a.gather_state)
         state = ElasticState(p, hooks, durable_every=cfg.durable_every)
         p.elastic_run(lambda st: self._elastic_body(st, run, train_feed, eval_feed, resumed, store))(state)
         if run.progress["epoch"] < cfg.epochs and not run.stopped:  # never report a cut-short run as done
@@ -418,4 +422,4 @@ class Trainer:
             samples_trained=run.trained, samples_per_sec=run.trained / run.train_time if run.train_time else 0.0,
             history=run.history, eval=run.eval_metrics, stopped_early=run.stopped, resumed_from=resumed,
             resets=run.resets, rank=p.rank, best=run.progress.get("best"),
-            skipped_steps=int(run.progress.get("skipped", 0)))
+            skipped_steps=int(run.progress.get("skipped", 0)), optimizer_state_bytes=run.optimizer_state_bytes)

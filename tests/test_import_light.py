@@ -4,7 +4,7 @@ import sys
 
 CORE = ["hvdkit", "hvdkit.sharding", "hvdkit.trainer", "hvdkit.checkpoint", "hvdkit.launch",
         "hvdkit.cli", "hvdkit.doctor", "hvdkit.config", "hvdkit.callbacks", "hvdkit.adapter",
-        "hvdkit.discover_hosts"]
+        "hvdkit.discover_hosts", "hvdkit.zero"]
 
 
 def test_core_imports_no_framework():

@@ -172,7 +172,10 @@ class KerasAdapter(Adapter):
 
     # ---- model and optimizer -------------------------------------------------------------
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
-                clip_grad_norm: Optional[float] = None, precision: str = "fp32") -> None:
+                clip_grad_norm: Optional[float] = None, precision: str = "fp32", shard_optimizer: bool = False) -> None:
+        if shard_optimizer:
+            raise HvdkitError("shard_optimizer is not yet supported for Keras (torch only for now); "
+                              "drop --shard-optimizer")
         self.sync_batchnorm, self.accumulation, self.clip_grad_norm = sync_batchnorm, accumulation, clip_grad_norm
         if sync_batchnorm:
             make_sync_batchnorm(self.model)
@@ -373,6 +376,9 @@ class KerasAdapter(Adapter):
         return [(v.path, zlib.crc32(np.ascontiguousarray(v.numpy()).tobytes())) for v in variables]
 
     # ---- state -------------------------------------------------------------------------------
+    def optimizer_state_bytes(self) -> int:
+        return int(sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in self.optimizer.variables))
+
     def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
         arrays = {f"model/{i}": v.numpy() for i, v in enumerate(self.model.variables)}
         arrays.update({f"optimizer/{i}": v.numpy() for i, v in enumerate(self.optimizer.variables)})

@@ -84,13 +84,13 @@ class KerasFitAdapter(KerasAdapter):
         self.accumulation = 1
 
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
-                clip_grad_norm=None, precision: str = "fp32") -> None:
+                clip_grad_norm=None, precision: str = "fp32", shard_optimizer: bool = False) -> None:
         if accumulation > 1:
             if self.optimizer.built:
                 raise HvdkitError("gradient accumulation needs an optimizer that has not been built yet")
             # Keras accumulates k micro-batch gradients and applies their mean every k-th call.
             self.optimizer.gradient_accumulation_steps = accumulation
-        super().prepare(lr_factor, accumulation, sync_batchnorm, clip_grad_norm, precision)
+        super().prepare(lr_factor, accumulation, sync_batchnorm, clip_grad_norm, precision, shard_optimizer)
         make_empty_safe_batchnorm(self.model)  # an empty last-step batch must not poison moving statistics
         # Horovod's TF ops have no XLA kernels, and Keras' jit_compile="auto" would compile train_step.
         self.model.jit_compile = False

@@ -26,6 +26,7 @@ from ..errors import HvdkitError
 from .feed import TorchFeed
 from .process import HorovodProcess
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from .zero import ShardedOptimizer, check_shardable, tensor_bytes
 
 COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
@@ -90,6 +91,13 @@ class TorchAdapter(Adapter):
     LR: between steps each param group's ``lr`` is the schedule's (the scheduler's, or the one you gave);
     during a step (forward, backward, ``optimizer.step()``) it is that times the trainer's factor (world size,
     warmup), and restored after. So the scheduler never sees the factor and the trainer never overwrites it.
+
+    Sharded optimizer (``TrainConfig.shard_optimizer``, ZeRO stage 2, see ``hvdkit.torch.zero``): no Horovod
+    wrapper; gradients accumulate locally, are reduce-scattered so each rank steps its 1/N of the flattened
+    parameters with its 1/N of the optimizer state, and the updated parameters are allgathered. ``optimizer``
+    stays the user's (schedulers set its LRs; it holds no state). Checkpoints and commits hold the unsharded
+    state (any world size resumes them, sharded or not); every rank calls :meth:`gather_state` before
+    :meth:`state_to_bytes`. After a step the parameters' ``.grad`` are None.
     """
 
     framework = "torch"
@@ -121,6 +129,7 @@ class TorchAdapter(Adapter):
         self._lr_factor = 1.0
         self.metrics = check_metrics(metrics, accuracy)
         self._step_finite, self._grad_norm = True, None
+        self._sharded: Optional[ShardedOptimizer] = None
 
     def default_process(self):
         return HorovodProcess()
@@ -130,7 +139,7 @@ class TorchAdapter(Adapter):
 
     # ---- model and optimizer -------------------------------------------------------------
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
-                clip_grad_norm: Optional[float] = None, precision: str = "fp32") -> None:
+                clip_grad_norm: Optional[float] = None, precision: str = "fp32", shard_optimizer: bool = False) -> None:
         if precision not in ("fp32", "bf16"):
             raise HvdkitError(f"unknown precision {precision!r}; use fp32 or bf16")
         low = next((name for name, p in self.model.named_parameters() if p.dtype == torch.bfloat16), None)
@@ -144,12 +153,21 @@ class TorchAdapter(Adapter):
         if clip_grad_norm is not None and self.op == "adasum":
             raise HvdkitError("clip_grad_norm needs op='average': Adasum combines the ranks' parameter updates, "
                               "so there is no averaged gradient to clip")
+        if shard_optimizer:
+            check_shardable(self.optimizer, self.model, self.op)
         if sync_batchnorm:
             convert_sync_batchnorm(self.model)
         self.clip_grad_norm = clip_grad_norm
-        self.optimizer = self.process.distributed_optimizer(
-            self.optimizer, self.model.named_parameters(), compression=self.compression,
-            accumulation=accumulation, op=self.op)
+        if shard_optimizer:
+            # no Horovod wrapper (no per-parameter allreduce hooks): the sharded step reduce-scatters. A second
+            # fit keeps the state of the first (gathered by its last commit).
+            kept = self._sharded.full_state_dict() if self._sharded is not None and self._sharded.gathered() else None
+            self._sharded = ShardedOptimizer(self.optimizer, self.process, compression=self.compression, state=kept)
+        else:
+            self._sharded = None
+            self.optimizer = self.process.distributed_optimizer(
+                self.optimizer, self.model.named_parameters(), compression=self.compression,
+                accumulation=accumulation, op=self.op)
         # Horovod's optimizer is a new object, sharing the param-group dicts only until a state dict is loaded
         # into it (broadcast, resume): the scheduler must set the LRs of the optimizer that steps.
         if self.scheduler is not None:
@@ -162,14 +180,19 @@ class TorchAdapter(Adapter):
         # weight decay to the parameters and advances Adam's step count. Rank 0's state dict as an object
         # carries the hyperparameters and any state exactly.
         # The LR scheduler's state travels with it (a worker that joins continues the schedule).
+        # Sharded: rank 0's unsharded state (loaded, or gathered by the commit before a resize), cut into this
+        # rank's shard for the world size of now.
         rank = self.process.rank
         state = self.process.broadcast_object(
-            {"optimizer": self.optimizer.state_dict(),
+            {"optimizer": self._optimizer_state_dict(),
              "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None} if rank == 0 else None)
-        if rank != 0:
+        if self._sharded is not None:
+            self._sharded.load_full_state_dict(state["optimizer"])
+            self._sharded.reshard()
+        elif rank != 0:
             self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
+        if rank != 0 and self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def set_lr_factor(self, factor: float) -> None:
         self._lr_factor = float(factor)   # applied during each step only: see train_step
@@ -243,7 +266,10 @@ class TorchAdapter(Adapter):
             else:
                 self._zero_gradient(batch.inputs)
         self._step_finite, self._grad_norm = True, None
-        if self.op == "adasum":
+        if self._sharded is not None:
+            self._step_finite, self._grad_norm = self._sharded.step(self.clip_grad_norm,
+                                                                    check_finite=self.nonfinite != "off")
+        elif self.op == "adasum":
             self.optimizer.step()
             if self.nonfinite != "off":  # Adasum updated already: a NaN in any rank's update is in every model
                 self._step_finite = self.state_finite(buffers=False)
@@ -355,9 +381,20 @@ class TorchAdapter(Adapter):
         return [(name, zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes())) for name, t in tensors]
 
     # ---- state -------------------------------------------------------------------------------
+    def _optimizer_state_dict(self) -> Dict[str, Any]:
+        """The optimizer's state dict, unsharded (sharded: as of the last :meth:`gather_state`)."""
+        return self._sharded.full_state_dict() if self._sharded is not None else self.optimizer.state_dict()
+
+    def gather_state(self) -> None:
+        if self._sharded is not None:
+            self._sharded.gather()
+
+    def optimizer_state_bytes(self) -> int:
+        return self._sharded.state_bytes() if self._sharded is not None else tensor_bytes(self.optimizer.state)
+
     def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"model": self.model.state_dict(), "optimizer": self._optimizer_state_dict(),
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                     "progress": dict(progress), "torch_rng": torch.get_rng_state()}, buffer)
         return buffer.getvalue()
@@ -370,7 +407,10 @@ class TorchAdapter(Adapter):
                 raise ValueError("written with an LR scheduler; pass the same scheduler" if self.scheduler is None
                                  else "written without an LR scheduler; its schedule position is unknown")
             self.model.load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
+            if self._sharded is not None:   # resharded by the next broadcast_state (or step), for the world of then
+                self._sharded.load_full_state_dict(saved["optimizer"])
+            else:
+                self.optimizer.load_state_dict(saved["optimizer"])
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(scheduler_state)
             torch.set_rng_state(saved["torch_rng"])

@@ -1,8 +1,9 @@
 """The process role for PyTorch: Horovod's torch collectives, or none at all at world size 1.
 
 Besides the trainer's collectives (``hvdkit.process.Process``) the torch adapter asks its process for
-three tensor-level ones: wrap the optimizer so gradients are averaged, broadcast the model, and tell a
-lost peer from a user error (Horovod raises typed exceptions for that in torch).
+tensor-level ones: wrap the optimizer so gradients are averaged, broadcast the model, tell a lost peer from a
+user error (Horovod raises typed exceptions for that in torch), and for the sharded optimizer
+(``hvdkit.torch.zero``) an averaging reduce-scatter and an allgather of flat vectors.
 
 Example::
 
@@ -78,6 +79,19 @@ class HorovodProcess(core.HorovodObjects, core.Process):
         if tensors:
             self.hvd.grouped_allreduce_(list(tensors), op=self.hvd.Average, name="hvdkit.buffers")
 
+    def reducescatter_average(self, tensors, compression: str = "none", name: str = "hvdkit.zero.grads"):
+        """For 1-D tensors of equal length on every rank, each a multiple of the world size: each averaged over
+        ranks, and this rank's contiguous ``1/size`` slice of it (rank r: the r-th); one grouped collective."""
+        hvd = self.hvd
+        return hvd.grouped_reducescatter(
+            list(tensors), op=hvd.Average, name=name,
+            compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
+
+    def allgather_tensors(self, tensors, name: str = "hvdkit.zero.gather"):
+        """For 1-D tensors (the same count on every rank): each rank's concatenated in rank order; one grouped
+        collective."""
+        return self.hvd.grouped_allgather(list(tensors), name=name)
+
 
 class LocalProcess(core.LocalProcess):
     """World size 1 without Horovod: the optimizer is used as given, broadcasts do nothing."""
@@ -94,3 +108,9 @@ class LocalProcess(core.LocalProcess):
 
     def average_tensors(self, tensors) -> None:
         pass
+
+    def reducescatter_average(self, tensors, compression: str = "none", name: str = "hvdkit.zero.grads"):
+        return list(tensors)   # one rank: the average, and the whole vector is its slice
+
+    def allgather_tensors(self, tensors, name: str = "hvdkit.zero.gather"):
+        return list(tensors)

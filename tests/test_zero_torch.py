@@ -1,0 +1,310 @@
+"""Sharded optimizer (ZeRO stage 2, ``shard_optimizer``) for torch.
+
+The shard arithmetic (hvdkit/zero.py) in pure Python; in one process (``LocalProcess``) sharded runs against
+unsharded ones (parameters and the unsharded optimizer state dict), checkpoints across the two, a rollback, the
+refusals; one launch at 2 and one at 3 workers (tests/workers/zero_checks.py): sharded == unsharded on every
+rank, per-rank optimizer state ~1/N, and a sharded checkpoint written at 2 workers resumed at 3 and at 1 reaching
+the parameters of an uninterrupted run.
+"""
+import json
+import random
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from hvdkit import HvdkitError, TrainConfig, Trainer
+from hvdkit.zero import FlatLayout, padded_length
+
+from fault_callbacks import RaiseOnce
+from proc import WORKERS, explain, launch
+
+sys.path.insert(0, WORKERS)
+
+
+# ---- shard arithmetic ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("total,world,padded", [(0, 1, 1), (0, 3, 3), (1, 3, 3), (10, 3, 12), (12, 3, 12),
+                                                (153, 2, 154), (153, 3, 153), (7, 1, 7)])
+def test_padding_gives_every_rank_the_same_length(total, world, padded):
+    assert padded_length(total, world) == padded
+    layout = FlatLayout([total], world)
+    assert layout.shard_size * world == padded
+    assert [layout.shard_range(r) for r in range(world)] == [(r * layout.shard_size, (r + 1) * layout.shard_size)
+                                                             for r in range(world)]
+
+
+def test_a_tensor_larger_than_a_shard_is_split_over_ranks():
+    layout = FlatLayout([3, 10, 2], world=3)   # 15 elements, shards of 5: tensor 1 spans elements 3..12
+    assert layout.owners(1) == [0, 1, 2] and layout.owners(0) == [0] and layout.owners(2) == [2]
+    assert [(p.index, p.start, p.stop, p.offset) for p in layout.pieces(0)] == [(0, 0, 3, 0), (1, 0, 2, 3)]
+    assert [(p.index, p.start, p.stop, p.offset) for p in layout.pieces(1)] == [(1, 2, 7, 0)]
+    assert [(p.index, p.start, p.stop, p.offset) for p in layout.pieces(2)] == [(1, 7, 10, 0), (2, 0, 2, 3)]
+
+
+def test_every_element_is_in_exactly_one_shard_and_padding_only_at_the_end():
+    rng = random.Random(4)
+    for _ in range(300):
+        sizes = [rng.choice([0, 1, 2, 3, 7, 16, 80]) for _ in range(rng.randint(0, 7))]
+        world = rng.randint(1, 6)
+        layout = FlatLayout(sizes, world)
+        seen = [np.zeros(s, dtype=int) for s in sizes]
+        held = []
+        for rank in range(world):
+            positions = np.zeros(layout.shard_size, dtype=int)
+            for p in layout.pieces(rank):
+                assert 0 <= p.start < p.stop <= sizes[p.index] and p.offset + p.length <= layout.shard_size
+                seen[p.index][p.start:p.stop] += 1
+                positions[p.offset:p.offset + p.length] += 1
+                # where it lands in the flat vector is where the tensor's element lies
+                assert layout.shard_range(rank)[0] + p.offset == layout.offsets[p.index] + p.start
+            assert positions.max(initial=0) <= 1
+            held.append(positions)
+        assert all((s == 1).all() for s in seen), (sizes, world)
+        covered = np.concatenate(held)
+        assert covered[:layout.total].all() and not covered[layout.total:].any()
+        assert layout.padded - layout.total < world or layout.total == 0   # an empty group: one zero per rank
+
+
+def test_bad_layouts_are_refused():
+    with pytest.raises(HvdkitError, match="world >= 1"):
+        FlatLayout([3], 0)
+    with pytest.raises(HvdkitError, match="sizes must be >= 0"):
+        FlatLayout([3, -1], 2)
+    with pytest.raises(HvdkitError, match="outside a world of 2"):
+        FlatLayout([3], 2).pieces(2)
+
+
+# ---- one process -------------------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+from hvdkit.torch import LocalProcess, TorchAdapter  # noqa: E402
+import zero_checks as zc  # noqa: E402
+
+FEATURES = {"plain": dict(batch_size=4),
+            "accumulation_clip_schedule": dict(batch_size=4, accumulation=2, clip_grad_norm=0.3, scheduler=True),
+            "bf16": dict(batch_size=4, precision="bf16", clip_grad_norm=0.3)}
+
+
+def local_fit(name, shard, **config):
+    return zc.fit(name, shard, process=LocalProcess(), **config)
+
+
+@pytest.mark.parametrize("features", sorted(FEATURES))
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_sharded_equals_unsharded_in_one_process(name, features):
+    plain_net, plain, _ = local_fit(name, False, **FEATURES[features])
+    sharded_net, sharded, result = local_fit(name, True, **FEATURES[features])
+    assert result.global_step == zc.steps(1, **FEATURES[features])
+    assert np.abs(zc.flat(plain_net) - zc.flat(sharded_net)).max() <= 1e-6
+    assert np.abs(zc.flat(plain_net) - zc.flat(zc.model())).max() > 1e-2   # it trained
+    # the unsharded view of the sharded state is the unsharded optimizer's state dict
+    sharded.gather_state()
+    want, got = plain.optimizer.state_dict(), sharded._optimizer_state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    assert sorted(got["state"]) == sorted(want["state"]) and got["state"]
+    for index, entry in want["state"].items():
+        assert sorted(got["state"][index]) == sorted(entry)
+        for key, value in entry.items():
+            assert got["state"][index][key].shape == value.shape
+            assert torch.allclose(got["state"][index][key], value, rtol=1e-4, atol=1e-6), (index, key)
+    assert result.optimizer_state_bytes == sharded.optimizer_state_bytes() > 0
+    assert all(p.grad is None for p in sharded_net.parameters())   # stage 2: the full gradients are not kept
+
+
+OTHER_OPTIMIZERS = {
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.05, lr_decay=0.01, weight_decay=1e-3),
+    "rmsprop_centered": lambda params: torch.optim.RMSprop(params, lr=0.01, momentum=0.5, centered=True),
+    "adamax": lambda params: torch.optim.Adamax(params, lr=0.02),
+    "nadam": lambda params: torch.optim.NAdam(params, lr=0.02, decoupled_weight_decay=True, weight_decay=0.01),
+    "radam": lambda params: torch.optim.RAdam(params, lr=0.02),
+    "adam_amsgrad": lambda params: torch.optim.Adam(params, lr=0.02, amsgrad=True)}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_OPTIMIZERS))
+def test_every_elementwise_optimizer_shards_alike(name):
+    make = OTHER_OPTIMIZERS[name]
+    finals = []
+    for shard in (False, True):
+        net = zc.model()
+        Trainer(TorchAdapter(net, make(net.parameters()), torch.nn.functional.cross_entropy),
+                TrainConfig(**dict(zc.QUIET, batch_size=4), shard_optimizer=shard),
+                process=LocalProcess()).fit(zc.data())
+        finals.append(zc.flat(net))
+    assert np.abs(finals[0] - finals[1]).max() <= 1e-6
+    assert np.abs(finals[0] - zc.flat(zc.model())).max() > 1e-3
+
+
+def test_a_skipped_nonfinite_step_is_skipped_alike():
+    calls = {"n": 0}
+
+    def loss_nan_at_third_call(outputs, targets):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(outputs, targets)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    finals = []
+    for shard in (False, True):
+        calls["n"] = 0
+        net = zc.model()
+        adapter = TorchAdapter(net, zc.optimizer_for("adam", net), loss_nan_at_third_call)
+        result = Trainer(adapter, TrainConfig(**dict(zc.QUIET, batch_size=4), nonfinite="skip", shard_optimizer=shard),
+                         process=LocalProcess()).fit(zc.data())
+        assert result.skipped_steps == 1
+        finals.append(zc.flat(net))
+    assert np.abs(finals[0] - finals[1]).max() <= 1e-6
+
+
+def uninterrupted_reference():
+    """The checkpoint scenario's run, unsharded and in one go, at one worker on the same global batch."""
+    net, _, result = zc.fit("adam", False, process=LocalProcess(), batchnorm=False, lr_scaling="none",
+                            batch_size=zc.GLOBAL_BATCH)
+    assert result.global_step == zc.steps(1, zc.GLOBAL_BATCH)
+    return zc.flat(net)
+
+
+def resume_run(directory, shard, stop=False):
+    return zc.fit("adam", shard, process=LocalProcess(), batchnorm=False, lr_scaling="none",
+                  batch_size=zc.GLOBAL_BATCH, checkpoint_dir=str(directory),
+                  stop_after_steps=zc.STOP_AT if stop else None)
+
+
+@pytest.mark.parametrize("written,resumed", [(True, False), (False, True), (True, True)])
+def test_checkpoints_cross_between_sharded_and_unsharded(tmp_path, written, resumed):
+    stopped_net, _, stopped = resume_run(tmp_path, written, stop=True)
+    assert stopped.global_step == zc.STOP_AT
+    net, _, result = resume_run(tmp_path, resumed)
+    assert result.resumed_from["global_step"] == zc.STOP_AT and result.global_step == zc.steps(1, zc.GLOBAL_BATCH)
+    assert np.abs(zc.flat(net) - uninterrupted_reference()).max() <= 1e-6
+
+
+def test_a_rollback_restores_the_sharded_state(tmp_path):
+    from horovod.common.exceptions import HorovodInternalError
+    whole, _, _ = local_fit("adam", True, batch_size=4)
+    crash = RaiseOnce(at=9, error=HorovodInternalError("peer lost (simulated)"))
+    net = zc.model()
+    adapter = TorchAdapter(net, zc.optimizer_for("adam", net), torch.nn.functional.cross_entropy)
+    result = Trainer(adapter, TrainConfig(**dict(zc.QUIET, batch_size=4), shard_optimizer=True, elastic=True,
+                                          commit_every=4, checkpoint_dir=str(tmp_path)),
+                     [crash], process=LocalProcess()).fit(zc.data())
+    assert crash.fired and result.resets == 1 and result.global_step == zc.steps(1, 4)
+    assert np.abs(zc.flat(net) - zc.flat(whole)).max() == 0.0
+
+
+def test_best_checkpoints_hold_the_unsharded_state(tmp_path):
+    from hvdkit.checkpoint import BestStore
+    _, sharded, result = local_fit("adam", True, batch_size=4, keep_best=2, monitor="loss",
+                                   checkpoint_dir=str(tmp_path))
+    best = BestStore(str(tmp_path / "best"), keep=2)
+    assert result.best is not None and best.numbers()
+    blob, _ = best.verify(best.numbers()[-1])
+    net = zc.model()
+    plain = TorchAdapter(net, zc.optimizer_for("adam", net), torch.nn.functional.cross_entropy)
+    plain.state_from_bytes(blob)   # an unsharded optimizer loads it as it is
+    assert len(plain.optimizer.state) == len(list(net.parameters()))
+    assert plain.optimizer.state[net.embed.weight]["exp_avg"].shape == net.embed.weight.shape
+
+
+def test_misuse_is_refused_in_one_line():
+    net = zc.model()
+    loss = torch.nn.functional.cross_entropy
+
+    def fit(optimizer, model=net, **adapter):
+        Trainer(TorchAdapter(model, optimizer, loss, **adapter),
+                TrainConfig(**dict(zc.QUIET, batch_size=4), shard_optimizer=True), process=LocalProcess()).fit(zc.data())
+    with pytest.raises(HvdkitError, match="shard_optimizer must be True or False"):
+        TrainConfig(shard_optimizer="yes").validate()
+    with pytest.raises(HvdkitError, match="needs op='average'"):
+        fit(zc.optimizer_for("adam", net), op="adasum")
+    with pytest.raises(HvdkitError, match="elementwise .* not LBFGS: .*per-tensor"):
+        fit(torch.optim.LBFGS(net.parameters()))
+    sparse = torch.nn.Sequential(torch.nn.Embedding(4, 3, sparse=True))
+    with pytest.raises(HvdkitError, match=r"sparse gradients \(0 has sparse=True\)"):
+        fit(torch.optim.SGD(sparse.parameters(), lr=0.1), model=sparse)
+
+
+def test_keras_refuses_for_now():
+    pytest.importorskip("tensorflow")
+    import keras
+    from hvdkit.keras import KerasAdapter, LocalProcess as KerasLocal
+    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(3)])
+    adapter = KerasAdapter(model, keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(HvdkitError, match="not yet supported for Keras"):
+        Trainer(adapter, TrainConfig(**dict(zc.QUIET, batch_size=4), shard_optimizer=True),
+                process=KerasLocal()).fit(zc.data())
+
+
+def test_the_flag_and_the_metrics_file(tmp_path):
+    from hvdkit.scripting import config_from_args, training_parser, write_metrics
+    parser = training_parser("t", epochs=1, batch_size=4, lr=0.1)
+    assert config_from_args(parser.parse_args(["--shard-optimizer"])).shard_optimizer is True
+    assert config_from_args(parser.parse_args([])).shard_optimizer is False
+    _, adapter, result = local_fit("adam", True, batch_size=4)
+    metrics = write_metrics(str(tmp_path / "m.json"), result, "torch", 0)
+    assert json.loads((tmp_path / "m.json").read_text())["optimizer_state_bytes"] == metrics["optimizer_state_bytes"]
+    assert metrics["optimizer_state_bytes"] == adapter.optimizer_state_bytes() > 0
+
+
+# ---- launched: 2 and 3 workers -----------------------------------------------------------------------------
+def run_workers(out, np_, checkpoint_dir, resume_dir=None):
+    args = [str(out), str(checkpoint_dir)] + ([str(resume_dir)] if resume_dir else [])
+    result = launch("tests/workers/zero_checks.py", args, np=np_, launcher="horovodrun", timeout=300)
+    assert result.returncode == 0, explain(result)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(np_)]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("zero_two_workers")
+    (base / "out").mkdir()
+    return run_workers(base / "out", 2, base / "checkpoints"), base / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def three_workers(tmp_path_factory, two_workers):
+    base = tmp_path_factory.mktemp("zero_three_workers")
+    (base / "out").mkdir()
+    shutil.copytree(two_workers[1], base / "resume")   # the 2-worker checkpoint, resumed here at 3
+    return run_workers(base / "out", 3, base / "checkpoints", base / "resume"), base / "checkpoints"
+
+
+@pytest.fixture(params=[2, 3])
+def launched(request):
+    return request.param, request.getfixturevalue({2: "two_workers", 3: "three_workers"}[request.param])[0]
+
+
+def test_launched_sharded_equals_unsharded_on_every_rank(launched):
+    size, records = launched
+    for rank, record in enumerate(records):
+        assert record["size"] == size and record["rank"] == rank
+        for name, run in zc.EQUAL_RUNS.items():
+            assert record["equal"][name]["steps"] == zc.steps(size, **run)
+            assert record["equal"][name]["max_diff"] <= 1e-5, (name, record["equal"][name])
+
+
+def test_launched_optimizer_state_is_one_nth_per_rank(launched):
+    size, records = launched
+    groups, per_element = 2, {"adam": 2, "sgd": 1}   # state tensors per element: exp_avg(_sq); momentum
+    for name in ("adam", "sgd"):
+        unsharded = records[0]["equal"][name]["unsharded_bytes"]
+        # one shard's rounding: per group, one padding element of each state tensor, and Adam's step
+        rounding = groups * (4 * per_element[name] + (4 if name == "adam" else 0))
+        held = [record["equal"][name]["sharded_bytes"] for record in records]
+        assert all(record["equal"][name]["unsharded_bytes"] == unsharded for record in records)
+        assert max(held) <= unsharded / size + rounding, (name, held, unsharded)
+        assert all(record["equal"][name]["result_bytes"] == max(held) for record in records)   # the largest
+
+
+def test_a_checkpoint_written_at_two_workers_resumes_at_three_and_at_one(two_workers, three_workers, tmp_path):
+    reference = uninterrupted_reference()
+    for record in three_workers[0]:
+        assert record["resumed_from_world"] == 2 and record["checkpoint"]["steps"] == zc.steps(3, 4)
+        assert np.abs(np.asarray(record["checkpoint"]["params"]) - reference).max() <= 1e-5
+    shutil.copytree(two_workers[1], tmp_path / "resume")
+    net, _, result = resume_run(tmp_path / "resume", True)
+    assert result.resumed_from["saved_world_size"] == 2 and result.global_step == zc.steps(1, zc.GLOBAL_BATCH)
+    assert np.abs(zc.flat(net) - reference).max() <= 1e-5
+    # and where it stopped, the 2 workers agreed with one process trained on the same global batches
+    stopped, _, _ = resume_run(tmp_path / "alone", False, stop=True)
+    for record in two_workers[0]:
+        assert record["checkpoint"]["steps"] == zc.STOP_AT
+        assert np.abs(np.asarray(record["checkpoint"]["params"]) - zc.flat(stopped)).max() <= 1e-5
