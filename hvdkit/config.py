@@ -47,9 +47,10 @@ class TrainConfig:
     early_stopping_patience: stop after this many evaluations in a row without improvement (0: never).
     nonfinite: a NaN/Inf loss or gradient norm in a step: "stop" every rank at that step (exit non-zero, the last
         good checkpoint kept), "skip" that step's update on every rank, or "off" (no check).
-    shard_optimizer: ZeRO stage 2 (torch): gradients are reduce-scattered, each rank holds and steps 1/N of the
-        optimizer state, updated parameters are allgathered; the same result as without it. Elementwise torch
-        optimizers only (SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, RAdam), op="average". Checkpoints
+    shard_optimizer: ZeRO stage 2 (torch and Keras, loop and fit): gradients are reduce-scattered, each rank
+        holds and steps 1/N of the optimizer state, updated parameters are allgathered; the same result as without
+        it. Elementwise optimizers only (torch: SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, RAdam; Keras:
+        SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, Nadam, Lion, Adadelta, Ftrl), op="average". Checkpoints
         stay unsharded (they resume at any world size, sharded or not).
 
     The LR an optimizer step applies is ``schedule(step) * lr_factor(world_size, global_step)``: the user's

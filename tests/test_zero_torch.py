@@ -222,17 +222,6 @@ def test_misuse_is_refused_in_one_line():
         fit(torch.optim.SGD(sparse.parameters(), lr=0.1), model=sparse)
 
 
-def test_keras_refuses_for_now():
-    pytest.importorskip("tensorflow")
-    import keras
-    from hvdkit.keras import KerasAdapter, LocalProcess as KerasLocal
-    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(3)])
-    adapter = KerasAdapter(model, keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with pytest.raises(HvdkitError, match="not yet supported for Keras"):
-        Trainer(adapter, TrainConfig(**dict(zc.QUIET, batch_size=4), shard_optimizer=True),
-                process=KerasLocal()).fit(zc.data())
-
-
 def test_the_flag_and_the_metrics_file(tmp_path):
     from hvdkit.scripting import config_from_args, training_parser, write_metrics
     parser = training_parser("t", epochs=1, batch_size=4, lr=0.1)

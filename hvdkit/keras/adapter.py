@@ -145,6 +145,12 @@ class KerasAdapter(Adapter):
     Precision: a ``TrainConfig(precision="bf16")`` needs a model built under ``hvdkit.keras.use_precision("bf16")``
     (Keras' ``mixed_bfloat16``: bfloat16 compute in training and evaluation, float32 variables and gradients, so a
     float32 allreduce); the adapter refuses a model that computes in another precision than the config's.
+    Sharded optimizer (``TrainConfig.shard_optimizer``, ZeRO stage 2, see :mod:`hvdkit.keras.zero`): gradients are
+    reduce-scattered, each rank steps 1/N of the flattened trainable variables with 1/N of the optimizer state (an
+    inner optimizer of the user's class), the updated variables are allgathered. The user's optimizer is not built
+    (it keeps its hyperparameters, ``iterations`` and learning rate, shared with the inner one). Checkpoints and
+    commits hold the unsharded state under the keys an unsharded run writes (any world size resumes them, sharded
+    or not); every rank calls :meth:`gather_state` before :meth:`state_to_bytes`.
     """
 
     framework = "tensorflow"
@@ -163,6 +169,7 @@ class KerasAdapter(Adapter):
         self.sync_batchnorm, self.accumulation = False, 1
         self.metrics = check_metrics(metrics, accuracy)
         self._gate: Optional[UpdateGate] = None
+        self._sharded = None   # a hvdkit.keras.zero.ShardedOptimizer with shard_optimizer
 
     def default_process(self):
         return HorovodProcess()
@@ -173,9 +180,6 @@ class KerasAdapter(Adapter):
     # ---- model and optimizer -------------------------------------------------------------
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
                 clip_grad_norm: Optional[float] = None, precision: str = "fp32", shard_optimizer: bool = False) -> None:
-        if shard_optimizer:
-            raise HvdkitError("shard_optimizer is not yet supported for Keras (torch only for now); "
-                              "drop --shard-optimizer")
         self.sync_batchnorm, self.accumulation, self.clip_grad_norm = sync_batchnorm, accumulation, clip_grad_norm
         if sync_batchnorm:
             make_sync_batchnorm(self.model)
@@ -183,21 +187,59 @@ class KerasAdapter(Adapter):
             raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
                               "model.build(input_shape) before training")
         check_model_precision(self.model, precision)  # the dtype policy is fixed when the layers are built
-        # Optimizer variables exist only once built; build now so they can be broadcast (horovod #2652).
-        self.optimizer.build(self.model.trainable_variables)
-        self._lr = LrScaling.of(self.optimizer)
-        if self.nonfinite != "off":
-            self._gate = UpdateGate.of(self.optimizer)
+        if shard_optimizer:
+            from .zero import ShardedOptimizer   # here: zero.py builds on this module's LrScaling and UpdateGate
+            # a second fit keeps the state of the first (gathered by its last commit)
+            kept = ({"state": self._sharded.known_state()} if self._sharded is not None and self._sharded.gathered()
+                    else {})
+            self._sharded = ShardedOptimizer(
+                self.optimizer, self.model.trainable_variables, self.process, compression=self.compression,
+                clip_grad_norm=clip_grad_norm, check_finite=self.nonfinite != "off",
+                accumulate=self._graph_accumulation(accumulation), **kept)
+        else:
+            self._sharded = None
+            # Optimizer variables exist only once built; build now so they can be broadcast (horovod #2652).
+            self.optimizer.build(self.model.trainable_variables)
+            self._lr = LrScaling.of(self.optimizer)
+            if self.nonfinite != "off":
+                self._gate = UpdateGate.of(self.optimizer)
+        self._make_steps()
+        self.set_lr_factor(lr_factor)
+
+    def _graph_accumulation(self, accumulation: int) -> int:
+        """Micro-batches the sharded optimizer sums in the graph: none here (:meth:`_train_step` sums them)."""
+        return 1
+
+    def _make_steps(self) -> None:
+        """(Re)make the traced steps: after a reshard they must capture the new shard variables."""
         self._grad_step = tf.function(self._grads, reduce_retracing=True)
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
         self._one_step = tf.function(self._step, reduce_retracing=True)
-        self.set_lr_factor(lr_factor)
+
+    def _place_shards(self) -> None:
+        """Sharded: cut this rank's shards when a load or a resize asks for it (no collective)."""
+        if self._sharded is not None and self._sharded.needs_reshard() and self._sharded.reshard():
+            self._make_steps()
+
+    def _before_update(self) -> None:
+        """Before a step's update: shards placed, and the gathered unsharded state dropped (it goes stale)."""
+        if self._sharded is not None:
+            self._place_shards()
+            self._sharded.will_step()
 
     def broadcast_state(self) -> None:
-        self.process.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables))
+        if self._sharded is None:
+            self.process.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables))
+            return
+        # Rank 0's unsharded state (fresh: None; loaded, or gathered by the commit before a resize), cut into this
+        # rank's shard for the world size of now.
+        self.process.broadcast_variables(list(self.model.variables) + self._sharded.user_scalars())
+        state = self.process.broadcast_object(self._sharded.known_state() if self.process.rank == 0 else None)
+        self._sharded.load_full_state(state)
+        self._place_shards()
 
     def set_lr_factor(self, factor: float) -> None:
-        self._lr.factor.assign(factor)
+        (self._sharded.lr_factor if self._sharded is not None else self._lr.factor).assign(factor)
 
     def clip(self, grads):
         """The averaged gradients scaled by ``min(1, clip_grad_norm / global norm)`` (all of them together)."""
@@ -225,6 +267,9 @@ class KerasAdapter(Adapter):
         return loss, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
 
     def _apply(self, grads):
+        if self._sharded is not None:   # reduce-scatter, clip, check, step the shard, allgather
+            self._sharded.step(self._sharded.flatten(grads))
+            return
         reduced = self.process.allreduce_gradients(list(grads), compression=self.compression)
         if self._gate is not None:
             self._gate.check(reduced)
@@ -235,6 +280,8 @@ class KerasAdapter(Adapter):
         return min(self.model.trainable_variables, key=lambda v: int(np.prod(v.shape)))
 
     def last_step_finite(self) -> Tuple[bool, Optional[float]]:
+        if self._sharded is not None:
+            return self._sharded.last_step()
         return self._gate.last() if self._gate is not None else (True, None)
 
     def state_finite(self, buffers: bool = True) -> bool:
@@ -267,6 +314,7 @@ class KerasAdapter(Adapter):
     def train_step(self, micro_batches) -> Tuple[float, int]:
         """One optimizer step over ``micro_batches`` (every rank the same number, some maybe empty)."""
         before = self.buffers_before_step()
+        self._before_update()
         result = self._train_step(micro_batches)
         self.undo_skipped_step(before)
         return result
@@ -376,12 +424,24 @@ class KerasAdapter(Adapter):
         return [(v.path, zlib.crc32(np.ascontiguousarray(v.numpy()).tobytes())) for v in variables]
 
     # ---- state -------------------------------------------------------------------------------
+    def gather_state(self) -> None:
+        if self._sharded is not None:
+            self._sharded.gather()
+
     def optimizer_state_bytes(self) -> int:
+        if self._sharded is not None:
+            return self._sharded.state_bytes()
         return int(sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in self.optimizer.variables))
+
+    def _optimizer_arrays(self) -> List[np.ndarray]:
+        """The optimizer's variables as numpy, unsharded (sharded: as of the last :meth:`gather_state`)."""
+        if self._sharded is not None:
+            return self._sharded.full_state()
+        return [v.numpy() for v in self.optimizer.variables]
 
     def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
         arrays = {f"model/{i}": v.numpy() for i, v in enumerate(self.model.variables)}
-        arrays.update({f"optimizer/{i}": v.numpy() for i, v in enumerate(self.optimizer.variables)})
+        arrays.update({f"optimizer/{i}": value for i, value in enumerate(self._optimizer_arrays())})
         buffer = io.BytesIO()
         np.savez(buffer, progress=np.array(json.dumps(progress)), **arrays)
         return buffer.getvalue()
@@ -389,7 +449,13 @@ class KerasAdapter(Adapter):
     def state_from_bytes(self, blob: bytes) -> Dict[str, Any]:
         try:
             saved = np.load(io.BytesIO(blob), allow_pickle=False)
-            for prefix, variables in (("model", self.model.variables), ("optimizer", self.optimizer.variables)):
+            assigned = [("model", self.model.variables)]
+            if self._sharded is None:
+                assigned.append(("optimizer", self.optimizer.variables))
+            else:   # the same unsharded arrays, resharded by the next broadcast_state (or step) for the world of then
+                count = sum(1 for k in saved.files if k.startswith("optimizer/"))
+                self._sharded.load_full_state([saved[f"optimizer/{i}"] for i in range(count)])
+            for prefix, variables in assigned:
                 names = [k for k in saved.files if k.startswith(prefix + "/")]
                 if len(names) != len(variables):
                     raise ValueError(f"{len(names)} saved {prefix} variables, this one has {len(variables)}")

@@ -42,6 +42,7 @@ class _StepHooks(keras.callbacks.Callback):
             self.before_step(self.steps[batch // self.k])
             if self.adapter is not None:
                 self.buffers = self.adapter.buffers_before_step()
+                self.adapter._before_update()
 
     def on_train_batch_end(self, batch, logs=None):
         if (batch + 1) % self.k:
@@ -72,6 +73,10 @@ class KerasFitAdapter(KerasAdapter):
         built-in ones (Mean-based, accuracies, top-k, Precision/Recall/AUC, confusion-matrix ones); a compiled
         "accuracy" replaces the built-in argmax one. (The values Keras' ``fit`` logs per rank during training are
         not reported.)
+    Sharded optimizer (``shard_optimizer``): as :class:`KerasAdapter`'s; ``fit``'s update
+    (``optimizer.apply_gradients``) goes to the sharded step instead (see :meth:`_wrap_optimizer`), and with
+    ``accumulation`` > 1 the micro-batch gradients are summed in a local flat vector (as Keras' own accumulation
+    does per variable) before one reduce-scatter per step.
     """
 
     def __init__(self, model: keras.Model, compression: str = "none", accuracy: bool = True,
@@ -85,7 +90,7 @@ class KerasFitAdapter(KerasAdapter):
 
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
                 clip_grad_norm=None, precision: str = "fp32", shard_optimizer: bool = False) -> None:
-        if accumulation > 1:
+        if accumulation > 1 and not shard_optimizer:   # sharded: the sharded step accumulates
             if self.optimizer.built:
                 raise HvdkitError("gradient accumulation needs an optimizer that has not been built yet")
             # Keras accumulates k micro-batch gradients and applies their mean every k-th call.
@@ -97,6 +102,21 @@ class KerasFitAdapter(KerasAdapter):
         self.model.train_function = None
         self._wrap_optimizer()
 
+    def _graph_accumulation(self, accumulation: int) -> int:
+        return accumulation   # Keras calls the optimizer once per micro-batch
+
+    def _before_update(self) -> None:
+        # inside model.fit: its traced step holds the shard variables, placed by _fit before it started
+        if self._sharded is not None:
+            if self._sharded.needs_reshard():
+                raise HvdkitError("internal error: the sharded optimizer's shards changed during model.fit; "
+                                  "please report it")
+            self._sharded.will_step()
+
+    def _make_steps(self) -> None:
+        super()._make_steps()
+        self.model.train_function = None   # fit traces its step again, with the shard variables of now
+
     def _wrap_optimizer(self) -> None:
         """Average the gradients over ranks where Keras is about to use them for an update.
 
@@ -105,6 +125,9 @@ class KerasFitAdapter(KerasAdapter):
         only — through ``_clip_gradients`` right before the update step: one allreduce per optimizer step,
         and clipping (``clip_grad_norm``, then the optimizer's own clipnorm/clipvalue) sees averaged gradients.
         (Horovod 0.28.1's own DistributedOptimizer silently skips the allreduce on Keras 3.)
+
+        Sharded: ``fit``'s ``optimizer.apply_gradients`` calls ``optimizer.apply``, which hands the local gradients
+        to the sharded step (the user's optimizer, never built, applies nothing itself).
         """
         optimizer, adapter = self.optimizer, self
         if getattr(optimizer, "_hvdkit_allreduce", False):  # a second fit() with the same optimizer
@@ -115,7 +138,7 @@ class KerasFitAdapter(KerasAdapter):
         if not callable(getattr(optimizer, "_clip_gradients", None)):
             raise HvdkitError(f"this Keras {keras.__version__} optimizer has no _clip_gradients step to average "
                               "gradients in; use the KerasAdapter (GradientTape loop) instead of model.fit")
-        original, scale = optimizer._clip_gradients, optimizer.scale_loss
+        original, scale, apply = optimizer._clip_gradients, optimizer.scale_loss, optimizer.apply
 
         def clip_gradients(grads):
             reduced = adapter.process.allreduce_gradients(list(grads), compression=adapter.compression)
@@ -131,8 +154,19 @@ class KerasFitAdapter(KerasAdapter):
                 scaled = scaled + keras.ops.cast(poison(loss, adapter._smallest_variable()), scaled.dtype)
             return scaled
 
+        def sharded_or_plain_apply(grads, trainable_variables=None):
+            sharded = adapter._sharded
+            if sharded is None:
+                return apply(grads, trainable_variables)
+            if trainable_variables is None or [id(v) for v in trainable_variables] != [id(v) for v in sharded.variables]:
+                raise HvdkitError("model.fit applied gradients to other variables than the model's trainable "
+                                  "variables at prepare time, which the sharded optimizer holds; do not change "
+                                  "which layers are trainable between compile and fit")
+            sharded.accumulate_or_step(grads)
+
         optimizer._clip_gradients = clip_gradients
         optimizer.scale_loss = scale_loss
+        optimizer.apply = sharded_or_plain_apply
         optimizer._hvdkit_allreduce = True
 
     def run_epoch(self, feed, steps, before_step, after_step) -> Tuple[float, int]:
@@ -146,6 +180,9 @@ class KerasFitAdapter(KerasAdapter):
         return self._fit(dataset, steps, len(steps) * self.accumulation, before_step, after_step)
 
     def _fit(self, dataset, steps, batches, before_step, after_step) -> Tuple[float, int]:
+        if self._sharded is not None:   # fit's traced step captures the shards: placed before it starts
+            self._place_shards()
+            self._sharded.reset_accumulation()
         hooks = _StepHooks(steps, self.accumulation, before_step, after_step, adapter=self)
         self.model.fit(dataset, epochs=1, steps_per_epoch=batches, verbose=0, shuffle=False,
                        callbacks=[hooks, *self.keras_callbacks])

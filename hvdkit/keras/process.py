@@ -32,6 +32,13 @@ GRADIENT_ALLREDUCE = "HorovodGroupedAllreduce_hvdkit_gradients"
 # op names (and GRADIENT_ALLREDUCE) start with this; tests/test_tfdata_parallel.py reads the collectives
 # of the step graphs back and checks each, so a rename cannot silently turn a lost peer into a user error.
 PEER_LOST_MARK = "Horovod"
+# The sharded optimizer's collectives (hvdkit.keras.zero), fixed names for the same reason as GRADIENT_ALLREDUCE.
+# Single-tensor forms: horovod.tensorflow's grouped_reducescatter/grouped_allgather take no name (theirs derive
+# from the graph's tensor names), and one flat vector per step needs no grouping.
+ZERO_REDUCESCATTER = "HorovodReducescatter_hvdkit_zero_gradients"
+ZERO_ALLGATHER = "HorovodAllgather_hvdkit_zero_parameters"
+ZERO_NORM = "HorovodAllreduce_hvdkit_zero_norm"
+ZERO_STATE = "HorovodAllgather_hvdkit_zero_state"   # the state gathered for a commit (eager, outside the step)
 
 
 def tf_variables(variables) -> List[tf.Variable]:
@@ -111,6 +118,21 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     def broadcast_variables(self, variables) -> None:
         self.hvd.broadcast_variables(tf_variables(variables), root_rank=0)
 
+    def reducescatter_average(self, tensor, compression: str = "none", name: str = ZERO_REDUCESCATTER):
+        """A 1-D float32 tensor of the same length on every rank, a multiple of the world size: averaged over ranks,
+        and this rank's contiguous ``1/size`` slice of it (rank r: the r-th). Eager or inside tf.function."""
+        hvd = self.hvd
+        return hvd.reducescatter(tensor, op=hvd.Average, name=name, ignore_name_scope=True,
+                                 compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
+
+    def allgather(self, tensor, name: str = ZERO_ALLGATHER):
+        """Every rank's ``tensor`` concatenated along the first dimension, in rank order."""
+        return self.hvd.allgather(tensor, name=name, ignore_name_scope=True)
+
+    def allreduce_sum_tensor(self, tensor, name: str = ZERO_NORM):
+        """``tensor`` summed over ranks (a tf tensor, inside tf.function too; ``allreduce_sum`` is numpy's)."""
+        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name, ignore_name_scope=True)
+
     def average_variables(self, variables) -> None:
         """Every variable the mean over ranks (one grouped allreduce; BatchNorm moving statistics)."""
         if variables:
@@ -134,3 +156,12 @@ class LocalProcess(core.LocalProcess):
 
     def average_variables(self, variables) -> None:
         pass
+
+    def reducescatter_average(self, tensor, compression: str = "none", name: str = ZERO_REDUCESCATTER):
+        return tensor   # one rank: the average, and the whole vector is its slice
+
+    def allgather(self, tensor, name: str = ZERO_ALLGATHER):
+        return tensor
+
+    def allreduce_sum_tensor(self, tensor, name: str = ZERO_NORM):
+        return tensor

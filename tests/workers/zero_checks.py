@@ -1,7 +1,9 @@
-"""Sharded optimizer (ZeRO stage 2) checks: models and runs shared by tests/test_zero_torch.py and its launches.
+"""Sharded optimizer (ZeRO stage 2) checks: models and runs shared by tests/test_zero_torch.py,
+tests/test_zero_keras.py and their launches.
 
-As a module: :func:`model` (an Embedding larger than a shard, LayerNorm, optional BatchNorm, an odd parameter
-count, two param groups), :func:`optimizer_for`, :func:`data`, :func:`fit` and :func:`flat`.
+As a module: torch's :func:`model` (an Embedding larger than a shard, LayerNorm, optional BatchNorm, an odd
+parameter count, two param groups), :func:`optimizer_for`, :func:`data`, :func:`fit` and :func:`flat`; Keras' the
+same with a ``keras_`` prefix (one param group: a Keras optimizer has one set of hyperparameters).
 
 As a script (argv: OUT_DIR CHECKPOINT_DIR [RESUME_DIR]), under horovodrun at N workers: every rank writes
 OUT_DIR/rank{r}.json with
@@ -11,15 +13,22 @@ OUT_DIR/rank{r}.json with
 - ``checkpoint``: a sharded Adam run on the global batch of :data:`GLOBAL_BATCH` samples (any world size trains
   the same steps) written to CHECKPOINT_DIR after :data:`STOP_AT` steps; with RESUME_DIR, that run resumed from
   RESUME_DIR (written at another world size) to the end instead; its final parameters.
+
+As a script with ``keras`` first (argv: keras OUT_DIR CHECKPOINT_DIR): the same for Keras (:data:`KERAS_EQUAL_RUNS`,
+loop and fit adapters); the checkpoint run writes CHECKPOINT_DIR and is then ``resumed`` at the same world size from a
+copy of it, to the end.
 """
+import importlib
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 import torch
 
 from hvdkit import TrainConfig, Trainer
+from hvdkit.callbacks import Callback
 from hvdkit.torch import TorchAdapter
 
 N = 96                  # samples: every step below is full at 1, 2 and 3 workers (no short last step)
@@ -129,6 +138,147 @@ def main(out_dir: str, checkpoint_dir: str, resume_dir: str = None) -> None:
         json.dump(record, f)
 
 
+# ---- Keras -----------------------------------------------------------------------------------------------
+# Runs compared at N workers: the loop with Adam and an LR schedule, the loop with SGD+momentum under accumulation
+# and clipping, fit with AdamW (weight decay) under accumulation, clipping and a schedule
+KERAS_EQUAL_RUNS = {"loop_adam": dict(mode="loop", name="adam", batch_size=4, schedule=True),
+                    "loop_sgd": dict(mode="loop", name="sgd", batch_size=4, accumulation=2, clip_grad_norm=0.3),
+                    "fit_adamw": dict(mode="fit", name="adamw", batch_size=4, accumulation=2, clip_grad_norm=0.3,
+                                      schedule=True)}
+
+
+def keras_model(seed: int = 0, batchnorm: bool = True):
+    """Keras' :class:`Tiny`: an Embedding of 85 elements (larger than a shard at 2 workers; one row never used)
+    indexed by the signs of 4 inputs, LayerNormalization, optional BatchNormalization; 153 trainable parameters
+    with BatchNormalization, 143 without (both odd)."""
+    import keras
+    keras.utils.set_random_seed(seed)
+    x = keras.Input(shape=(6,))
+    bits = keras.ops.cast(x[:, :4] > 0, "int32")
+    index = keras.ops.sum(bits * keras.ops.convert_to_tensor(np.array([1, 2, 4, 8], np.int32)), axis=1)
+    h = keras.layers.Dense(5, use_bias=False)(x) + keras.layers.Embedding(17, 5)(index)
+    if batchnorm:
+        h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.LayerNormalization()(keras.layers.Activation("tanh")(h))
+    return keras.Model(x, keras.layers.Dense(3)(h))
+
+
+def keras_optimizer_for(name: str, lr: float = 0.02, schedule: bool = False):
+    """"adam", "adamw" (weight decay), "sgd" (momentum, Nesterov, weight decay); with ``schedule`` the LR decays by
+    0.7 every 2 steps."""
+    import keras
+    lr = lr * 5 if name == "sgd" else lr
+    rate = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=2, decay_rate=0.7, staircase=True) \
+        if schedule else lr
+    if name == "adam":
+        return keras.optimizers.Adam(rate)
+    if name == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=0.05)
+    if name == "sgd":
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    raise ValueError(name)
+
+
+def keras_loss():
+    import keras
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def keras_adapter(mode: str, model, optimizer, loss=None):
+    from hvdkit.keras import KerasAdapter, KerasFitAdapter
+    loss = loss or keras_loss()
+    if mode == "fit":
+        model.compile(optimizer=optimizer, loss=loss)
+        return KerasFitAdapter(model)
+    return KerasAdapter(model, optimizer, loss)
+
+
+class KerasNanInStep(Callback):
+    """A Keras loss (``loss(y_true, y_pred)``) that is NaN in global step ``bad`` (1-based) only, on rank ``rank``
+    alone (None: every rank); as a trainer callback it is told the step (a variable the traced step reads)."""
+    all_ranks = True
+
+    def __init__(self, bad: int, rank: int = None):
+        import tensorflow as tf
+        self.bad, self.rank, self.flag = bad, rank, tf.Variable(0.0, trainable=False)
+
+    def __call__(self, y_true, y_pred):
+        import tensorflow as tf
+        return keras_loss()(y_true, y_pred) + tf.where(self.flag > 0, np.float32(np.nan), np.float32(0))
+
+    def on_train_begin(self, trainer):
+        self._set(trainer, 0)
+
+    def on_step_end(self, trainer, global_step, loss):
+        self._set(trainer, global_step)
+
+    def _set(self, trainer, done: int) -> None:
+        here = self.rank is None or trainer.process.rank == self.rank
+        self.flag.assign(1.0 if here and done + 1 == self.bad else 0.0)
+
+
+def keras_flat(model) -> np.ndarray:
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+
+
+def keras_fit(name: str, shard: bool, mode: str = "loop", process=None, batchnorm: bool = True,
+              schedule: bool = False, callbacks=(), loss=None, **config):
+    """One Keras run from fixed seeds: (model, adapter, FitResult)."""
+    model = keras_model(batchnorm=batchnorm)
+    adapter = keras_adapter(mode, model, keras_optimizer_for(name, schedule=schedule), loss=loss)
+    cfg = TrainConfig(**dict(QUIET, **config), shard_optimizer=shard)
+    result = Trainer(adapter, cfg, list(callbacks), process=process).fit(data())
+    return model, adapter, result
+
+
+def keras_checkpoint_run(size: int, checkpoint_dir: str, shard: bool = True, process=None, stop: bool = True):
+    """The Keras checkpoint scenario (see :func:`checkpoint_run`), in the loop adapter."""
+    return keras_fit("adam", shard, process=process, batchnorm=False, lr_scaling="none",
+                     batch_size=GLOBAL_BATCH // size, checkpoint_dir=checkpoint_dir,
+                     stop_after_steps=STOP_AT if stop else None)
+
+
+def keras_main(out_dir: str, checkpoint_dir: str) -> None:
+    record = {"equal": {}}
+    for key, run in KERAS_EQUAL_RUNS.items():
+        extra = {k: v for k, v in run.items() if k != "name"}
+        plain_model, plain, _ = keras_fit(run["name"], False, **extra)
+        sharded_model, sharded, result = keras_fit(run["name"], True, **extra)
+        record["equal"][key] = {
+            "max_diff": float(np.abs(keras_flat(plain_model) - keras_flat(sharded_model)).max()),
+            "unsharded_bytes": plain.optimizer_state_bytes(), "sharded_bytes": sharded.optimizer_state_bytes(),
+            "result_bytes": result.optimizer_state_bytes, "steps": result.global_step,
+            "iterations": int(sharded.optimizer.iterations.numpy()),
+            "user_optimizer_variables": len(sharded.optimizer.variables),
+            "params": int(keras_flat(sharded_model).size)}
+        record.update(rank=result.rank, size=result.world_size)
+    # a NaN loss on rank 1 alone in step 3, skipped on every rank
+    finals, skipped = [], []
+    for shard in (False, True):
+        nan_in_step = KerasNanInStep(3, rank=1)
+        model, _, result = keras_fit("adam", shard, batch_size=4, nonfinite="skip", loss=nan_in_step,
+                                     callbacks=[nan_in_step])
+        finals.append(keras_flat(model))
+        skipped.append(result.skipped_steps)
+    record["nonfinite"] = {"skipped": skipped, "max_diff": float(np.abs(finals[0] - finals[1]).max()),
+                           "finite": bool(np.isfinite(finals[1]).all())}
+    model, _, result = keras_checkpoint_run(record["size"], checkpoint_dir)
+    record["checkpoint"] = {"params": keras_flat(model).tolist(), "steps": result.global_step}
+    # resumed here, at this world size, from a copy (rank 0 reads checkpoints; the others get its state broadcast)
+    resume_dir = checkpoint_dir.rstrip("/") + "_resumed"
+    if record["rank"] == 0:
+        shutil.copytree(checkpoint_dir, resume_dir, dirs_exist_ok=True)
+    model, _, result = keras_checkpoint_run(record["size"], resume_dir, stop=False)
+    record["resumed"] = {"params": keras_flat(model).tolist(), "steps": result.global_step,
+                         "from_step": result.resumed_from["global_step"] if result.resumed_from else None}
+    with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
+        json.dump(record, f)
+
+
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["keras"]:
+        importlib.import_module("hvdkit.keras")   # TensorFlow's threads and logs set up before its first op
+        keras_main(*sys.argv[2:])
+    else:
+        torch.set_num_threads(1)
+        main(*sys.argv[1:])
