@@ -6,6 +6,7 @@ Example::
     hvdkit launch -np 2 examples/torch_digits.py --epochs 3
     hvdkit launch --launcher mpirun -np 2 --print examples/torch_digits.py
     hvdkit launch -np 2 --hosts-file hosts.txt --max-np 4 examples/torch_digits.py     # elastic
+    hvdkit launch --hostfile hosts --network-interface eth0 --ssh-identity-file ~/.ssh/hvd examples/torch_digits.py
     hvdkit audit results/audit --samples 1437 --epochs 3
     hvdkit bench -h
 
@@ -16,13 +17,16 @@ log file holding the full output (exit codes are listed there).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
+from . import hostfile
 from .errors import HvdkitError, OneLineParser
-from .launch import LAUNCHERS, Elastic, discovery_command, launch_command, preflight
+from .hostfile import total_slots
+from .launch import CONTROLLERS, LAUNCHERS, Elastic, discovery_command, launch_command, preflight
 
-ELASTIC_FLAGS = ("min_np", "max_np", "elastic_timeout", "network_interface")
+ELASTIC_FLAGS = ("min_np", "max_np", "elastic_timeout")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     launch = sub.add_parser("launch", help="run a Python script on N workers")
     launch.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun")
-    launch.add_argument("-np", "--num-proc", dest="np", type=int, default=2)
+    launch.add_argument("-np", "--num-proc", dest="np", type=int, default=None,
+                        help="workers (default: the slots of --hostfile or -H, else 2)")
     launch.add_argument("-H", "--hosts", default=None, help="host1:slots,host2:slots (default localhost:NP)")
+    launch.add_argument("--hostfile", default=None, metavar="FILE",
+                        help="hosts for a static job: 'host slots=N' (OpenMPI), 'host:N' or 'host' lines")
+    launch.add_argument("--controller", choices=CONTROLLERS, default="gloo",
+                        help="horovodrun's controller (default gloo; mpi: horovodrun runs mpirun)")
+    launch.add_argument("--network-interface", default=None,
+                        help='the NIC ranks talk over, e.g. eth0 (elastic on one machine: "lo")')
+    launch.add_argument("--ssh-port", type=int, default=None, help="ssh port of the remote hosts")
+    launch.add_argument("--ssh-identity-file", default=None, metavar="KEY", help="ssh private key for the hosts")
+    launch.add_argument("-x", "--env", dest="forward", action="append", default=[], metavar="NAME[=VALUE]",
+                        help="pass a variable to every rank (repeatable); mpirun also gets HOROVOD_*, HVDKIT_*, "
+                             "OMP_* for remote hosts, horovodrun passes its whole environment")
     launch.add_argument("--print", action="store_true",
                         help="print the command instead of running it (files are not checked)")
     launch.add_argument("--log", metavar="FILE", default=None,
@@ -47,7 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     elastic.add_argument("--min-np", type=int, default=None, help="(default 1)")
     elastic.add_argument("--max-np", type=int, default=None)
     elastic.add_argument("--elastic-timeout", type=int, default=None, help="seconds (default 600)")
-    elastic.add_argument("--network-interface", default=None, help='e.g. eth0; "lo" to start on one machine')
     launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
     # Listed for the top-level help only: main() hands everything after "bench" to bench's own parser, which
     # argparse's REMAINDER cannot do when the first word is an option such as -h.
@@ -87,6 +102,10 @@ def _launch(args: argparse.Namespace) -> int:
     if stray and not args.hosts_file:
         verb = "applies" if len(stray) == 1 else "apply"
         raise HvdkitError(f"{', '.join(stray)} {verb} only to elastic launches; add --hosts-file FILE or drop them")
+    hosts, where_note = _static_hosts(args)
+    if args.np is None:
+        args.np = total_slots(hosts) if hosts else 2
+    _check_remote_options(args)
     min_np = 1 if args.min_np is None else args.min_np
     notes = preflight(args.script, np=args.np, launcher=args.launcher, hosts_file=args.hosts_file, min_np=min_np,
                       max_np=args.max_np, check_files=not args.print)
@@ -95,16 +114,53 @@ def _launch(args: argparse.Namespace) -> int:
         spec = Elastic(discovery_command(args.hosts_file), min_np=min_np, max_np=args.max_np,
                        timeout=600 if args.elastic_timeout is None else args.elastic_timeout,
                        network_interface=args.network_interface)
-    cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=args.hosts, elastic=spec)
+    cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=hosts, elastic=spec,
+                         network_interface=None if spec else args.network_interface, ssh_port=args.ssh_port,
+                         ssh_identity_file=args.ssh_identity_file, forward=args.forward,
+                         controller=args.controller)
     if args.print:
         print(shlex.join(cmd), flush=True)
         return 0
     log = _writable_log(args.log)
-    for note in notes:
+    for note in ([where_note] if where_note else []) + notes:
         print(note, file=sys.stderr)
     print(shlex.join(cmd), file=sys.stderr, flush=True)
     from .supervise import supervise
     return supervise(cmd, log_path=log, verbose=args.verbose, keep_log=args.log is not None)
+
+
+def _static_hosts(args: argparse.Namespace):
+    """The ``-H`` value and a note: from -H or --hostfile (at most one, and neither with elastic --hosts-file),
+    else from a scheduler's environment (SLURM_JOB_NODELIST, OMPI_MCA_orte_default_hostfile), else None."""
+    given = [flag for flag, value in (("-H", args.hosts), ("--hostfile", args.hostfile),
+                                      ("--hosts-file", args.hosts_file)) if value]
+    if len(given) > 1:
+        raise HvdkitError(f"{' and '.join(given)} both say where to run; keep one "
+                          "(--hosts-file is for elastic jobs, --hostfile and -H for static ones)")
+    if given and not args.hostfile:
+        return args.hosts, None
+    if args.hostfile:
+        hosts, source = hostfile.read(args.hostfile), args.hostfile
+    else:   # nothing on the command line: hosts a scheduler gave (SLURM, Kubernetes' MPI Operator), if any
+        found = hostfile.scheduler_hosts(os.environ)
+        if found is None:
+            return None, None
+        hosts, source = found
+    slots = sum(n for _, n in hosts)
+    if args.np is not None and args.np > slots:
+        raise HvdkitError(f"-np {args.np} is more than the {slots} slot(s) in {source}; "
+                          "lower -np or add slots (--hostfile, -H)")
+    note = None if args.hostfile else f"hvdkit: note: hosts from {source}: {hostfile.hosts_arg(hosts)}"
+    return hostfile.hosts_arg(hosts), note
+
+
+def _check_remote_options(args: argparse.Namespace) -> None:
+    if args.ssh_port is not None and not 0 < args.ssh_port < 65536:
+        raise HvdkitError(f"--ssh-port {args.ssh_port} is not a port; pass e.g. --ssh-port 22")
+    if args.ssh_identity_file and not args.print and not os.path.isfile(args.ssh_identity_file):
+        raise HvdkitError(f"--ssh-identity-file {args.ssh_identity_file} not found; pass the private key's path")
+    if args.controller != "gloo" and (args.launcher != "horovodrun" or args.hosts_file):
+        raise HvdkitError("--controller mpi applies to static horovodrun launches only; drop it")
 
 
 def _writable_log(path):

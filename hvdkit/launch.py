@@ -11,6 +11,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import socket
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -19,6 +20,10 @@ from .errors import HvdkitError
 LAUNCHERS = ("horovodrun", "mpirun")
 # Environment that mpirun forwards to remote ranks (local ones inherit it anyway).
 FORWARDED_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
+# Also forwarded by mpirun when a host is remote: the settings of Horovod, hvdkit and OpenMP threads.
+# (horovodrun passes its whole environment to every worker, remote ones included, by itself.)
+FORWARDED_PREFIXES = ("HOROVOD_", "HVDKIT_", "OMP_")
+CONTROLLERS = ("gloo", "mpi")
 
 
 def find_tool(name: str, python: Optional[str] = None) -> Optional[str]:
@@ -82,14 +87,21 @@ def discovery_command(hosts_file: str, python: Optional[str] = None) -> str:
 def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodrun",
                    hosts: Optional[str] = None, python: Optional[str] = None,
                    env: Optional[Dict[str, str]] = None, extra: Sequence[str] = (),
-                   elastic: Optional[Elastic] = None) -> List[str]:
+                   elastic: Optional[Elastic] = None, network_interface: Optional[str] = None,
+                   ssh_port: Optional[int] = None, ssh_identity_file: Optional[str] = None,
+                   forward: Sequence[str] = (), controller: str = "gloo") -> List[str]:
     """argv that runs ``python script...`` on ``np`` workers.
 
     horovodrun: Gloo controller (``--gloo``), the mode elastic training also needs.
     mpirun (OpenMPI): no core binding, ranks tagged in the output (``--tag-output``), ``--allow-run-as-root``
-    when root, ``--oversubscribe`` when ``np`` exceeds the cores, environment forwarded with ``-x``.
+    when root, ``--oversubscribe`` when ``np`` exceeds the cores (on this machine only), environment forwarded with ``-x``.
     hosts: ``"host1:2,host2:2"``; default ``localhost:np``. ``env`` adds variables for every rank.
     elastic: an :class:`Elastic` (horovodrun only): hosts then come from its discovery command.
+    Across machines: ``network_interface`` (e.g. "eth0") for the ring and, under mpirun, the daemons' links;
+    ``ssh_port``/``ssh_identity_file`` for the ssh logins (mpirun: ``--mca plm_rsh_args``); ``forward``:
+    ``NAME`` or ``NAME=VALUE`` for every rank (mpirun ``-x``; horovodrun forwards its environment itself).
+    mpirun with a remote host also forwards HOROVOD_*, HVDKIT_*, OMP_* and PYTHONUNBUFFERED.
+    controller: horovodrun's ``gloo`` (default; elastic needs it) or ``mpi`` (horovodrun runs mpirun).
     """
     if launcher not in LAUNCHERS:
         raise HvdkitError(f"unknown launcher {launcher!r}; use one of {', '.join(LAUNCHERS)}")
@@ -100,9 +112,24 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     env = dict(env or {})
     if elastic is not None and launcher != "horovodrun":
         raise HvdkitError("elastic training runs under horovodrun (Gloo) only; mpirun launches are static")
+    if controller not in CONTROLLERS:
+        raise HvdkitError(f"unknown controller {controller!r}; use one of {', '.join(CONTROLLERS)}")
+    if controller != "gloo" and (launcher != "horovodrun" or elastic is not None):
+        raise HvdkitError("--controller mpi is horovodrun's static mode; drop it (mpirun is MPI already, "
+                          "elastic needs Gloo)")
+    names, values = _split_forward(forward)
+    env.update(values)
     if launcher == "horovodrun":
+        if elastic is not None and network_interface and not elastic.network_interface:
+            elastic = dataclasses.replace(elastic, network_interface=network_interface)
         where = elastic.args() if elastic else ["-H", hosts]
-        cmd = [_tool("horovodrun", python), "-np", str(np), *where, "--gloo", *extra]
+        if network_interface and elastic is None:
+            where += ["--network-interface", network_interface]
+        if ssh_port:
+            where += ["--ssh-port", str(ssh_port)]
+        if ssh_identity_file:
+            where += ["--ssh-identity-file", ssh_identity_file]
+        cmd = [_tool("horovodrun", python), "-np", str(np), *where, f"--{controller}", *extra]
         # horovodrun passes its own environment to the workers; set extra variables with `env`.
         if env:
             cmd = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *cmd]
@@ -113,16 +140,56 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
            "--tag-output"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    if int(np) > (os.cpu_count() or 1):
+    remote = not all(_is_local(host) for host in _host_names(hosts))
+    if int(np) > (os.cpu_count() or 1) and not remote:   # this machine's cores say nothing about other hosts
         cmd.append("--oversubscribe")
     # Containers often forbid the cross-memory-attach single copy; the fallback is as fast for our sizes.
     cmd += ["--mca", "btl_vader_single_copy_mechanism", "none"]
-    for name in FORWARDED_ENV:
-        if name in os.environ:
+    if network_interface:   # the ranks' TCP links and the daemons' own (out-of-band) links
+        cmd += ["--mca", "btl_tcp_if_include", network_interface, "--mca", "oob_tcp_if_include", network_interface]
+    ssh_args = ([f"-p {ssh_port}"] if ssh_port else []) + ([f"-i {ssh_identity_file}"] if ssh_identity_file else [])
+    if ssh_args:
+        cmd += ["--mca", "plm_rsh_args", " ".join(ssh_args)]
+    forwarded = [n for n in FORWARDED_ENV if n in os.environ]
+    if remote:
+        forwarded += sorted(n for n in os.environ if n.startswith(FORWARDED_PREFIXES))
+        if "PYTHONUNBUFFERED" not in env:    # remote output line by line, not at exit
+            env["PYTHONUNBUFFERED"] = os.environ.get("PYTHONUNBUFFERED", "1")
+    for name in dict.fromkeys(forwarded + names):   # unique, in order
+        if name not in env:
             cmd += ["-x", name]
     for key, value in sorted(env.items()):
         cmd += ["-x", f"{key}={value}"]
     return cmd + [*extra, python, *script]
+
+
+def _split_forward(forward: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+    """``-x`` items: names to pass on as they are set here, and NAME=VALUE pairs.
+
+    >>> _split_forward(["PATH", "A=1"])
+    (['PATH'], {'A': '1'})
+    """
+    names, values = [], {}
+    for item in forward:
+        name, eq, value = item.partition("=")
+        if not name or not (name[0].isalpha() or name[0] == "_") or not name.replace("_", "").isalnum():
+            raise HvdkitError(f"-x {item!r} is not NAME or NAME=VALUE; pass e.g. -x OMP_NUM_THREADS=1")
+        if eq:
+            values[name] = value
+        elif name not in os.environ:
+            raise HvdkitError(f"-x {name}: {name} is not set here; set it or pass -x {name}=VALUE")
+        else:
+            names.append(name)
+    return names, values
+
+
+def _host_names(hosts: str) -> List[str]:
+    return [item.strip().partition(":")[0] for item in hosts.split(",") if item.strip()]
+
+
+def _is_local(host: str) -> bool:
+    """This machine by name (no DNS lookup: a launch must not wait on a resolver)."""
+    return host in ("localhost", "localhost.localdomain", socket.gethostname()) or host.startswith("127.")
 
 
 def preflight(script: Sequence[str], np: int = 2, launcher: str = "horovodrun", python: Optional[str] = None,

@@ -46,6 +46,21 @@ main() {
   else
     step "system packages present (OpenMPI $(mpirun --version 2>/dev/null | head -n1 | awk '{print $NF}'), cmake, g++)"
   fi
+  # Optional: sshd and iproute2 for the namespace hosts (mpi/netns_hosts.py, tests/test_multihost.py); without
+  # them those tests skip. Installing openssh-server starts no daemon here: netns_hosts.py runs its own sshds.
+  optional=()
+  [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || optional+=(openssh-server)
+  command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || optional+=(iproute2)
+  if ((${#optional[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      step "installing Debian packages for the multi-host tests: ${optional[*]}"
+      export DEBIAN_FRONTEND=noninteractive
+      quiet apt-get install -y -qq --no-install-recommends "${optional[@]}" \
+        || { apt-get update -qq && quiet apt-get install -y -qq --no-install-recommends "${optional[@]}"; }
+    else
+      step "note: ${optional[*]} missing (needs root and apt-get); the multi-host tests will skip"
+    fi
+  fi
 
   # ---- 2. virtual environment ----------------------------------------------------------------------
   if [ ! -x "$VENV/bin/python" ]; then
