@@ -97,8 +97,11 @@ class EpochLoop:
                 f"non-finite gradient norm ({grad_norm:g}; every rank's loss finite)" if grad_norm is not None else
                 "non-finite gradients")
         if cfg.nonfinite == "stop":
+            # Adasum combines the ranks' updates inside the step: it was applied before anyone could check it
+            applied = "after Adasum applied it" if getattr(t.adapter, "op", "average") == "adasum" else \
+                "without applying it"
             raise StoppedOnEveryRank(
-                f"{what} at {where}; stopped on every rank without applying it (lower --lr, pass --clip-grad-norm, "
+                f"{what} at {where}; stopped on every rank {applied} (lower --lr, pass --clip-grad-norm, "
                 f"or --nonfinite skip to skip such steps); {self._last_good()}")
         progress["skipped"] = int(progress.get("skipped", 0)) + 1
         t.log.info(f"skipped step {progress['global_step']} (epoch {progress['epoch'] + 1}) on every rank: {what}; "

@@ -343,6 +343,23 @@ def test_two_workers_lr_is_schedule_times_linear_factor(two_workers):
             assert records[-1]["lr"] == pytest.approx([2 * lr for lr in schedule(steps - 1)])   # x2 after warmup
             assert record[f"lr_{interval}_between_steps"] == pytest.approx(schedule(steps))
     assert [r["lr"] for r in two_workers[0]["lr_step"]] == [r["lr"] for r in two_workers[1]["lr_step"]]
+    print(f"torch 2 workers: largest relative LR error {worst_lr_error(two_workers, ('lr_step', 'lr_epoch'), 5):.1e}")
+
+
+def worst_lr_error(records, keys, warmup):
+    """The largest |LR used - formula| / formula over every step, rank and schedule of ``keys`` (for the note)."""
+    worst = 0.0
+    for record in records:
+        for key in keys:
+            per = 7 if key == "lr_epoch" else 3
+            for r in record[key]:
+                t = r["step"] - 1
+                factor = lr_checks.world_factor(r["size"], t, "linear", warmup)
+                bases = lr_checks.BASE_LRS if record["backend"] == "torch" else (0.1,)
+                for got, base in zip(r["lr"], bases):
+                    expected = base * 0.5 ** (t // per) * factor
+                    worst = max(worst, abs(got - expected) / expected)
+    return worst
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -367,6 +384,7 @@ def test_two_keras_workers_lr_is_schedule_times_linear_factor(two_keras_workers)
             assert not mismatches(records, keras_schedule(True), "linear", 5), mode
             assert records[-1]["lr"] == pytest.approx([2 * 0.1 * 0.5 ** ((steps - 1) // 3)], rel=1e-6)
     assert two_keras_workers[0]["lr_fit"] == [dict(r, rank=0) for r in two_keras_workers[1]["lr_fit"]]
+    print(f"keras 2 workers: largest relative LR error {worst_lr_error(two_keras_workers, ('lr_loop', 'lr_fit'), 5):.1e}")
 
 
 @pytest.mark.parametrize("mode, accumulation", [("loop", 1), ("fit", 2)])
@@ -393,3 +411,30 @@ def test_two_keras_workers_skip_rank_1s_inf_step_together(two_keras_workers):
     for run_ in runs:
         assert (run_["skipped"], run_["steps"]) == (1, 7) and np.isfinite(run_["loss"]), run_
     assert runs[0]["params"] == runs[1]["params"]   # the same update skipped on both ranks
+
+
+# ---- 2 workers: metrics over unequal shares, and the non-finite guard with sparse gradients ----------------
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_two_workers_metrics_over_an_odd_evaluation_set_equal_numpy_over_the_whole_set(framework, request):
+    """23 samples: 12 and 11 per rank, last batches short; a padded or duplicated sample would shift every value."""
+    records = request.getfixturevalue("two_workers" if framework == "torch" else "two_keras_workers")
+    for record in records:
+        reported, expected = record["metrics_odd"]["reported"], record["metrics_odd"]["expected"]
+        assert reported["samples"] == 23
+        assert round(reported["accuracy"] * 23) == round(expected["accuracy"] * 23)
+        assert round(reported["top2"] * 23) == round(expected["top2"] * 23)
+        assert reported["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert records[0]["metrics_odd"]["reported"] == records[1]["metrics_odd"]["reported"]
+
+
+def test_two_workers_inf_loss_on_rank_1_with_a_sparse_embedding_stops_and_skips_together(two_workers):
+    """Only rank 1's loss is Inf (its gradients finite); the model's first parameter is a sparse embedding, so the
+    NaN carrying the verdict must keep every rank's gradient sparse or the ranks' collectives differ (a hang)."""
+    lines = [record["sparse_stop"].get("stopped") for record in two_workers]
+    assert lines[0] == lines[1] and lines[0] is not None, lines
+    assert lines[0].startswith(f"non-finite loss (inf on rank 1) at epoch 1, step {lr_checks.BAD_STEP}; stopped on "
+                               "every rank"), lines[0]
+    skipped = [record["sparse_skip"] for record in two_workers]
+    for run_ in skipped:
+        assert (run_.get("skipped"), run_.get("steps")) == (1, 7), run_
+    assert skipped[0]["params"] == skipped[1]["params"]

@@ -524,3 +524,19 @@ def test_two_workers_skip_the_same_step_when_only_rank_1_has_a_nan_loss(tmp_path
     assert summary["skipped_steps"] == 2 and summary["epochs"] == 1 and summary["test_accuracy"] > 0.5
     assert len(re.findall(r"skipped step 1[02] \(epoch 1\) on every rank: non-finite loss \(nan on rank 1\)",
                           result.stdout + result.stderr)) == 2, explain(result)
+
+
+def test_adasum_stops_after_the_fact_and_refuses_skip():
+    """Adasum applies the combined update inside the step: a non-finite one is caught in the parameters right
+    after, and the line says it was applied; skipping it is impossible, so "skip" is refused up front."""
+    def fit(nonfinite):
+        model = torch_model()
+        adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=0.05), torch.nn.functional.cross_entropy,
+                               op="adasum")
+        return Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, nonfinite=nonfinite)),
+                       process=LocalProcess()).fit((with_nan_rows(9), Y))
+    with pytest.raises(StoppedOnEveryRank, match=r"^non-finite .* at epoch 1, step 3; stopped on every rank after "
+                                                 r"Adasum applied it"):
+        fit("stop")
+    with pytest.raises(HvdkitError, match="nonfinite='skip' needs op='average'"):
+        fit("skip")

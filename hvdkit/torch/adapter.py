@@ -282,10 +282,22 @@ class TorchAdapter(Adapter):
     def _poison(self) -> torch.Tensor:
         """A term whose gradient is NaN in one parameter (value 0·NaN): this rank's non-finite loss reaches every
         rank through the gradient allreduce, with no collective of its own."""
-        # a parameter the optimizer steps: its NaN gradient reaches the checked norm (a frozen parameter's
-        # gradient, or one of a parameter the optimizer does not hold, never would)
-        held = next(p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
-        return (held.sum() * 0.0) * float("nan")
+        # A parameter the optimizer steps: its NaN gradient reaches the checked norm (a frozen parameter's
+        # gradient, or one of a parameter the optimizer does not hold, never would). Not a sparse embedding's
+        # weight: a dense term would turn this rank's gradient dense while the others' stay sparse, and the ranks
+        # would then run different collectives (a hang). A model whose every stepped parameter is a sparse
+        # embedding's is poisoned through a lookup of row 0, which keeps the gradient sparse.
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad}
+        sparse = {id(m.weight): m for m in self.model.modules()
+                  if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse}
+        dense = next((p for group in self.optimizer.param_groups for p in group["params"]
+                      if id(p) in held and id(p) not in sparse), None)
+        if dense is not None:
+            return (dense.sum() * 0.0) * float("nan")
+        module = next(m for key, m in sparse.items() if key in held)
+        row = torch.zeros((1, 1) if isinstance(module, torch.nn.EmbeddingBag) else (1,), dtype=torch.long,
+                          device=module.weight.device)
+        return (module(row).sum() * 0.0) * float("nan")
 
     def _checked_step(self) -> None:
         """The averaged gradients (identical on every rank, so is everything decided here): their norm, checked

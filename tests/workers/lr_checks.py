@@ -134,6 +134,31 @@ def torch_model_and_optimizer(seed: int, momentum: float = 0.9):
     return model, torch.optim.SGD(groups, lr=BASE_LRS[0], momentum=momentum)
 
 
+def eval_data():
+    """An odd evaluation set: 23 samples, so 2 ranks get unequal shares."""
+    import numpy as np
+    rng = np.random.default_rng(23)
+    return rng.normal(size=(23, 6)).astype(np.float32), rng.integers(0, 3, size=23).astype(np.int64)
+
+
+def token_data():
+    """N sequences of 5 token ids (vocabulary 20) and labels 0..2."""
+    import numpy as np
+    rng = np.random.default_rng(29)
+    return rng.integers(0, 20, size=(N, 5)).astype(np.int64), rng.integers(0, 3, size=N).astype(np.int64)
+
+
+def numpy_scores(logits, labels):
+    """accuracy, top-2 accuracy and mean cross entropy over the whole set, in numpy."""
+    import numpy as np
+    ranked = np.argsort(-logits, axis=1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return {"accuracy": float(np.mean(ranked[:, 0] == labels)),
+            "top2": float(np.mean((ranked[:, :2] == labels[:, None]).any(axis=1))),
+            "loss": float(-log_probs[np.arange(len(labels)), labels].mean()), "samples": len(labels)}
+
+
 def keras_model_and_optimizer(seed: int, schedule: bool, momentum: float = 0.9):
     """Dense(8, tanh) -> Dense(3), SGD at 0.1 or ExponentialDecay(0.1, 3 steps, x0.5, staircase)."""
     import keras
@@ -191,6 +216,16 @@ def keras_main(out_dir: str, launch_rank: int) -> None:
         record[f"clip_{mode}_acc{accumulation}"] = [v.numpy().astype(np.float64).ravel().tolist()
                                                     for v in model.trainable_variables]
 
+    # Metrics over an odd evaluation set, fit mode with compiled metrics, against numpy with the final model
+    x_eval, y_eval = eval_data()
+    model, optimizer = keras_model_and_optimizer(3 + launch_rank, schedule=False)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")])
+    result = Trainer(KerasFitAdapter(model), TrainConfig(lr_scaling="none", **dict(quiet, epochs=1))).fit(
+        (x, y), (x_eval, y_eval))
+    record["metrics_odd"] = {"reported": result.eval,
+                             "expected": numpy_scores(np.asarray(model(x_eval), dtype=np.float64), y_eval)}
+
     # Non-finite: label 99 in a sample rank 1 trains in step BAD_STEP; rank 0's own losses stay finite
     bad_y = y.copy()
     bad_y[plan_epoch(N, 1, 2, BATCH, 0, 0, 1)[BAD_STEP - 1].micro_batches[0][0]] = 99
@@ -219,7 +254,26 @@ def main(backend: str, out_dir: str) -> None:
         sys.exit(f"unknown backend {backend!r}")
     import torch
     from hvdkit import TrainConfig, Trainer
+    from hvdkit.errors import StoppedOnEveryRank
+    from hvdkit.sharding import plan_epoch
     from hvdkit.torch import TorchAdapter
+
+    def torch_top2_hits(outputs, targets):
+        return (outputs.topk(2, dim=1).indices == targets[:, None]).any(dim=1).sum()
+
+    def torch_inf_when_label_is_99(outputs, targets):
+        clean = torch.where(targets == 99, torch.zeros_like(targets), targets)
+        return torch.nn.functional.cross_entropy(outputs, clean) + (float("inf") if bool((targets == 99).any()) else 0.0)
+
+    class SparseBag(torch.nn.Module):
+        """A sparse-gradient embedding (the first parameter the optimizer steps), mean-pooled, then linear."""
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(20, 4, sparse=True)
+            self.out = torch.nn.Linear(4, 3)
+
+        def forward(self, tokens):
+            return self.out(self.embedding(tokens).mean(dim=1))
     x, y = data()
     quiet = dict(progress_bar=False, batch_size=BATCH, epochs=EPOCHS, seed=0)
     record = {"backend": backend}
@@ -243,6 +297,33 @@ def main(backend: str, out_dir: str) -> None:
         Trainer(adapter, TrainConfig(lr_scaling="none", clip_grad_norm=CLIP, accumulation=accumulation, **quiet)).fit((x, y))
         record[f"clip_acc{accumulation}"] = [t.detach().numpy().astype(np.float64).ravel().tolist()
                                              for t in model.state_dict().values()]
+
+    # Metrics over an odd evaluation set (23 samples: 12 and 11 per rank, last batches short), against numpy
+    # over the whole set with the final model, here on each rank
+    x_eval, y_eval = eval_data()
+    model, optimizer = torch_model_and_optimizer(seed=9 + launch_rank)
+    adapter = TorchAdapter(model, optimizer, torch.nn.functional.cross_entropy, metrics={"top2": torch_top2_hits})
+    result = Trainer(adapter, TrainConfig(lr_scaling="none", **dict(quiet, epochs=1))).fit((x, y), (x_eval, y_eval))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x_eval)).double().numpy()
+    record["metrics_odd"] = {"reported": result.eval, "expected": numpy_scores(logits, y_eval)}
+
+    # Non-finite: an Inf loss (finite gradients) on rank 1 alone, in a model whose first layer is a sparse
+    # embedding: the NaN that carries it must leave every rank's embedding gradient sparse
+    tokens, labels = token_data()
+    labels[plan_epoch(N, 1, 2, BATCH, 0, 0, 1)[BAD_STEP - 1].micro_batches[0][0]] = 99
+    for nonfinite in ("stop", "skip"):
+        torch.manual_seed(2)
+        model = SparseBag()
+        adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=0.1), torch_inf_when_label_is_99)
+        trainer = Trainer(adapter, TrainConfig(lr_scaling="none", nonfinite=nonfinite, **dict(quiet, epochs=1)))
+        try:
+            result = trainer.fit((tokens, labels))
+            record[f"sparse_{nonfinite}"] = {"skipped": result.skipped_steps, "steps": result.global_step,
+                                             "params": [t.detach().numpy().astype(np.float64).ravel().tolist()
+                                                        for t in model.state_dict().values()]}
+        except StoppedOnEveryRank as e:
+            record[f"sparse_{nonfinite}"] = {"stopped": str(e)}
     with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)
 
