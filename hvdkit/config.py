@@ -125,7 +125,7 @@ class TrainConfig:
              f"early_stopping_patience must be >= 0 (got {self.early_stopping_patience!r}); "
              "pass e.g. --early-stopping-patience 3")
         need(isinstance(self.min_delta, (int, float)) and not isinstance(self.min_delta, bool) and self.min_delta >= 0,
-             f"min_delta must be a number >= 0 (got {self.min_delta!r})")
+             f"min_delta must be a number >= 0 (got {self.min_delta!r}); pass e.g. --min-delta 0.001, or 0 for any improvement")
         need(self.monitor_mode in (None, "min", "max"),
              f"monitor_mode must be 'min' or 'max' (got {self.monitor_mode!r}); pass --monitor-mode min or max")
         need(isinstance(self.monitor, str) and self.monitor, f"monitor must be a metric name (got {self.monitor!r})")
