@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
     # Listed for the top-level help only: main() hands everything after "bench" to bench's own parser, which
     # argparse's REMAINDER cannot do when the first word is an option such as -h.
-    sub.add_parser("bench", help="benchmarks against the peers (allreduce, train); see hvdkit bench -h",
+    sub.add_parser("bench", help="benchmarks against the peers (allreduce, train, zero); see hvdkit bench -h",
                    add_help=False)
     audit = sub.add_parser("audit", help="prove exactly-once training from --audit-dir records")
     audit.add_argument("directory")

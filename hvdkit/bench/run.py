@@ -4,6 +4,7 @@ Example::
 
     hvdkit bench allreduce --out results/bench
     hvdkit bench train --repeats 3 --out results/bench
+    hvdkit bench zero --workers 1,2,3 --rounds 3 --out results/bench
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import argparse
 import json
 import os
 import random
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +26,9 @@ from ..launch import launch_command
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TORCH_MODES = ["hvdkit-torch", "raw-horovod-torch", "torch-ddp"]
 KERAS_MODES = ["hvdkit-keras", "hvdkit-keras-loop", "raw-horovod-tf", "tf-mwms"]  # hvdkit-keras: model.fit
+ZERO_VARIANTS = ["hvdkit", "hvdkit-sharded", "torch-zero"]
+# a launcher's per-job variables: a bench started inside a job must not hand its rank or ring to the rows
+JOB_ENV_PREFIXES = ("HOROVOD_", "OMPI_", "PMIX_", "PRTE_")
 
 
 def _run(args: Sequence[str], np: int, timeout: float, launcher: str = "mpirun", result: str = None) -> None:
@@ -191,6 +197,129 @@ def _write(out_dir: str, name: str, report: Dict, markdown: str, plot) -> None:
     print(f"wrote {out_dir}/{name}.md, .json and .png", file=sys.stderr)
 
 
+# ---- hvdkit bench zero: optimizer-state memory and speed, sharded vs unsharded vs torch's ZeRO ---------------
+def _clean_env() -> Dict[str, str]:
+    """This process's environment as it is now (a copy), without a launcher's per-job variables: what every row
+    of ``bench zero`` starts from, so no row sees another's settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(JOB_ENV_PREFIXES)}
+
+
+def _run_row(args: Sequence[str], np: int, base_env: Dict[str, str], result: str, timeout: float) -> None:
+    """One row: ``python -m args`` on ``np`` fresh workers under horovodrun (Gloo), with a fresh copy of
+    ``base_env`` plus one compute thread and a free-looking port; a failure before ``result`` exists is tried once
+    more (on another port). The launcher's process group is killed on a timeout."""
+    for attempt in (1, 2):
+        env = dict(base_env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONWARNINGS="ignore", HVDKIT_BENCH_PORT=str(random.randint(20000, 40000)))
+        cmd = launch_command(["-m", *args], np=np, launcher="horovodrun")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGTERM, signal.SIGKILL):   # horovodrun stops its workers on SIGTERM
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.communicate(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            raise HvdkitError(f"benchmark job timed out after {timeout}s: {' '.join(cmd)}") from None
+        if proc.returncode == 0 and os.path.exists(result):
+            return
+        if os.path.exists(result):
+            print(f"[bench] note: exit {proc.returncode} after the result was written (teardown)", file=sys.stderr)
+            return
+        if attempt == 2:
+            raise HvdkitError(f"benchmark job failed (exit {proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+
+
+def bench_zero(out_dir: str, workers: List[int], rounds: int = 3, steps: int = 20, batch: int = 32,
+               model: str = "mlp", width: int = 1024, depth: int = 4, variants: Sequence[str] = ZERO_VARIANTS,
+               timeout: float = 900) -> Dict:
+    """Adam's state held per rank, gradients held per rank, peak RSS per rank and samples/s of each variant (see
+    ``hvdkit.bench.zero_worker``) at each worker count. Each (variant, workers) row runs in new processes with a
+    fresh copy of one environment; every round runs every row (rows interleaved, the order rotated each round);
+    each figure is the median over rounds of its largest value over ranks."""
+    os.makedirs(out_dir, exist_ok=True)
+    base_env = _clean_env()
+    rows = [(v, w) for w in workers for v in variants]
+    runs: Dict[tuple, List[Dict]] = {row: [] for row in rows}
+    total, i = len(rows) * rounds, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            shift = r % len(rows)
+            for variant, world in rows[shift:] + rows[:shift]:
+                i += 1
+                _progress(i, total, f"zero {variant} on {world} worker(s), round {r + 1}/{rounds}")
+                out = os.path.join(tmp, f"{variant}-{world}-{r}.json")
+                _run_row(["hvdkit.bench.zero_worker", variant, out, str(steps), str(batch), model, str(width),
+                          str(depth)], world, base_env, out, timeout)
+                with open(out) as f:
+                    runs[(variant, world)].append(json.load(f))
+    results: Dict[str, Dict[str, Dict]] = {}
+    for (variant, world), found in runs.items():
+        def median_of_largest(key):
+            return statistics.median(max(rank[key] for rank in run["ranks"]) for run in found)
+        speeds = [run["samples_per_sec"] for run in found]
+        results.setdefault(variant, {})[str(world)] = {
+            "state_bytes": median_of_largest("state_bytes"),
+            "grad_bytes_after_step": median_of_largest("grad_bytes_after_step"),
+            "grad_bytes_at_step": median_of_largest("grad_bytes_at_step"),
+            "peak_rss_bytes": median_of_largest("peak_rss_bytes"),
+            "samples_per_sec": statistics.median(speeds), "samples_per_sec_min": min(speeds),
+            "samples_per_sec_max": max(speeds), "runs": found}
+    first = runs[rows[0]][0]
+    report = {"model": {"kind": model, "width": width, "depth": depth, "params": first["params"],
+                        "param_bytes": 4 * first["params"], "largest_param": first["largest_param"],
+                        "param_tensors": first["param_tensors"]},
+              "optimizer": "Adam", "steps": steps, "batch_per_worker": batch, "rounds": rounds, "workers": workers,
+              "variants": list(variants), "launcher": "horovodrun (Gloo); torch-zero: torch.distributed gloo + DDP",
+              "results": results}
+    _write(out_dir, "zero", report, _zero_markdown(report), _zero_plot)
+    return report
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.2f}"
+
+
+def _zero_markdown(r: Dict) -> str:
+    lines = ["| variant | workers | optimizer state / rank (MiB) | grads after step / rank (MiB) | "
+             "grads at the step / rank (MiB) | peak RSS / rank (MiB) | samples/s (median, range) |",
+             "|---|---|---|---|---|---|---|"]
+    for world in r["workers"]:
+        for variant in r["variants"]:
+            row = r["results"][variant][str(world)]
+            lines.append(f"| {variant} | {world} | {_mib(row['state_bytes'])} | {_mib(row['grad_bytes_after_step'])} | "
+                         f"{_mib(row['grad_bytes_at_step'])} | {_mib(row['peak_rss_bytes'])} | "
+                         f"{row['samples_per_sec']:.0f} ({row['samples_per_sec_min']:.0f}-"
+                         f"{row['samples_per_sec_max']:.0f}) |")
+    m = r["model"]
+    what = (f"MLP 784-{m['width']}x{m['depth'] + 1}-10" if m["kind"] == "mlp" else "the small CNN")
+    lines.append("")
+    lines.append(f"{what}, {m['params']:,} parameters ({_mib(m['param_bytes'])} MiB float32, largest tensor "
+                 f"{m['largest_param']:,}), Adam, batch {r['batch_per_worker']} per worker, {r['steps']} timed steps "
+                 f"after as many warm-up steps, one thread per worker; per rank the largest over ranks, median of "
+                 f"{r['rounds']} interleaved rounds. Bytes are counted from the tensors after the last step (grads "
+                 f"at the step: held while the optimizer stepped); peak RSS is ru_maxrss over the whole process.")
+    return "\n".join(lines) + "\n"
+
+
+def _zero_plot(r: Dict, ax) -> None:
+    for variant in r["variants"]:
+        ax.plot(r["workers"], [r["results"][variant][str(w)]["state_bytes"] / (1 << 20) for w in r["workers"]],
+                marker="o", label=variant)
+    ax.set_xticks(r["workers"])
+    ax.set_xlabel("workers")
+    ax.set_ylabel("Adam state per rank (MiB, largest rank)")
+    ax.set_title(f"optimizer state per rank, {r['model']['params']:,} parameters")
+    ax.legend(fontsize=8)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hvdkit bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -205,10 +334,31 @@ def main(argv=None) -> int:
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--out", default="results/bench")
+    z = sub.add_parser("zero", help="Adam state, gradients and peak RSS per rank, samples/s: hvdkit unsharded, "
+                                    "hvdkit sharded, torch ZeroRedundancyOptimizer; at 1, 2 and 3 workers")
+    z.add_argument("--workers", default="1,2,3")
+    z.add_argument("--rounds", type=int, default=3, help="every row once per round; the median is reported")
+    z.add_argument("--steps", type=int, default=20, help="timed steps (after as many warm-up steps)")
+    z.add_argument("--batch", type=int, default=32, help="samples per worker per step")
+    z.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
+                   help="mlp: 784 -> width, depth x width -> width, -> 10; cnn: the small CNN of bench train")
+    z.add_argument("--width", type=int, default=1024)
+    z.add_argument("--depth", type=int, default=4)
+    z.add_argument("--variants", default=",".join(ZERO_VARIANTS))
+    z.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
     started = time.time()
     if args.what == "allreduce":
         bench_allreduce(args.out, [int(s) for s in args.sizes.split(",")], args.iters)
+    elif args.what == "zero":
+        variants = args.variants.split(",")
+        unknown = set(variants) - set(ZERO_VARIANTS)
+        if unknown:
+            raise HvdkitError(f"unknown bench zero variants {sorted(unknown)}; choose from {', '.join(ZERO_VARIANTS)}")
+        if args.rounds < 1 or args.steps < 1 or args.batch < 1 or args.width < 1 or args.depth < 0:
+            raise HvdkitError("bench zero needs --rounds, --steps, --batch and --width >= 1 and --depth >= 0")
+        bench_zero(args.out, [int(w) for w in args.workers.split(",")], args.rounds, args.steps, args.batch,
+                   args.model, args.width, args.depth, variants)
     else:
         modes = args.modes.split(",")
         unknown = set(modes) - set(TORCH_MODES + KERAS_MODES)
