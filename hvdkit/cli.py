@@ -3,10 +3,12 @@
 Example::
 
     hvdkit doctor --json
+    hvdkit doctor --hosts node1,node2 --ssh-identity-file ~/.ssh/hvd --network-interface eth0
     hvdkit launch -np 2 examples/torch_digits.py --epochs 3
     hvdkit launch --launcher mpirun -np 2 --print examples/torch_digits.py
     hvdkit launch -np 2 --hosts-file hosts.txt --max-np 4 examples/torch_digits.py     # elastic
     hvdkit launch --hostfile hosts --network-interface eth0 --ssh-identity-file ~/.ssh/hvd examples/torch_digits.py
+    hvdkit launch -np 2 -- --timeline-filename /tmp/tl.json -- examples/torch_digits.py   # more launcher flags
     hvdkit audit results/audit --samples 1437 --epochs 3
     hvdkit bench -h
 
@@ -26,7 +28,7 @@ from .errors import HvdkitError, OneLineParser
 from .hostfile import total_slots
 from .launch import CONTROLLERS, LAUNCHERS, Elastic, discovery_command, launch_command, preflight
 
-ELASTIC_FLAGS = ("min_np", "max_np", "elastic_timeout")
+ELASTIC_FLAGS = ("min_np", "max_np", "elastic_timeout", "reset_limit")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="check that this machine can run Horovod jobs")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument("--hosts", default=None, metavar="H1,H2",
+                        help="check these hosts over ssh instead: reachable, same Python/Horovod, same interface")
+    doctor.add_argument("--ssh-port", type=int, default=None, help="with --hosts: their ssh port")
+    doctor.add_argument("--ssh-identity-file", default=None, metavar="KEY", help="with --hosts: the ssh key")
+    doctor.add_argument("--network-interface", default=None, help="with --hosts: the NIC every host must have")
     launch = sub.add_parser("launch", help="run a Python script on N workers")
     launch.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun")
     launch.add_argument("-np", "--num-proc", dest="np", type=int, default=None,
@@ -63,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     elastic.add_argument("--min-np", type=int, default=None, help="(default 1)")
     elastic.add_argument("--max-np", type=int, default=None)
     elastic.add_argument("--elastic-timeout", type=int, default=None, help="seconds (default 600)")
-    launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
+    elastic.add_argument("--reset-limit", type=int, default=None,
+                         help="stop the job after this many resets (default: no limit)")
+    launch.add_argument("script", nargs=argparse.REMAINDER,
+                        help="script.py and its arguments; launcher flags hvdkit has no option for go first, "
+                             "between two --: -- --timeline-filename t.json -- script.py")
     # Listed for the top-level help only: main() hands everything after "bench" to bench's own parser, which
     # argparse's REMAINDER cannot do when the first word is an option such as -h.
     sub.add_parser("bench", help="benchmarks against the peers (allreduce, train, zero); see hvdkit bench -h",
@@ -83,6 +94,11 @@ def main(argv=None) -> int:
             return bench_main(argv[1:])
         args = _parser().parse_args(argv)
         if args.command == "doctor":
+            if args.hosts is not None:
+                return _doctor_hosts(args)
+            if args.ssh_port or args.ssh_identity_file or args.network_interface:
+                raise HvdkitError("--ssh-port, --ssh-identity-file and --network-interface apply to "
+                                  "doctor --hosts; add --hosts h1,h2 or drop them")
             from .doctor import run_doctor
             return run_doctor(as_json=args.json)
         if args.command == "audit":
@@ -94,8 +110,20 @@ def main(argv=None) -> int:
         return 2
 
 
+def _doctor_hosts(args: argparse.Namespace) -> int:
+    hosts = [h.strip().partition(":")[0] for h in args.hosts.split(",") if h.strip()]
+    if not hosts:
+        raise HvdkitError("--hosts lists no host; pass e.g. --hosts node1,node2")
+    if args.json:
+        raise HvdkitError("doctor --hosts prints lines, not JSON; drop --json")
+    from .doctor.hosts import run_hosts_doctor
+    return run_hosts_doctor(list(dict.fromkeys(hosts)), iface=args.network_interface, port=args.ssh_port,
+                            key=args.ssh_identity_file)
+
+
 def _launch(args: argparse.Namespace) -> int:
     """Check, build, then run (or ``--print``) the launch command; the exit codes are hvdkit.supervise's."""
+    args.script, passed = _split_passthrough(args.script)
     if not args.script:
         raise HvdkitError("launch needs a script to run, e.g. hvdkit launch -np 2 examples/torch_digits.py")
     stray = [f"--{name.replace('_', '-')}" for name in ELASTIC_FLAGS if getattr(args, name) is not None]
@@ -109,15 +137,19 @@ def _launch(args: argparse.Namespace) -> int:
     min_np = 1 if args.min_np is None else args.min_np
     notes = preflight(args.script, np=args.np, launcher=args.launcher, hosts_file=args.hosts_file, min_np=min_np,
                       max_np=args.max_np, check_files=not args.print)
+    if args.reset_limit is not None and args.reset_limit < 0:
+        raise HvdkitError(f"--reset-limit must be >= 0 (got {args.reset_limit}); pass e.g. --reset-limit 3")
     spec = None
     if args.hosts_file:
         spec = Elastic(discovery_command(args.hosts_file), min_np=min_np, max_np=args.max_np,
                        timeout=600 if args.elastic_timeout is None else args.elastic_timeout,
-                       network_interface=args.network_interface)
+                       reset_limit=args.reset_limit, network_interface=args.network_interface)
+        if "--blacklist-cooldown-range" in passed:   # the user's range replaces the default one
+            spec.cooldown = None
     cmd = launch_command(args.script, np=args.np, launcher=args.launcher, hosts=hosts, elastic=spec,
                          network_interface=None if spec else args.network_interface, ssh_port=args.ssh_port,
                          ssh_identity_file=args.ssh_identity_file, forward=args.forward,
-                         controller=args.controller)
+                         controller=args.controller, extra=passed)
     if args.print:
         print(shlex.join(cmd), flush=True)
         return 0
@@ -127,6 +159,26 @@ def _launch(args: argparse.Namespace) -> int:
     print(shlex.join(cmd), file=sys.stderr, flush=True)
     from .supervise import supervise
     return supervise(cmd, log_path=log, verbose=args.verbose, keep_log=args.log is not None)
+
+
+def _split_passthrough(script):
+    """``-- FLAGS -- script.py ARGS`` -> (``script.py ARGS``, ``FLAGS``): launcher flags hvdkit passes on as they are
+    (before the Python command); without a leading ``--`` everything is the script.
+
+    >>> _split_passthrough(["--", "--verbose", "--", "t.py", "--", "x"])
+    (['t.py', '--', 'x'], ['--verbose'])
+    """
+    if script[:1] != ["--"]:
+        return list(script), []
+    try:
+        end = script.index("--", 1)
+    except ValueError:
+        raise HvdkitError("launcher flags after -- end with another --, then the script: "
+                          "hvdkit launch -np 2 -- --verbose -- train.py") from None
+    if any(not arg.startswith("-") for arg in script[1:2]):
+        raise HvdkitError(f"{script[1]!r} after -- is not a launcher flag; pass flags between two --, "
+                          "e.g. -- --verbose -- train.py")
+    return list(script[end + 1:]), list(script[1:end])
 
 
 def _static_hosts(args: argparse.Namespace):

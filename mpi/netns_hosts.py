@@ -186,7 +186,12 @@ def _etc_files(nodes: List[Dict[str, str]], state_dir: str) -> None:
             f"    UserKnownHostsFile {state_dir}/known_hosts\n"
             f"    StrictHostKeyChecking no\n"
             f"    LogLevel ERROR\n"
-            f"    ConnectTimeout 5\n\n")
+            f"    ConnectTimeout 5\n"
+            # A host cut off the network leaves horovodrun's ssh to it silent, not closed: without these the
+            # elastic driver waits for that worker forever (TCP keepalive: hours). With them ssh gives up after
+            # 3 unanswered probes 2 s apart, the driver sees the worker fail and blacklists its host.
+            f"    ServerAliveInterval 2\n"
+            f"    ServerAliveCountMax 3\n\n")
     try:
         with open("/etc/ssh/ssh_config") as f:
             system_config = f.read()

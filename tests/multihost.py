@@ -28,7 +28,7 @@ import pytest
 from proc import REPO, run
 
 SCRIPT = os.path.join(REPO, "mpi", "netns_hosts.py")
-HOSTS = 2
+HOSTS = 3   # two for static jobs, a third an elastic job grows onto (up: ~2 s)
 UP_TIMEOUT = 60
 
 
@@ -73,6 +73,11 @@ class NetnsHosts:
     @property
     def hostfile(self) -> str:
         return self.state["hostfile"]
+
+    def veth(self, name: str) -> str:
+        """The root-namespace end of host ``name``'s link: ``ip link set VETH down`` cuts the host off the network
+        (its processes keep running)."""
+        return next(node["veth"] for node in self.state["nodes"] if node["name"] == name)
 
     def argv(self, cmd: Sequence[str], on: Optional[str] = None) -> List[str]:
         """``cmd`` wrapped to run in the launcher namespace (or on worker ``on``)."""

@@ -1,17 +1,24 @@
 """``hvdkit launch --hostfile`` across machines: hostfile formats and ``--print`` here, then real runs over ssh on
 namespace hosts (tests/multihost.py: hvdkit-h1, hvdkit-h2, each with sshd and eth0; the launcher in a namespace
-of its own), with horovodrun (Gloo and MPI controllers) and mpirun, compared with the same run on localhost."""
+of its own), with horovodrun (Gloo and MPI controllers) and mpirun, compared with the same run on localhost; elastic
+jobs across the hosts (a third host joining, a host cut off the network and re-admitted); hvdkit doctor --hosts;
+the sbatch script and MPIJob manifest under mpi/ (docs/cluster.md), checked with --print."""
 import json
 import os
+import re
 import shlex
+import subprocess
 import sys
+import time
 
 import pytest
 
 import multihost
+from elastic_harness import GATED, ElasticJob
 from proc import REPO, explain, run
 
 from hvdkit import hostfile
+from hvdkit.audit import check
 from hvdkit.cli import main as cli_main
 
 HVDKIT = [sys.executable, "-m", "hvdkit.cli"]
@@ -77,6 +84,42 @@ def test_bad_cluster_options_are_one_line(tmp_path, capsys, no_scheduler, args, 
     assert err.startswith("hvdkit: error: ") and problem in err and "\n" not in err, err
 
 
+def print_passthrough(capsys, args, flags, script=("train.py",)):
+    """``hvdkit launch ARGS --print -- FLAGS -- SCRIPT``, split like a shell would."""
+    assert cli_main(["launch", *args, "--print", "--", *flags, "--", *script]) == 0
+    return " ".join(shlex.split(capsys.readouterr().out))
+
+
+def test_print_reset_limit_and_passthrough(tmp_path, capsys, no_scheduler):
+    (tmp_path / "hosts.txt").write_text("n1:1\nn2:1\n")
+    line = print_passthrough(capsys, ["--hosts-file", str(tmp_path / "hosts.txt"), "--reset-limit", "3",
+                                      "--network-interface", "eth0"],
+                             ["--blacklist-cooldown-range", "5", "10", "--log-level", "INFO"])
+    assert "--reset-limit 3 " in line and "--network-interface eth0 --gloo --blacklist-cooldown-range 5 10 " \
+        "--log-level INFO " in line, line
+    assert line.count("--blacklist-cooldown-range") == 1, line     # the user's range replaces the default
+    line = print_passthrough(capsys, ["--launcher", "mpirun", "-np", "2"], ["--report-bindings"],
+                             ["train.py", "--", "x"])
+    assert line.endswith(f"--report-bindings {sys.executable} train.py -- x"), line   # the script's -- stays
+    line = print_passthrough(capsys, ["--hostfile", str(tmp_path / "hosts.txt"), "--controller", "mpi"],
+                             ["--timeline-filename", "/tmp/tl.json"])
+    assert "-np 2 -H n1:1,n2:1 --mpi --timeline-filename /tmp/tl.json " in line, line
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--reset-limit", "2"], "--reset-limit applies only to elastic launches"),
+    (["--hosts-file", "HF", "--reset-limit", "-1"], "--reset-limit must be >= 0"),
+    (["--", "--verbose"], "launcher flags after -- end with another --"),
+    (["--", "oops", "--"], "'oops' after -- is not a launcher flag"),
+])
+def test_bad_reset_limit_and_passthrough(tmp_path, capsys, no_scheduler, args, problem):
+    (tmp_path / "hf").write_text("n1:1\n")
+    args = [str(tmp_path / "hf") if a == "HF" else a for a in args]
+    assert cli_main(["launch", "-np", "1", "--print", *args, "train.py"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hvdkit: error: ") and problem in err and "\n" not in err, err
+
+
 @pytest.fixture
 def no_scheduler(monkeypatch):
     for name in ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
@@ -108,6 +151,76 @@ def test_print_uses_an_injected_openmpi_hostfile(tmp_path, capsys, no_scheduler)
     assert "-np 2 -H job-worker-0:1,job-worker-1:1 " in " ".join(print_launch(capsys))
 
 
+# ---------------------------------------------------------------- the sbatch script and the MPIJob manifest
+
+SBATCH = os.path.join(REPO, "mpi", "slurm.sbatch")
+MPIJOB = os.path.join(REPO, "mpi", "mpijob.yaml")
+
+
+def test_sbatch_script_commands(tmp_path):
+    """mpi/slurm.sbatch run by bash as SLURM would on the first node (fake allocation cn[01-02], 1 task per node),
+    with ``hvdkit`` a function adding --print: the command it would run, accepted and placed on the allocation."""
+    with open(SBATCH) as f:
+        text = f.read()
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    assert directives["nodes"] == "2" and directives["ntasks-per-node"] == "1", directives
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_MCA_"))}
+    env.update(SLURM_JOB_NODELIST="cn[01-02]", SLURM_NTASKS_PER_NODE=directives["ntasks-per-node"],
+               SLURM_CPUS_PER_TASK="4", SLURM_SUBMIT_DIR=REPO, SLURM_JOB_ID="42", HVDKIT_PY=sys.executable)
+    fake = 'hvdkit() { [ "$1" = launch ] || exit 9; shift; "$HVDKIT_PY" -m hvdkit.cli launch --print "$@"; }'
+    result = subprocess.run(["bash", "-c", f'{fake}; export -f hvdkit; exec bash "$0"', SBATCH], env=env,
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = " ".join(shlex.split(result.stdout))
+    assert " -np 2 -H cn01:1,cn02:1 --network-interface eth0 --gloo " in line, line
+    assert line.endswith("examples/torch_digits.py --epochs 3 --metrics-json metrics-42.json"), line
+
+
+def _manifest_command(text):
+    """The launcher container's command list, read without a YAML library (the manifest keeps it one item a line)."""
+    block = text.split("command:", 1)[1]
+    items = []
+    for line in block.splitlines()[1:]:
+        stripped = line.strip()
+        if not stripped.startswith("- "):
+            break
+        items.append(stripped[2:].strip().strip('"'))
+    return items
+
+
+def test_mpijob_manifest(tmp_path, capsys, no_scheduler):
+    """mpi/mpijob.yaml: an MPIJob (kubeflow.org/v2beta1) whose launcher runs ``hvdkit launch``; with the hostfile
+    the MPI Operator injects for 2 workers x slotsPerWorker, that command is accepted and runs on those pods."""
+    with open(MPIJOB) as f:
+        text = f.read()
+    command = _manifest_command(text)
+    try:
+        import yaml
+    except ImportError:   # not a dependency of the kit: the line-based read above stands in
+        yaml = None
+    if yaml is not None:
+        job = yaml.safe_load(text)
+        assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v2beta1", "MPIJob")
+        spec = job["spec"]
+        launcher = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+        assert launcher["command"] == command
+        workers, slots = spec["mpiReplicaSpecs"]["Worker"]["replicas"], spec["slotsPerWorker"]
+        assert spec["mpiImplementation"] == "OpenMPI"
+    else:
+        workers = int(re.search(r"Worker:\s+replicas: (\d+)", text).group(1))
+        slots = int(re.search(r"slotsPerWorker: (\d+)", text).group(1))
+    assert command[:2] == ["hvdkit", "launch"], command
+    name = re.search(r"^  name: (\S+)", text, re.M).group(1)
+    hosts = [f"{name}-worker-{i}.{name}.default.svc" for i in range(workers)]
+    (tmp_path / "hostfile").write_text("".join(f"{h} slots={slots}\n" for h in hosts))   # the operator's format
+    no_scheduler.setenv("OMPI_MCA_orte_default_hostfile", str(tmp_path / "hostfile"))
+    assert cli_main(["launch", "--print", *command[2:]]) == 0
+    line = " ".join(shlex.split(capsys.readouterr().out))
+    assert "mpirun -np 2 -H " + ",".join(f"{h}:{slots}" for h in hosts) + " " in line, line
+    assert "--mca btl_tcp_if_include eth0" in line and line.endswith("examples/torch_digits.py --epochs 3"), line
+
+
 # ---------------------------------------------------------------- over ssh, on namespace hosts
 
 def metrics(path):
@@ -127,7 +240,7 @@ def local_accuracy(tmp_path_factory):
 def cluster_launch(hosts, tmp_path, launcher, *script, hostfile_text=None):
     """``hvdkit launch --hostfile`` from the launcher namespace with the hosts' key and interface."""
     hf = tmp_path / "hostfile"
-    hf.write_text(hostfile_text or "".join(f"{name} slots=1\n" for name in hosts.names))
+    hf.write_text(hostfile_text or "".join(f"{name} slots=1\n" for name in hosts.names[:2]))
     cmd = [*HVDKIT, "launch", "--hostfile", str(hf), "--network-interface", "eth0",
            "--ssh-identity-file", hosts.key, *LAUNCHERS[launcher], *script]
     return hosts.run(cmd, timeout=TIMEOUT)
@@ -152,3 +265,163 @@ def test_torch_digits_across_two_hosts(netns_hosts, tmp_path, local_accuracy, la
     found = metrics(out)
     assert found["world_size"] == 2 and found["epochs"] == 3
     assert abs(found["test_accuracy"] - local_accuracy) <= 0.03, (found["test_accuracy"], local_accuracy)
+
+
+# ---------------------------------------------------------------- elastic across hosts
+
+TRAIN_SAMPLES, ELASTIC_EPOCHS = 1437, 3
+ELASTIC_FLAGS = ["--epochs", str(ELASTIC_EPOCHS), "--batch-size", "16", "--commit-every", "5", "--no-progress"]
+GLOO_TIMEOUT = 10      # HOROVOD_GLOO_TIMEOUT_SECONDS: how long a rank waits on a silent peer (Horovod's default 30)
+
+
+class ClusterElasticJob(ElasticJob):
+    """An elastic ``hvdkit launch --hosts-file`` of the torch example (through tests/workers/gated.py) from the
+    launcher namespace, ranks on the namespace hosts over ssh; the gate, hosts file, audit and kill helpers are
+    :class:`elastic_harness.ElasticJob`'s."""
+
+    def __init__(self, hosts, tmp, start_hosts, np, gate_step, passthrough=(), env=None):
+        self.tmp, self.framework = tmp, "torch"
+        self.gate_dir = os.path.join(tmp, "gate-run")
+        self.hosts_file = os.path.join(tmp, "hosts.txt")
+        self.audit_dir = os.path.join(tmp, "audit")
+        self.ckpt = os.path.join(tmp, "ckpt")
+        self.metrics = os.path.join(tmp, "metrics-run.json")
+        self.log_path = os.path.join(tmp, "run.log")
+        self.set_hosts(start_hosts)
+        os.makedirs(self.gate_dir, exist_ok=True)
+        launch = [*HVDKIT, "launch", "--hosts-file", self.hosts_file, "-np", str(np), "--min-np", "1",
+                  "--max-np", "3", "--elastic-timeout", "60", "--network-interface", "eth0",
+                  "--ssh-identity-file", hosts.key, "--verbose"]
+        if passthrough:
+            launch += ["--", *passthrough, "--"]
+        self.cmd = hosts.argv([*launch, GATED, EXAMPLE, *ELASTIC_FLAGS, "--audit-dir", self.audit_dir,
+                               "--metrics-json", self.metrics, "--checkpoint-dir", self.ckpt])
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HVDKIT_TEST_JOB=tmp, HVDKIT_GATE_DIR=self.gate_dir,
+                   HVDKIT_GATE_STEP=str(gate_step), HVDKIT_GATE_AT="step",
+                   HOROVOD_GLOO_TIMEOUT_SECONDS=str(GLOO_TIMEOUT), **(env or {}))
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                     start_new_session=True)
+
+    def exactly_once(self, timeout=300):
+        rc = self.finish(timeout=timeout)
+        assert rc == 0, self.output()[-5000:]
+        report = check(self.audit_dir, TRAIN_SAMPLES, ELASTIC_EPOCHS)
+        assert report["ok"], report["problems"]
+        with open(self.metrics) as f:
+            metrics = json.load(f)
+        assert metrics["epochs"] == ELASTIC_EPOCHS and metrics["train_samples_per_epoch"] == TRAIN_SAMPLES
+        return report, metrics
+
+
+@pytest.fixture
+def cluster_job(netns_hosts, tmp_path):
+    jobs = []
+
+    def start(*args, **kw):
+        job = ClusterElasticJob(netns_hosts, str(tmp_path), *args, **kw)
+        jobs.append(job)
+        return job
+    yield start
+    for job in jobs:
+        job.kill()
+
+
+def world_sizes(report):
+    return {w for ws in report["world_sizes"].values() for w in ws}
+
+
+def test_elastic_job_grows_onto_a_third_host(netns_hosts, cluster_job):
+    started = time.time()
+    h1, h2, h3 = netns_hosts.names[:3]
+    job = cluster_job([f"{h1}:1", f"{h2}:1"], np=2, gate_step=20)   # two workers: 45 steps an epoch
+    job.wait_gate([h1, h2])
+    job.change_hosts([f"{h1}:1", f"{h2}:1", f"{h3}:1"])
+    job.release()
+    report, metrics = job.exactly_once()
+    assert world_sizes(report) == {2, 3} and metrics["world_size"] == 3, report
+    reset = job.resets()[0]
+    assert (reset["from"], reset["to"], reset["epoch"], reset["step"]) == (2, 3, 1, 20), reset
+    assert f"joined: {h3}/0" in job.output(), job.output()[-3000:]
+    print(f"grow 2 -> 3 hosts: {time.time() - started:.1f} s wall")
+
+
+def test_host_cut_off_mid_epoch_is_noticed_blacklisted_and_readmitted(netns_hosts, cluster_job):
+    """h2's link is set down while both workers are held after step 20 (2 workers: 45 steps an epoch), its
+    processes left running. The survivor's next collective times out (HOROVOD_GLOO_TIMEOUT_SECONDS), horovodrun's
+    ssh to h2 gives up (ServerAliveInterval x ServerAliveCountMax, mpi/netns_hosts.py's ssh config), h2 is
+    blacklisted and the survivor rolls back to the last commit and goes on alone. With the link up again and
+    the cooldown (5-10 s) over, h2 is started again and the job grows back to 2."""
+    started = time.time()
+    h1, h2 = netns_hosts.names[:2]
+    veth = netns_hosts.veth(h2)
+    job = cluster_job([f"{h1}:1", f"{h2}:1"], np=2, gate_step=20,
+                      passthrough=["--blacklist-cooldown-range", "5", "10", "--log-level", "INFO"],
+                      env={"HVDKIT_STEP_SLEEP": "0.05"})   # 1-worker epochs of ~10 s: re-admission mid-run
+    job.wait_gate([h1, h2])
+    try:
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True, timeout=10)   # processes keep running
+        cut = time.time()
+        job.release()
+        job.wait_for(lambda: job.resets(), "the survivor to notice the cut-off host", timeout=GLOO_TIMEOUT * 6)
+        detected = time.time() - cut
+        job.wait_for(lambda: job.newest_commit_world() == 1, "a commit by the survivor", timeout=60)
+        committed = time.time() - cut
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True, timeout=10)
+    linked = time.time()
+    job.wait_for(lambda: len(job.resets()) >= 2, f"{h2} re-admitted after its cooldown", timeout=90)
+    readmitted = time.time() - linked
+    report, metrics = job.exactly_once()
+    out = job.output()
+    print(f"cut-off: noticed (2 -> 1) {detected:.1f} s after the cut (HOROVOD_GLOO_TIMEOUT_SECONDS={GLOO_TIMEOUT}, "
+          f"ssh alive probes 3 x 2 s), survivor's first commit at +{committed:.1f} s, {h2} re-admitted "
+          f"{readmitted:.1f} s after its link came up; {time.time() - started:.1f} s wall")
+    shrink, grow = job.resets()[:2]
+    assert (shrink["from"], shrink["to"], shrink["rolled_back"], shrink["epoch"]) == (2, 1, True, 1), shrink
+    assert shrink["step"] in (15, 20), shrink        # the commit before the gate, or the gate step's own
+    assert f"left: {h2}/0" in out and f"blacklist failing host: {h2}" in out, out[-5000:]
+    assert (grow["from"], grow["to"]) == (1, 2) and f"joined: {h2}/0" in out, grow
+    assert world_sizes(report) == {1, 2} and metrics["world_size"] == 2, report
+    assert detected <= GLOO_TIMEOUT * 3, detected   # measured 10.2 s: the Gloo timeout (the ssh probes, 6-8 s, end sooner)
+
+
+# ---------------------------------------------------------------- hvdkit doctor --hosts
+
+def test_doctor_hosts_all_alike(netns_hosts):
+    result = netns_hosts.run([*HVDKIT, "doctor", "--hosts", ",".join(netns_hosts.names), "--ssh-identity-file",
+                              netns_hosts.key, "--network-interface", "eth0"], timeout=120)
+    assert result.returncode == 0, explain(result)
+    lines = result.stdout.splitlines()
+    for name in netns_hosts.names:
+        assert any(l.startswith(f"host {name}: hostname {name}, Python ") and "Horovod 0.28.1" in l for l in lines), \
+            result.stdout
+    assert lines[-1] == "doctor: OK", result.stdout
+
+
+def test_doctor_hosts_names_each_problem(netns_hosts):
+    h1 = netns_hosts.names[0]
+    result = netns_hosts.run([*HVDKIT, "doctor", "--hosts", f"{h1},hvdkit-h9", "--ssh-identity-file",
+                              netns_hosts.key, "--network-interface", "eth9"], timeout=120)
+    assert result.returncode == 1, explain(result)
+    problems = [l for l in result.stdout.splitlines() if l.startswith("problem: ")]
+    assert all("; fix: " in p for p in problems) and len(problems) == 2, result.stdout
+    assert problems[0].startswith("problem: cannot ssh to hvdkit-h9 (ssh: Could not resolve hostname"), problems
+    assert problems[1].startswith(f"problem: {h1} has no interface eth9 (it has eth0, lo)"), problems
+    assert result.stdout.splitlines()[-1] == "doctor: 2 problem(s)"
+
+
+def test_doctor_hosts_compares_environments():
+    from hvdkit.doctor.hosts import problems_of
+    ok = {"python": "3.11.7", "horovod": "0.28.1", "build": {"frameworks": "tensorflow,torch", "bytes": 9},
+          "torch": "2.1", "tensorflow": "2.16", "interfaces": ["eth0", "lo"]}
+    facts = {"a": ok, "b": dict(ok, build={"frameworks": "torch", "bytes": 5}, interfaces=["ens3", "lo"]),
+             "c": dict(ok, python="3.10.12", horovod=None), "d": {"error": "No such file or directory", "kind": "python"}}
+    found = problems_of(facts, "/venv/bin/python", None)
+    assert found[0].startswith("d cannot run /venv/bin/python (No such file or directory); fix: install"), found
+    assert any(p.startswith("b has Horovod's build frameworks=torch,bytes=5, a has frameworks=tensorflow,torch")
+               for p in found), found
+    assert any(p.startswith("c has Python 3.10.12, a has 3.11.7") for p in found), found
+    assert any(p.startswith("c has no Horovod for /venv/bin/python; fix: install Horovod") for p in found), found
+    assert found[-1].startswith("no interface name is on every host (a: eth0, lo; b: ens3, lo; c: eth0, lo)"), found
+    assert all("; fix: " in p for p in found), found

@@ -1,0 +1,158 @@
+"""``hvdkit doctor --hosts h1,h2``: can a job run across these hosts?
+
+Over ssh (the same key, port and ``BatchMode`` a launcher would need: no password prompt), on every host at once:
+is it reachable, is this Python (the same path: a shared filesystem or the same image) there, and are its Python,
+Horovod (version, and build: its framework extensions), torch and TensorFlow the same as on the first host, and does the
+interface the ranks will use exist on every host under the same name. One line per host, then one
+``problem: <what>; fix: <how>`` line per problem; exit code 1 when there is any.
+
+Example::
+
+    hvdkit doctor --hosts n1,n2 --ssh-identity-file ~/.ssh/hvd --network-interface eth0
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence
+
+SSH_TIMEOUT = 30
+MARK = "HVDKIT-DOCTOR "
+
+# Run by the host's Python: facts only, no framework import (horovod.common.util's gloo_built() imports
+# TensorFlow: 15 s here), so Horovod's build is fingerprinted by its extension files (frameworks, bytes).
+PROBE = r"""
+import importlib.metadata as m, importlib.util, json, os, platform, socket, sys
+def version(*names):
+    for name in names:
+        try:
+            return m.version(name)
+        except m.PackageNotFoundError:
+            pass
+    return None
+build = None
+try:   # which framework extensions Horovod was built with, and their sizes: a fingerprint, no import
+    import glob
+    spec = importlib.util.find_spec("horovod")
+    root = os.path.dirname(spec.origin)
+    libs = sorted(glob.glob(os.path.join(root, "*", "mpi_lib*.so")))
+    build = {"frameworks": ",".join(os.path.basename(os.path.dirname(p)) for p in libs) or "none",
+             "bytes": sum(os.path.getsize(p) for p in libs)}
+except Exception as e:
+    build = {"error": type(e).__name__}
+try:
+    ifaces = sorted(os.listdir("/sys/class/net"))
+except OSError:
+    ifaces = []
+print("HVDKIT-DOCTOR " + json.dumps({"hostname": socket.gethostname(), "python": platform.python_version(),
+      "executable": sys.executable, "horovod": version("horovod"), "build": build, "hvdkit": version("hvdkit"),
+      "torch": version("torch"), "tensorflow": version("tensorflow", "tensorflow-cpu"), "interfaces": ifaces}))
+"""
+
+SAME = (("python", "Python"), ("horovod", "Horovod"), ("build", "Horovod's build"), ("torch", "torch"),
+        ("tensorflow", "TensorFlow"))
+
+
+def ssh_argv(host: str, cmd: Sequence[str], port: Optional[int] = None, key: Optional[str] = None) -> List[str]:
+    """ssh that fails instead of prompting (a launcher cannot answer a prompt either).
+
+    >>> ssh_argv("n1", ["true"], port=2222, key="/k")
+    ['ssh', '-o', 'BatchMode=yes', '-o', 'ConnectTimeout=10', '-p', '2222', '-i', '/k', 'n1', 'true']
+    """
+    return ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *(["-p", str(port)] if port else []),
+            *(["-i", key] if key else []), host, *cmd]
+
+
+def probe(host: str, python: str, port: Optional[int] = None, key: Optional[str] = None) -> Dict:
+    """The host's facts, or ``{"error": ..., "kind": "ssh" | "python"}``."""
+    import shlex
+    remote = f"{shlex.quote(python)} -c {shlex.quote(PROBE)}"
+    try:
+        done = subprocess.run(ssh_argv(host, [remote], port, key), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=SSH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no answer in {SSH_TIMEOUT} s", "kind": "ssh"}
+    except FileNotFoundError:
+        return {"error": "no ssh client here", "kind": "ssh"}
+    for line in done.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].strip()
+    kind = "ssh" if done.returncode == 255 else "python"
+    return {"error": last, "kind": kind}
+
+
+def problems_of(facts: Dict[str, Dict], python: str, iface: Optional[str], port: Optional[int] = None,
+                key: Optional[str] = None) -> List[str]:
+    """Problems (``<what>; fix: <how>``) across hosts' facts (host -> :func:`probe` result), in host order.
+
+    >>> ok = {"python": "3.11.2", "horovod": "0.28.1", "build": {"frameworks": "torch", "bytes": 9}, "torch": "2.1",
+    ...       "tensorflow": None, "interfaces": ["eth0", "lo"]}
+    >>> problems_of({"a": ok, "b": dict(ok, horovod="0.28.0", interfaces=["lo", "ens3"])}, "/py", None)[0]
+    'b has Horovod 0.28.0, a has 0.28.1; fix: install the same environment on every host (the same path, e.g. a shared filesystem or one image)'
+    """
+    found = []
+    ssh_opts = " ".join([*([f"-p {port}"] if port else []), *([f"-i {key}"] if key else [])])
+    for host, f in facts.items():
+        if f.get("kind") == "ssh":
+            found.append(f"cannot ssh to {host} ({f['error']}); fix: check the name resolves and sshd runs there, "
+                         f"then allow this key without a password: ssh-copy-id {ssh_opts + ' ' if ssh_opts else ''}"
+                         f"{host} (and pass it with --ssh-identity-file)")
+        elif "error" in f:
+            found.append(f"{host} cannot run {python} ({f['error']}); fix: install this environment at the same "
+                         "path on every host (a shared filesystem or one image)")
+    good = {h: f for h, f in facts.items() if "error" not in f}
+    if not good:
+        return found
+    first, ref = next(iter(good.items()))
+    for host, f in list(good.items())[1:]:
+        for key_, what in SAME:
+            if f.get(key_) != ref.get(key_):
+                found.append(f"{host} has {what} {_show(f.get(key_))}, {first} has {_show(ref.get(key_))}; fix: "
+                             "install the same environment on every host (the same path, e.g. a shared filesystem "
+                             "or one image)")
+    for host, f in good.items():
+        if f.get("horovod") is None:
+            found.append(f"{host} has no Horovod for {python}; fix: install Horovod 0.28.1 there (bash mpi/setup.sh)")
+    if iface:
+        for host, f in good.items():
+            if iface not in f.get("interfaces", []):
+                found.append(f"{host} has no interface {iface} (it has {', '.join(f.get('interfaces', [])) or 'none'}); "
+                             "fix: pass --network-interface with a name every host has")
+    else:
+        common = set.intersection(*(set(f.get("interfaces", [])) for f in good.values())) - {"lo"}
+        if not common and len(good) > 1:
+            listed = "; ".join(f"{h}: {', '.join(f.get('interfaces', []))}" for h, f in good.items())
+            found.append(f"no interface name is on every host ({listed}); "
+                         "fix: rename interfaces alike (e.g. udev/netplan) so --network-interface can name one")
+    return found
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def run_hosts_doctor(hosts: Sequence[str], iface: Optional[str] = None, port: Optional[int] = None,
+                     key: Optional[str] = None, python: Optional[str] = None) -> int:
+    """Probe ``hosts`` in parallel, print one line per host and one per problem; return 0 (none) or 1."""
+    python = python or sys.executable
+    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+        facts = dict(zip(hosts, pool.map(lambda h: probe(h, python, port, key), hosts)))
+    for host, f in facts.items():
+        if "error" in f:
+            print(f"host {host}: unreachable or not runnable")
+        else:
+            print(f"host {host}: hostname {f['hostname']}, Python {f['python']}, Horovod {_show(f['horovod'])} "
+                  f"({_show(f['build'])}), torch {_show(f['torch'])}, TensorFlow {_show(f['tensorflow'])}, "
+                  f"interfaces {', '.join(f['interfaces'])}")
+    found = problems_of(facts, python, iface, port, key)
+    for problem in found:
+        print(f"problem: {problem}")
+    print("doctor: OK" if not found else f"doctor: {len(found)} problem(s)", flush=True)
+    return 1 if found else 0
