@@ -37,14 +37,22 @@ def parse(text: str, path: str = "hosts file") -> List[Tuple[str, int]]:
             continue
         host, _, slots = line.partition(":")
         host, slots = host.strip(), slots.strip()
-        # All-digit-and-dot names match HOST too, so "999.1.2.3" needs the IPv4 range check.
-        if not HOST.match(host) or (re.fullmatch(r"[\d.]+", host) and not _ipv4(host)):
+        if not valid_host(host):
             raise ValueError(f"{path}:{number}: {raw.strip()!r} is not a host name or IPv4 address; "
                              "write one host or host:slots per line")
         if slots and not (slots.isdigit() and int(slots) >= 1):
             raise ValueError(f"{path}:{number}: slots in {raw.strip()!r} must be a whole number >= 1")
         hosts.append((host, int(slots) if slots else 1))
     return hosts
+
+
+def valid_host(host: str) -> bool:
+    """A DNS name or an IPv4 address (all-digit-and-dot names match HOST too, so "999.1.2.3" is range-checked).
+
+    >>> valid_host("node-1.example"), valid_host("10.0.0.1"), valid_host("999.1.2.3"), valid_host("node 1")
+    (True, True, False, False)
+    """
+    return bool(HOST.match(host)) and not (re.fullmatch(r"[\d.]+", host) and not _ipv4(host))
 
 
 def _ipv4(text: str) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Tuple
 
-from .discover_hosts import HOST, _ipv4
+from .discover_hosts import valid_host
 from .errors import HvdkitError
 
 _OPTION = re.compile(r"^(slots|max_slots|max-slots)=(\S*)$")
@@ -37,7 +37,7 @@ def parse(text: str, path: str = "hostfile") -> List[Tuple[str, int]]:
                 raise ValueError(f"{where} is not 'host', 'host:slots' or 'host slots=N'; fix that line")
             if option.group(1) == "slots":
                 slots = option.group(2)
-        if not HOST.match(host) or (re.fullmatch(r"[\d.]+", host) and not _ipv4(host)):
+        if not valid_host(host):
             raise ValueError(f"{where}: {host!r} is not a host name or IPv4 address; fix that line")
         if slots and not (slots.isdigit() and int(slots) >= 1):
             raise ValueError(f"{where}: slots must be a whole number >= 1; fix that line")

@@ -106,7 +106,7 @@ def test_metric_names_evaluation_reports_itself_are_refused():
 
 
 tf = pytest.importorskip("tensorflow")
-from hvdkit.keras import KerasAdapter, KerasFitAdapter  # noqa: E402
+from hvdkit.keras import KerasAdapter, KerasFitAdapter, make_adapter  # noqa: E402
 from hvdkit.keras import LocalProcess as KerasLocal  # noqa: E402
 import keras  # noqa: E402
 
@@ -417,12 +417,7 @@ def test_keras_skip_mode_leaves_batchnorm_statistics_as_they_were(mode):
     keras.utils.set_random_seed(4)
     model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
                               keras.layers.ReLU(), keras.layers.Dense(4)])
-    optimizer = keras.optimizers.Adam(0.01)
-    if mode == "fit":
-        model.compile(optimizer=optimizer, loss=LOGITS)
-        adapter = KerasFitAdapter(model)
-    else:
-        adapter = KerasAdapter(model, optimizer, LOGITS)
+    adapter = make_adapter(model, keras.optimizers.Adam(0.01), LOGITS, mode=mode)
     stats = Buffers(lambda m: m.layers[1].moving_mean.numpy())
     result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, nonfinite="skip")), [stats],
                      process=KerasLocal()).fit((with_nan_rows(9), Y), (X_EVAL, Y_EVAL))

@@ -186,7 +186,7 @@ def keras_main(out_dir: str, launch_rank: int) -> None:
     import numpy as np
     from hvdkit import TrainConfig, Trainer
     from hvdkit.errors import StoppedOnEveryRank
-    from hvdkit.keras import KerasAdapter, KerasFitAdapter
+    from hvdkit.keras import make_adapter
     from hvdkit.sharding import plan_epoch
     import keras
     x, y = data()
@@ -194,10 +194,7 @@ def keras_main(out_dir: str, launch_rank: int) -> None:
     record = {"backend": "keras"}
 
     def adapter_for(mode, model, optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)):
-        if mode == "fit":
-            model.compile(optimizer=optimizer, loss=loss)
-            return KerasFitAdapter(model)
-        return KerasAdapter(model, optimizer, loss)
+        return make_adapter(model, optimizer, loss, mode=mode)
 
     # LR each step: the schedule x linear scaling ramped over 5 steps, both adapters
     for mode in ("loop", "fit"):
@@ -219,10 +216,9 @@ def keras_main(out_dir: str, launch_rank: int) -> None:
     # Metrics over an odd evaluation set, fit mode with compiled metrics, against numpy with the final model
     x_eval, y_eval = eval_data()
     model, optimizer = keras_model_and_optimizer(3 + launch_rank, schedule=False)
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")])
-    result = Trainer(KerasFitAdapter(model), TrainConfig(lr_scaling="none", **dict(quiet, epochs=1))).fit(
-        (x, y), (x_eval, y_eval))
+    adapter = make_adapter(model, optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), mode="fit",
+                           metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")])
+    result = Trainer(adapter, TrainConfig(lr_scaling="none", **dict(quiet, epochs=1))).fit((x, y), (x_eval, y_eval))
     record["metrics_odd"] = {"reported": result.eval,
                              "expected": numpy_scores(np.asarray(model(x_eval), dtype=np.float64), y_eval)}
 
