@@ -19,6 +19,8 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .feed import Feed, MicroBatch
 from .process import Process
 from .sharding import Step
@@ -185,10 +187,25 @@ class Adapter(abc.ABC):
         adapter does not measure it."""
         return 0
 
+    def shard_payload(self) -> Optional[Tuple[Dict[str, np.ndarray], Dict[str, Any]]]:
+        """Every rank, at a static checkpoint: ``(arrays, index)`` when the optimizer is sharded -- this rank's slice
+        of each flat state vector (1-D numpy, by name) and the ``shard_index`` that rebuilds the unsharded state
+        from every rank's (see :mod:`hvdkit.sharded_checkpoint`; the same on every rank) -- or None (the default:
+        the checkpoint is one file from :meth:`state_to_bytes`). No collective."""
+        return None
+
+    def merge_shards(self, blob: bytes, arrays: Dict[str, np.ndarray]) -> bytes:
+        """A sharded checkpoint's rank-0 blob (``state_to_bytes(sharded=True)``) and its unsharded state arrays (keyed
+        as the index's ``assemble`` rows) as the ordinary blob :meth:`state_from_bytes` loads."""
+        from .errors import HvdkitError
+        raise HvdkitError(f"{type(self).__name__} cannot read sharded checkpoints")
+
     @abc.abstractmethod
-    def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
+    def state_to_bytes(self, progress: Dict[str, Any], sharded: bool = False) -> bytes:
         """Model, optimizer (with its LR schedule's state) and ``progress`` as one blob (rank 0 calls this alone in a
-        static job, every rank in an elastic commit; always after :meth:`gather_state` on every rank)."""
+        static job, every rank in an elastic commit; always after :meth:`gather_state` on every rank). With
+        ``sharded`` (a sharded checkpoint, no gather before it): without the per-element optimizer state that
+        :meth:`shard_payload` writes."""
 
     @abc.abstractmethod
     def state_from_bytes(self, blob: bytes) -> Dict[str, Any]:

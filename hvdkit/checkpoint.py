@@ -5,6 +5,8 @@ Layout of a checkpoint directory::
     ckpt-00000042.bin    the adapter's bytes (for torch: a plain ``torch.save`` file)
     ckpt-00000042.json   manifest: sha256 and size of the .bin, progress, world size, time
     best/ckpt-00000007.* with ``keep_best``: the best checkpoints by the monitored metric (:class:`BestStore`)
+    ckpt-00000042.shard-*.npz   with a sharded optimizer: each rank's shard of its state (see
+                         :mod:`hvdkit.sharded_checkpoint`), listed in the manifest
 
 Both are written to a temporary name, fsynced and renamed, the manifest last: a checkpoint
 exists only once its manifest does, and a reader checks the .bin against the manifest's
@@ -28,6 +30,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import HvdkitError
+from .sharded_checkpoint import assemble, check_index, shard_files
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.json$")
 
@@ -72,16 +75,21 @@ def ensure_writable_dir(path: str) -> str:
 class CheckpointStore:
     """Numbered checkpoints in one directory; see the module docstring for the format."""
 
-    def __init__(self, directory: str, keep: int = 3, log: Callable[[str], None] = lambda msg: None):
+    def __init__(self, directory: str, keep: int = 3, log: Callable[[str], None] = lambda msg: None,
+                 merge: Optional[Callable[[bytes, Dict], bytes]] = None):
         if keep < 1:
             raise HvdkitError(f"keep must be >= 1 (got {keep})")
         self.directory = os.path.abspath(directory)
         self.keep = keep
         self.log = log
+        self.merge = merge   # (rank 0's blob, unsharded arrays) -> an ordinary blob: reads sharded checkpoints
 
     def _paths(self, number: int) -> Tuple[str, str]:
         base = os.path.join(self.directory, f"ckpt-{number:08d}")
         return base + ".bin", base + ".json"
+
+    def manifest_path(self, number: int) -> str:
+        return self._paths(number)[1]
 
     def numbers(self) -> List[int]:
         """Checkpoint numbers that have a manifest, oldest first."""
@@ -90,21 +98,42 @@ class CheckpointStore:
         found = (_NAME.match(name) for name in os.listdir(self.directory))
         return sorted(int(m.group(1)) for m in found if m)
 
-    def save(self, blob: bytes, meta: Dict) -> str:
-        """Write one checkpoint atomically, then drop the oldest beyond ``keep``. Returns its path."""
+    def next_number(self) -> int:
+        """The number the next :meth:`save` writes (a sharded save tells every rank before they write)."""
+        existing = self.numbers()
+        return existing[-1] + 1 if existing else 0
+
+    def save(self, blob: bytes, meta: Dict, shards: Optional[List[Dict]] = None, shard_index: Optional[Dict] = None,
+             number: Optional[int] = None) -> str:
+        """Write one checkpoint atomically, then drop the oldest beyond ``keep``. Returns its path. A sharded one:
+        ``shards`` (every rank's :func:`~hvdkit.sharded_checkpoint.write_shard` entry, written already as
+        ``number``) and ``shard_index`` go into the manifest, after checking that every shard is here."""
         ensure_writable_dir(self.directory)
         existing = self.numbers()
-        number = existing[-1] + 1 if existing else 0
+        number = self.next_number() if number is None else number
         bin_path, json_path = self._paths(number)
+        if shards is not None:
+            check_index(self.directory, shards, int(shard_index["world"]))
         atomic_write(bin_path, blob)
         manifest = dict(meta, sha256=hashlib.sha256(blob).hexdigest(), size=len(blob),
                         file=os.path.basename(bin_path), saved_at=time.time())
+        if shards is not None:
+            manifest.update(shards=sorted(shards, key=lambda e: e["rank"]), shard_index=shard_index)
         atomic_write(json_path, json.dumps(manifest, sort_keys=True).encode())
         for old in existing[:max(0, len(existing) + 1 - self.keep)]:
-            for p in self._paths(old):
-                if os.path.exists(p):
-                    os.unlink(p)
+            self._delete(old)
+        kept = set(self.numbers())
+        for number_of, name in shard_files(self.directory):   # shards no kept manifest lists (a save cut short)
+            if number_of not in kept:
+                os.unlink(os.path.join(self.directory, name))
         return bin_path
+
+    def _delete(self, number: int) -> None:
+        """Checkpoint ``number``'s files, manifest first: a checkpoint without its manifest does not exist."""
+        bin_path, json_path = self._paths(number)
+        for path in [json_path, bin_path] + [os.path.join(self.directory, n) for k, n in shard_files(self.directory) if k == number]:
+            if os.path.exists(path):
+                os.unlink(path)
 
     def newest_step(self) -> Optional[int]:
         """The global step in the newest readable manifest (None when there is none): is the final state on disk?"""
@@ -133,6 +162,19 @@ class CheckpointStore:
             raise HvdkitError(
                 f"checkpoint {bin_path} is corrupt: {len(blob)} bytes, sha256 does not match its manifest "
                 f"({manifest.get('size')} bytes expected); it was not loaded")
+        if manifest.get("shards") is not None:   # sharded: the shards merged into the ordinary blob
+            if self.merge is None:
+                raise HvdkitError(f"checkpoint {bin_path} is sharded (written with --shard-optimizer) and nothing here "
+                                  "merges it; load it through a Trainer, or merge it first with "
+                                  "`hvdkit checkpoint merge`")
+            arrays = assemble(self.directory, manifest)
+            try:
+                blob = self.merge(blob, arrays)
+            except HvdkitError:
+                raise
+            except Exception as e:   # a file from outside: its failure to merge is the file's
+                raise HvdkitError(f"checkpoint {bin_path}: its shards do not merge ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); it was not loaded") from None
         return blob, manifest
 
     def load_latest(self) -> Optional[Tuple[bytes, Dict]]:
@@ -197,23 +239,17 @@ class BestStore(CheckpointStore):
         sign = 1.0 if mode == "min" else -1.0
         return sorted(entries, key=lambda e: (sign * e[0], e[1]))
 
-    def _remove(self, number: int) -> None:
-        bin_path, json_path = self._paths(number)
-        for path in (json_path, bin_path):  # manifest first: a checkpoint without its manifest does not exist
-            if os.path.exists(path):
-                os.unlink(path)
-
     def offer(self, blob: bytes, meta: Dict, monitor: str, value: float, mode: str) -> Optional[str]:
         """Keep this checkpoint if it is among the ``keep`` best; returns its path, or None if not kept."""
         epoch = int(meta["epoch"])
         entries = self.ranked(mode)
         for _, old_epoch, number, manifest in entries:
             if old_epoch >= epoch:
-                self._remove(number)  # a timeline that was rolled back or never finished
+                self._delete(number)  # a timeline that was rolled back or never finished
             elif manifest.get("monitor") != monitor or manifest.get("monitor_mode") != mode:
                 self.log(f"warning: removing best checkpoint {manifest.get('file')}: ranked by "
                          f"{manifest.get('monitor')} ({manifest.get('monitor_mode')}), not {monitor} ({mode})")
-                self._remove(number)
+                self._delete(number)
         entries = [e for e in entries if e[1] < epoch and e[3].get("monitor") == monitor
                    and e[3].get("monitor_mode") == mode]
         if value != value:  # NaN ranks nowhere
@@ -230,5 +266,5 @@ class BestStore(CheckpointStore):
                         saved_at=time.time())
         atomic_write(json_path, json.dumps(manifest, sort_keys=True).encode())
         for _, _, old, _ in self.ranked(mode)[self.keep:]:
-            self._remove(old)
+            self._delete(old)
         return bin_path

@@ -1,4 +1,5 @@
-"""``hvdkit`` command line: ``doctor`` (preflight), ``launch`` (run a script on N workers), ``audit``, ``bench``.
+"""``hvdkit`` command line: ``doctor`` (preflight), ``launch`` (run a script on N workers), ``audit``, ``bench``,
+``checkpoint merge``.
 
 Example::
 
@@ -10,6 +11,7 @@ Example::
     hvdkit launch --hostfile hosts --network-interface eth0 --ssh-identity-file ~/.ssh/hvd examples/torch_digits.py
     hvdkit launch -np 2 -- --timeline-filename /tmp/tl.json -- examples/torch_digits.py   # more launcher flags
     hvdkit audit results/audit --samples 1437 --epochs 3
+    hvdkit checkpoint merge results/ckpt results/merged     # a sharded checkpoint as one ordinary file
     hvdkit bench -h
 
 ``hvdkit launch`` checks its input first (exit 2, one ``hvdkit: error: <problem>; <fix>`` line), then runs the
@@ -79,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     # argparse's REMAINDER cannot do when the first word is an option such as -h.
     sub.add_parser("bench", help="benchmarks against the peers (allreduce, train, zero); see hvdkit bench -h",
                    add_help=False)
+    checkpoint = sub.add_parser("checkpoint", help="checkpoint tools: merge a sharded checkpoint into one file")
+    merge = checkpoint.add_subparsers(dest="action", required=True).add_parser(
+        "merge", help="write a sharded checkpoint (--shard-optimizer) as an ordinary single-file one")
+    merge.add_argument("source", help="the --checkpoint-dir that holds the sharded checkpoint")
+    merge.add_argument("dest", help="a checkpoint directory to write the merged checkpoint into")
+    merge.add_argument("--number", type=int, default=None, help="which checkpoint (default: the newest)")
     audit = sub.add_parser("audit", help="prove exactly-once training from --audit-dir records")
     audit.add_argument("directory")
     audit.add_argument("--samples", type=int, required=True, help="training samples per epoch")
@@ -101,6 +109,10 @@ def main(argv=None) -> int:
                                   "doctor --hosts; add --hosts h1,h2 or drop them")
             from .doctor import run_doctor
             return run_doctor(as_json=args.json)
+        if args.command == "checkpoint":
+            from .merge import merge_checkpoint
+            print(merge_checkpoint(args.source, args.dest, args.number))
+            return 0
         if args.command == "audit":
             from .audit import main as audit_main
             return audit_main([args.directory, "--samples", str(args.samples), "--epochs", str(args.epochs)])

@@ -55,8 +55,9 @@ class EpochLoop:
         t = self.trainer
         t.agree_buffers()
         self.check_finite("")
-        t.adapter.gather_state()   # every rank: state spread over ranks (a sharded optimizer's), before any state_to_bytes
         self.run_.progress["rng"] = t.process.allgather_object(t.adapter.rng_state())
+        if evaluated is not None and t.config.keep_best:
+            t.adapter.gather_state()   # every rank: a sharded optimizer's state, whole for a best checkpoint
         stop = self.watch(*evaluated) if evaluated is not None else False
         self._save()
         return stop

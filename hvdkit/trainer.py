@@ -41,6 +41,7 @@ from .loop import EpochLoop
 from .process import Process
 from .resume import load_latest, resume_line, resumed_progress
 from .run_state import COMPLETE_MARK, START_MARK, FitResult, Run, fresh_progress
+from .sharded_checkpoint import write_shard
 from .sharding import check_train_config
 
 
@@ -146,10 +147,43 @@ class Trainer:
         """Rank 0 writes one durable checkpoint of the current state (``blob`` if already serialised)."""
         if store is not None and self.process.rank == 0:
             blob = blob if blob is not None else self.adapter.state_to_bytes(progress)
-            meta = {k: v for k, v in progress.items() if k != "rng"}  # the blob holds the random states
-            path = store.save(blob, dict(meta, world_size=self.process.size, framework=self.adapter.framework))
-            self.last_checkpoint = path
-            self.log.info(f"checkpoint {path} (epoch {progress['epoch']}, position {progress['position']})")
+            self._saved(store.save(blob, self._meta(progress)), progress)
+
+    def _meta(self, progress: Dict[str, Any]) -> Dict[str, Any]:
+        meta = {k: v for k, v in progress.items() if k != "rng"}  # the blob holds the random states
+        return dict(meta, world_size=self.process.size, framework=self.adapter.framework)
+
+    def _saved(self, path: str, progress: Dict[str, Any]) -> None:
+        self.last_checkpoint = path
+        self.log.info(f"checkpoint {path} (epoch {progress['epoch']}, position {progress['position']})")
+
+    def commit_static(self, store: Optional[CheckpointStore], progress: Dict[str, Any]) -> None:
+        """Every rank, at a static job's commit: a checkpoint, if there is a store. A sharded optimizer's state is
+        written where it lives: each rank its shard, rank 0 the rest and the index last (see
+        :mod:`hvdkit.sharded_checkpoint`), with no gather; otherwise rank 0 writes one file."""
+        if store is None:
+            return
+        payload = self.adapter.shard_payload()   # the same answer on every rank: the config says
+        if payload is None:
+            self.adapter.gather_state()
+            self.save_checkpoint(store, progress)
+            return
+        arrays, index = payload
+        p = self.process
+        number = p.broadcast_object(store.next_number() if p.rank == 0 else None)
+        try:
+            entry = write_shard(store.directory, number, p.rank, p.size, arrays)
+        except OSError as e:
+            entry = (f"rank {p.rank} could not write its optimizer shard into {store.directory} ({e.strerror}); "
+                     "free space there or pass another --checkpoint-dir")
+        entries = p.allgather_object(entry)
+        failed = next((e for e in entries if isinstance(e, str)), None)
+        if failed:
+            raise StoppedOnEveryRank(failed)
+        path = self._agree(lambda: store.save(self.adapter.state_to_bytes(progress, sharded=True), self._meta(progress),
+                                              shards=entries, shard_index=index, number=number))
+        if p.rank == 0:
+            self._saved(path, progress)
 
     def evaluate(self, data) -> Dict[str, float]:
         """Exact metrics over ``data``: each sample counted once (the ranks' shares are disjoint, unpadded).
@@ -218,7 +252,7 @@ class Trainer:
                 self.place_rng(run.progress)
                 if run.audit:
                     run.audit.start(run.progress["global_step"], p.rank, p.size)
-                EpochLoop(self, run, train_feed, eval_feed, lambda: self.save_checkpoint(store, run.progress)).run()
+                EpochLoop(self, run, train_feed, eval_feed, lambda: self.commit_static(store, run.progress)).run()
                 self._finish(run, resumed)   # static: the loop's last commit wrote the final checkpoint
             except Exception as e:
                 self._failed(e, run)
@@ -259,8 +293,9 @@ class Trainer:
         epoch is trained again); static: the job fails instead of ending with exit 0 and missing outputs."""
         run.optimizer_state_bytes = max(self.process.allgather_object(int(self.adapter.optimizer_state_bytes())))
         run.result = self._result(run, resumed)
-        if store is not None:
-            self.adapter.gather_state()   # every rank: rank 0 may write the final checkpoint just below
+        # every rank: rank 0 may write the final checkpoint just below, and a sharded optimizer's state is whole
+        # after fit (the next fit on this adapter, or a state_to_bytes by the user, starts from it)
+        self.adapter.gather_state()
         if store is not None and self.process.rank == 0 and self._store_behind(store, run.progress):
             # elastic: rank 0 was lost before its durable write of the final commit finished, and the others
             # rolled back to that commit; the final checkpoint is written here, once
@@ -334,7 +369,8 @@ class Trainer:
             return None, None
         agree = (lambda compute: compute()) if self.elastic else self._agree
         directory = agree(lambda: ensure_writable_dir(cfg.checkpoint_dir))
-        store = CheckpointStore(directory, keep=cfg.keep_checkpoints, log=self.log.warning)
+        store = CheckpointStore(directory, keep=cfg.keep_checkpoints, log=self.log.warning,
+                                merge=self.adapter.merge_shards)
         if cfg.keep_best:
             self.best_store = BestStore(os.path.join(directory, "best"), keep=cfg.keep_best, log=self.log.warning)
         resumed = agree(lambda: load_latest(store, self.adapter, n, cfg.seed)) if cfg.resume else None

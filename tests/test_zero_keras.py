@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from hvdkit import HvdkitError, TrainConfig, Trainer
+from hvdkit.cli import main
 
 from fault_callbacks import RaiseOnce
 from proc import WORKERS, explain, launch
@@ -247,3 +248,26 @@ def test_a_checkpoint_written_at_two_workers_resumes_at_one(two_workers, tmp_pat
     for record in records:
         assert record["checkpoint"]["steps"] == zc.STOP_AT
         assert max_diff(record["checkpoint"]["params"], zc.keras_flat(stopped)) <= 1e-5
+
+
+def test_the_two_worker_checkpoint_is_a_shard_per_rank_and_merges_into_a_plain_model(two_workers, tmp_path):
+    records, checkpoints = two_workers
+    manifest = json.loads((checkpoints / "ckpt-00000000.json").read_text())
+    assert [s["rank"] for s in manifest["shards"]] == [0, 1] and manifest["shard_index"]["world"] == 2
+    for name, padded in manifest["shard_index"]["flats"].items():   # each rank wrote its half, nothing more
+        assert [len(np.load(checkpoints / s["file"])[name]) for s in manifest["shards"]] == [padded // 2] * 2
+    slots = {row["key"] for row in manifest["shard_index"]["assemble"]}
+    assert slots and not slots & set(np.load(checkpoints / manifest["file"]).files)   # no slot in rank 0's file
+
+    assert main(["checkpoint", "merge", str(checkpoints), str(tmp_path / "merged")]) == 0
+    merged = np.load(tmp_path / "merged" / "ckpt-00000000.bin")
+    plain = zc.keras_model(batchnorm=False)
+    for i, variable in enumerate(plain.variables):
+        variable.assign(merged[f"model/{i}"])
+    assert max_diff(zc.keras_flat(plain), records[0]["checkpoint"]["params"]) == 0
+    # the optimizer's variables, merged from the two shards, are those of one process stopped at the same step
+    _, alone, _ = resume_run(tmp_path / "alone", False, stop=True)
+    expected = [v.numpy() for v in alone.optimizer.variables]
+    assert len(expected) == sum(1 for k in merged.files if k.startswith("optimizer/"))
+    for i, value in enumerate(expected):
+        assert np.allclose(merged[f"optimizer/{i}"], value, rtol=1e-4, atol=1e-7), i

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from hvdkit import HvdkitError, TrainConfig, Trainer
+from hvdkit.cli import main
 from hvdkit.zero import FlatLayout, padded_length
 
 from fault_callbacks import RaiseOnce
@@ -297,3 +298,28 @@ def test_a_checkpoint_written_at_two_workers_resumes_at_three_and_at_one(two_wor
     for record in two_workers[0]:
         assert record["checkpoint"]["steps"] == zc.STOP_AT
         assert np.abs(np.asarray(record["checkpoint"]["params"]) - zc.flat(stopped)).max() <= 1e-5
+
+
+def test_the_two_worker_checkpoint_is_a_shard_per_rank_and_merges_into_a_plain_model(two_workers, tmp_path):
+    records, checkpoints = two_workers
+    manifest = json.loads((checkpoints / "ckpt-00000000.json").read_text())
+    assert [s["rank"] for s in manifest["shards"]] == [0, 1] and manifest["shard_index"]["world"] == 2
+    for name, padded in manifest["shard_index"]["flats"].items():   # each rank wrote its half, nothing more
+        assert [len(np.load(checkpoints / s["file"])[name]) for s in manifest["shards"]] == [padded // 2] * 2
+    rank0 = torch.load(checkpoints / manifest["file"], weights_only=True)
+    assert all(set(entry) == {"step"} for entry in rank0["optimizer"]["state"].values())   # no moments there
+
+    assert main(["checkpoint", "merge", str(checkpoints), str(tmp_path / "merged")]) == 0
+    merged = torch.load(tmp_path / "merged" / "ckpt-00000000.bin", weights_only=True)
+    plain = zc.model(batchnorm=False)
+    plain.load_state_dict(merged["model"])
+    assert np.array_equal(zc.flat(plain), np.asarray(records[0]["checkpoint"]["params"], np.float32))
+    # Adam's moments, merged from the two shards, are those of one process stopped at the same step
+    optimizer = zc.optimizer_for("adam", plain)
+    optimizer.load_state_dict(merged["optimizer"])
+    _, alone, _ = resume_run(tmp_path / "alone", False, stop=True)
+    expected = alone.optimizer.state_dict()["state"]
+    for index, entry in optimizer.state_dict()["state"].items():
+        assert float(entry["step"]) == float(expected[index]["step"]) == zc.STOP_AT
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(entry[key], expected[index][key], rtol=1e-4, atol=1e-7), (index, key)

@@ -439,9 +439,19 @@ class KerasAdapter(Adapter):
             return self._sharded.full_state()
         return [v.numpy() for v in self.optimizer.variables]
 
-    def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
+    def shard_payload(self):
+        return self._sharded.payload() if self._sharded is not None else None
+
+    def merge_shards(self, blob: bytes, arrays) -> bytes:
+        from .zero import merge_blob
+        return merge_blob(blob, arrays)
+
+    def state_to_bytes(self, progress: Dict[str, Any], sharded: bool = False) -> bytes:
         arrays = {f"model/{i}": v.numpy() for i, v in enumerate(self.model.variables)}
-        arrays.update({f"optimizer/{i}": value for i, value in enumerate(self._optimizer_arrays())})
+        if sharded:   # the slots are in the shards
+            arrays.update(self._sharded.other_state())
+        else:
+            arrays.update({f"optimizer/{i}": value for i, value in enumerate(self._optimizer_arrays())})
         buffer = io.BytesIO()
         np.savez(buffer, progress=np.array(json.dumps(progress)), **arrays)
         return buffer.getvalue()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -449,6 +450,32 @@ class ShardedOptimizer:
                 state.append(fresh)
         return state
 
+    # ---- sharded checkpoints (hvdkit.sharded_checkpoint) ------------------------------------------------------
+    def payload(self) -> Tuple[dict, dict]:
+        """This rank's slice of each slot kind's flat vector (``"slot<k>"``) and the index that rebuilds the
+        unsharded slot arrays (``"optimizer/<i>"``, :func:`checkpoint_layout` order) from every rank's. No
+        collective."""
+        if self.needs_reshard():
+            raise _internal("a sharded checkpoint before this rank's shards were placed")
+        arrays = {f"slot{k}": np.array(slot.numpy()) for k, slot in enumerate(self.slots)}
+        rows = [{"key": f"optimizer/{i}", "flat": f"slot{e.k}", "offset": self.layout.offsets[e.ref],
+                 "shape": list(self.variables[e.ref].shape)} for i, e in enumerate(self.entries) if e.kind == "slot"]
+        return arrays, {"world": self.process.size, "flats": {name: self.layout.padded for name in arrays},
+                        "assemble": rows}
+
+    def other_state(self) -> dict:
+        """The unsharded optimizer arrays that are not slots (``"optimizer/<i>"``: iterations, the LR variable,
+        other scalars), the same on every rank."""
+        found = {}
+        for i, entry in enumerate(self.entries):
+            if entry.kind == "scalar":
+                found[f"optimizer/{i}"] = np.array(self.scalars[entry.k].numpy())
+            elif entry.kind == "iterations":
+                found[f"optimizer/{i}"] = np.array(self.optimizer._iterations.numpy())
+            elif entry.kind == "learning_rate":
+                found[f"optimizer/{i}"] = np.array(self.optimizer._learning_rate.numpy())
+        return found
+
     def load_full_state(self, state: Optional[Sequence[np.ndarray]]) -> None:
         """Take an unsharded state (arrays in :func:`checkpoint_layout` order; None: fresh): the iterations and LR
         now, the rest at the next :meth:`reshard`. Raises ValueError when it does not fit."""
@@ -472,3 +499,14 @@ class ShardedOptimizer:
             return 0
         held = self.slots + self.scalars + self.user_scalars()
         return int(sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in held))
+
+
+def merge_blob(blob: bytes, arrays: dict) -> bytes:
+    """A sharded checkpoint's rank-0 blob with its unsharded slot arrays put back (``arrays``: keyed
+    ``"optimizer/<i>"``, see :meth:`ShardedOptimizer.payload`): the npz an unsharded run writes."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as saved:
+        merged = {name: saved[name] for name in saved.files}
+    merged.update(arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **merged)
+    return buffer.getvalue()

@@ -26,7 +26,7 @@ from ..errors import HvdkitError
 from .feed import TorchFeed
 from .process import HorovodProcess
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
-from .zero import ShardedOptimizer, check_shardable, tensor_bytes
+from .zero import ShardedOptimizer, check_shardable, merge_blob, tensor_bytes
 
 COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
@@ -404,9 +404,16 @@ class TorchAdapter(Adapter):
     def optimizer_state_bytes(self) -> int:
         return self._sharded.state_bytes() if self._sharded is not None else tensor_bytes(self.optimizer.state)
 
-    def state_to_bytes(self, progress: Dict[str, Any]) -> bytes:
+    def shard_payload(self):
+        return self._sharded.payload() if self._sharded is not None else None
+
+    def merge_shards(self, blob: bytes, arrays) -> bytes:
+        return merge_blob(blob, arrays)
+
+    def state_to_bytes(self, progress: Dict[str, Any], sharded: bool = False) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"model": self.model.state_dict(), "optimizer": self._optimizer_state_dict(),
+        optimizer = self._sharded.scalar_state_dict() if sharded else self._optimizer_state_dict()
+        torch.save({"model": self.model.state_dict(), "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                     "progress": dict(progress), "torch_rng": torch.get_rng_state()}, buffer)
         return buffer.getvalue()

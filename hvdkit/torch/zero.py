@@ -29,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -112,9 +113,6 @@ class ShardedOptimizer:
         shards = [s.to(torch.float32) for s in
                   self.process.reducescatter_average(flats, compression=self.compression)]
         del flats
-        for params in self.groups:
-            for p in params:
-                p.grad = None   # ZeRO stage 2: only this rank's reduced slice is kept
         norm = None
         if clip_grad_norm is not None or check_finite:
             # float32 norm per shard (a float64 one costs 50x the time and a full-size temporary), summed in float64
@@ -150,6 +148,7 @@ class ShardedOptimizer:
                 raise HvdkitError("shard_optimizer cannot reduce-scatter sparse gradients; build embeddings with "
                                   "sparse=False or drop --shard-optimizer")
             flat[at:at + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad = None   # ZeRO stage 2: only this rank's reduced slice is kept; freed now, not after the collective
         return flat
 
     def _refresh_masters(self) -> None:
@@ -265,6 +264,36 @@ class ShardedOptimizer:
         self._gathered = (self.version, {int(i): dict(entry) for i, entry in state["state"].items()})
         self._placed = None
 
+    # ---- sharded checkpoints (hvdkit.sharded_checkpoint) ------------------------------------------------------
+    def payload(self) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        """This rank's slice of each flat state vector (``"g<group>/<key>"``) and the index that rebuilds the
+        unsharded state from every rank's: one ``"<parameter index>/<key>"`` array per parameter and per-element
+        key. No collective."""
+        if self._placed != (self.process.rank, self.process.size):
+            raise _internal("a sharded checkpoint before this rank's shards were placed")
+        arrays, flats, rows = {}, {}, []
+        for g, (master, layout, params) in enumerate(zip(self.masters, self.layouts, self.groups)):
+            for key, value in self.inner.state.get(master, {}).items():
+                if torch.is_tensor(value) and key not in SCALAR_STATE:
+                    name = f"g{g}/{key}"
+                    arrays[name] = value.detach().reshape(-1).numpy()
+                    flats[name] = layout.padded
+                    rows += [{"key": f"{self._index[id(p)]}/{key}", "flat": name, "offset": at, "shape": list(p.shape)}
+                             for p, at in zip(params, layout.offsets)]
+        return arrays, {"world": self.process.size, "flats": flats, "assemble": rows}
+
+    def scalar_state_dict(self) -> Dict[str, Any]:
+        """The unsharded ``state_dict`` without its per-element tensors (those are in :meth:`payload`): each
+        parameter's scalars (Adam's ``step``), the param groups."""
+        states: Dict[int, Dict[str, Any]] = {}
+        for master, params in zip(self.masters, self.groups):
+            scalars = {k: v for k, v in self.inner.state.get(master, {}).items()
+                       if not torch.is_tensor(v) or k in SCALAR_STATE}
+            for p in params:   # a tensor each: shared, torch's Adam would count one step once per parameter
+                if scalars:
+                    states[self._index[id(p)]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
+        return {"state": states, "param_groups": self.optimizer.state_dict()["param_groups"]}
+
     def gathered(self) -> bool:
         """True when :meth:`full_state_dict` can be called now (nothing stepped since the last gather or load)."""
         return self._gathered is not None and self._gathered[0] == self.version
@@ -272,3 +301,16 @@ class ShardedOptimizer:
     def state_bytes(self) -> int:
         """Bytes of this rank's optimizer state (its shards' state tensors); 0 before the first reshard."""
         return tensor_bytes(self.inner.state) if self.inner is not None else 0
+
+
+def merge_blob(blob: bytes, arrays: Dict[str, np.ndarray]) -> bytes:
+    """A sharded checkpoint's rank-0 blob with its unsharded optimizer state put back (``arrays``: keyed
+    ``"<parameter index>/<key>"``, see :meth:`ShardedOptimizer.payload`): the blob an unsharded run writes."""
+    saved = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    state = saved["optimizer"]["state"]
+    for key, value in arrays.items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = torch.from_numpy(np.array(value))
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    return buffer.getvalue()
