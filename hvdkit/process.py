@@ -25,6 +25,10 @@ from .errors import HvdkitError
 class Process(abc.ABC):
     """Rank, size, the metric and object collectives, and the elastic retry loop of one framework."""
 
+    #: True when the world cannot change during the run (a static job; the trainer sets it): one worker then
+    #: skips Horovod for the per-step tensor collectives (see :meth:`HorovodObjects.alone`).
+    fixed_world: bool = False
+
     @abc.abstractmethod
     def init(self, seed: int, threads: int) -> None:
         """Start the collectives, pin ``threads`` compute threads, seed the framework's RNG."""
@@ -90,6 +94,13 @@ class HorovodObjects:
     @property
     def local_rank(self) -> int:
         return self.hvd.local_rank()
+
+    def alone(self) -> bool:
+        """A static job of one worker: averaging over one rank is the identity, so the per-step tensor collectives
+        (gradients, a sharded optimizer's reduce-scatter and allgather) skip Horovod instead of waiting for its
+        background cycle each step. Elastic jobs never do: a worker may join, and the traced steps must hold the
+        collectives then."""
+        return self.fixed_world and self.size == 1
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         return self.hvd.broadcast_object(obj, root_rank=root, name="hvdkit.object")

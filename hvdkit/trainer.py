@@ -229,6 +229,7 @@ class Trainer:
         a.attach(p)
         self.log = get_logger(p.rank)
         self.elastic = cfg.elastic if cfg.elastic is not None else os.environ.get("HOROVOD_ELASTIC") == "1"
+        p.fixed_world = not self.elastic   # before prepare: one static worker's steps skip Horovod
         self.callbacks, self._begun, self._ended = self._callbacks(), set(), set()
         run = Run(progress=fresh_progress(0, cfg.seed), audit=AuditLog(cfg.audit_dir) if cfg.audit_dir else None)
         if p.rank == 0:   # `hvdkit launch` reads this too: a new fit has begun (see COMPLETE_MARK)

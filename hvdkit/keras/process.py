@@ -79,6 +79,8 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     is_peer_lost = staticmethod(is_peer_lost)
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.alone():   # the sharded step's norm, each step
+            return np.array(values, dtype=np.float64)
         return self.hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=self.hvd.Sum,
                                   name="hvdkit.metrics").numpy()
 
@@ -107,6 +109,8 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     def allreduce_gradients(self, grads, compression: str = "none"):
         hvd = self.hvd
         grads = _densify(grads)
+        if self.alone():   # decided when the step is traced: a static job's world never changes
+            return grads
         # Horovod's MPI and Gloo ops cannot reduce bfloat16: such a gradient (a bfloat16 variable; float32 ones,
         # mixed_bfloat16's included, have float32 gradients) is reduced in float32 and cast back
         low = [g.dtype == tf.bfloat16 for g in grads]
@@ -121,21 +125,27 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     def reducescatter_average(self, tensor, compression: str = "none", name: str = ZERO_REDUCESCATTER):
         """A 1-D float32 tensor of the same length on every rank, a multiple of the world size: averaged over ranks,
         and this rank's contiguous ``1/size`` slice of it (rank r: the r-th). Eager or inside tf.function."""
+        if self.alone():
+            return tensor
         hvd = self.hvd
         return hvd.reducescatter(tensor, op=hvd.Average, name=name, ignore_name_scope=True,
                                  compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
 
     def allgather(self, tensor, name: str = ZERO_ALLGATHER):
         """Every rank's ``tensor`` concatenated along the first dimension, in rank order."""
+        if self.alone():
+            return tensor
         return self.hvd.allgather(tensor, name=name, ignore_name_scope=True)
 
     def allreduce_sum_tensor(self, tensor, name: str = ZERO_NORM):
         """``tensor`` summed over ranks (a tf tensor, inside tf.function too; ``allreduce_sum`` is numpy's)."""
+        if self.alone():
+            return tensor
         return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name, ignore_name_scope=True)
 
     def average_variables(self, variables) -> None:
         """Every variable the mean over ranks (one grouped allreduce; BatchNorm moving statistics)."""
-        if variables:
+        if variables and not self.alone():
             reduced = self.hvd.grouped_allreduce([v.value for v in variables], op=self.hvd.Average,
                                                  name="HorovodGroupedAllreduce_hvdkit_buffers")
             for v, value in zip(variables, reduced):

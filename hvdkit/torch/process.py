@@ -54,6 +54,8 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     is_peer_lost = staticmethod(is_peer_lost)
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.alone():   # the sharded step's norm, each step
+            return np.array(values, dtype=np.float64)
         tensor = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
         return self.hvd.allreduce(tensor, op=self.hvd.Sum, name="hvdkit.metrics").numpy()
 
@@ -65,6 +67,8 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     # ---- for the adapter ------------------------------------------------------------------------
     def distributed_optimizer(self, optimizer, named_parameters, compression: str = "none",
                               accumulation: int = 1, op: str = "average"):
+        if self.alone():
+            return optimizer   # the gradients are the average already (fp16 compression: no rounding either)
         hvd = self.hvd
         return hvd.DistributedOptimizer(
             optimizer, named_parameters=named_parameters,
@@ -76,12 +80,14 @@ class HorovodProcess(core.HorovodObjects, core.Process):
 
     def average_tensors(self, tensors) -> None:
         """In place, every tensor the mean over ranks (one grouped allreduce; BatchNorm running statistics)."""
-        if tensors:
+        if tensors and not self.alone():
             self.hvd.grouped_allreduce_(list(tensors), op=self.hvd.Average, name="hvdkit.buffers")
 
     def reducescatter_average(self, tensors, compression: str = "none", name: str = "hvdkit.zero.grads"):
         """For 1-D tensors of equal length on every rank, each a multiple of the world size: each averaged over
         ranks, and this rank's contiguous ``1/size`` slice of it (rank r: the r-th); one grouped collective."""
+        if self.alone():
+            return list(tensors)
         hvd = self.hvd
         return hvd.grouped_reducescatter(
             list(tensors), op=hvd.Average, name=name,
@@ -90,6 +96,8 @@ class HorovodProcess(core.HorovodObjects, core.Process):
     def allgather_tensors(self, tensors, name: str = "hvdkit.zero.gather"):
         """For 1-D tensors (the same count on every rank): each rank's concatenated in rank order; one grouped
         collective."""
+        if self.alone():
+            return list(tensors)
         return self.hvd.grouped_allgather(list(tensors), name=name)
 
 
