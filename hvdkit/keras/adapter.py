@@ -148,9 +148,10 @@ class KerasAdapter(Adapter):
     Sharded optimizer (``TrainConfig.shard_optimizer``, ZeRO stage 2, see :mod:`hvdkit.keras.zero`): gradients are
     reduce-scattered, each rank steps 1/N of the flattened trainable variables with 1/N of the optimizer state (an
     inner optimizer of the user's class), the updated variables are allgathered. The user's optimizer is not built
-    (it keeps its hyperparameters, ``iterations`` and learning rate, shared with the inner one). Checkpoints and
-    commits hold the unsharded state under the keys an unsharded run writes (any world size resumes them, sharded
-    or not); every rank calls :meth:`gather_state` before :meth:`state_to_bytes`.
+    (it keeps its hyperparameters, ``iterations`` and learning rate, shared with the inner one). Static checkpoints
+    are sharded (each rank writes :meth:`shard_payload`, rank 0 the rest); elastic commits and best checkpoints hold
+    the unsharded state under the keys an unsharded run writes, for which every rank calls :meth:`gather_state`
+    before :meth:`state_to_bytes`. Any world size resumes either, sharded or not.
     """
 
     framework = "tensorflow"

@@ -95,9 +95,10 @@ class TorchAdapter(Adapter):
     Sharded optimizer (``TrainConfig.shard_optimizer``, ZeRO stage 2, see ``hvdkit.torch.zero``): no Horovod
     wrapper; gradients accumulate locally, are reduce-scattered so each rank steps its 1/N of the flattened
     parameters with its 1/N of the optimizer state, and the updated parameters are allgathered. ``optimizer``
-    stays the user's (schedulers set its LRs; it holds no state). Checkpoints and commits hold the unsharded
-    state (any world size resumes them, sharded or not); every rank calls :meth:`gather_state` before
-    :meth:`state_to_bytes`. After a step the parameters' ``.grad`` are None.
+    stays the user's (schedulers set its LRs; it holds no state). Static checkpoints are sharded (each rank writes
+    :meth:`shard_payload`, rank 0 ``state_to_bytes(sharded=True)``; :meth:`merge_shards` reads them back); elastic
+    commits and best checkpoints hold the unsharded state, for which every rank calls :meth:`gather_state` before
+    :meth:`state_to_bytes`. Any world size resumes either, sharded or not. After a step ``.grad`` is None.
     """
 
     framework = "torch"
