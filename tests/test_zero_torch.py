@@ -131,7 +131,8 @@ def test_every_elementwise_optimizer_shards_alike(name):
                 TrainConfig(**dict(zc.QUIET, batch_size=4), shard_optimizer=shard),
                 process=LocalProcess()).fit(zc.data())
         finals.append(zc.flat(net))
-    assert np.abs(finals[0] - finals[1]).max() <= 1e-6
+    # the shards step with torch's foreach kernels, the unsharded run with its single-tensor ones: they round apart
+    assert np.abs(finals[0] - finals[1]).max() <= 1e-5
     assert np.abs(finals[0] - zc.flat(zc.model())).max() > 1e-3
 
 

@@ -130,6 +130,9 @@ class ShardedOptimizer:
                                                          self.inner.param_groups):
                 master.grad = shard
                 inner_group.update((k, v) for k, v in group.items() if k != "params")   # LR incl. the factor
+                if inner_group.get("foreach") is None:
+                    # one large flat tensor: torch's default (single-tensor) CPU path is 2-3x slower on it here
+                    inner_group["foreach"] = True
             self.inner.step()
             for master in self.masters:
                 master.grad = None
