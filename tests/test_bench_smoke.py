@@ -1,37 +1,152 @@
-"""`hvdkit bench` at its smallest sizes: the commands run and write table, JSON and PNG. No timing asserts."""
+"""`hvdkit bench` at its smallest sizes, a few rows each: the commands run, write table, JSON and PNG, and every row
+ran in a fresh environment with what it asked for, as its workers read it back (threads, Horovod's controller and
+tensor operations). The caller's environment is polluted on purpose (Gloo ops, 2 threads, legacy Keras): no row may
+see it. The report's arithmetic (medians, ranges, per-round ratios, scaling, read-back mismatches) is checked on
+made-up worker outputs, without processes. No timing asserts beyond numbers > 0."""
 import json
+import os
 import sys
 
 from proc import REPO, explain, run
 
+from hvdkit.bench import run as bench_run
 
-def bench(*args, timeout=600):
-    return run([sys.executable, "-m", "hvdkit.cli", "bench", *args], timeout=timeout, cwd=REPO)
+# what a careless shell might hold; the bench must build each row's environment without it
+POLLUTED = {"HOROVOD_CPU_OPERATIONS": "gloo", "OMP_NUM_THREADS": "2", "HVDKIT_THREADS": "2", "TF_USE_LEGACY_KERAS": "1"}
+
+
+def bench(*args, timeout=300):
+    return run([sys.executable, "-m", "hvdkit.cli", "bench", *args], timeout=timeout, cwd=REPO, env=POLLUTED)
+
+
+def collectives(ran):
+    c = ran["collectives"]
+    return (c["controller"], c["cpu_ops"]) if "controller" in c else c["backend"]
+
+
+def test_each_row_env_is_built_from_a_clean_base(monkeypatch):
+    for key, value in {**POLLUTED, "OMPI_COMM_WORLD_RANK": "3", "HOROVOD_RANK": "1", "TF_CONFIG": "{}",
+                       "HVDKIT_BENCH_KEEP_ME": "yes"}.items():
+        monkeypatch.setenv(key, value)
+    base = bench_run._clean_env()
+    assert not [k for k in base if k.startswith(("HOROVOD_", "OMPI_", "OMP_", "TF_"))] and "HVDKIT_THREADS" not in base
+    assert base["HVDKIT_BENCH_KEEP_ME"] == "yes" and base["PATH"] == os.environ["PATH"]
+    snapshot = dict(base)
+    mpi = bench_run._row_env(base, {"HOROVOD_CPU_OPERATIONS": "mpi"})
+    gloo = bench_run._row_env(base, {"HOROVOD_CPU_OPERATIONS": "gloo"})
+    default = bench_run._row_env(base)
+    assert (mpi["HOROVOD_CPU_OPERATIONS"], gloo["HOROVOD_CPU_OPERATIONS"]) == ("mpi", "gloo")
+    assert "HOROVOD_CPU_OPERATIONS" not in default and base == snapshot    # nothing carried from row to row
+    for env in (mpi, gloo, default):
+        assert (env["OMP_NUM_THREADS"], env["HVDKIT_THREADS"]) == ("1", "1")
 
 
 def test_allreduce_bench_smallest_size(tmp_path):
-    result = bench("allreduce", "--sizes", "4096", "--iters", "2", "--out", str(tmp_path))
+    # MPI ops, then Gloo ops, then the kit's default (which must read back MPI again), then mpi4py
+    impls = ["horovod mpi ops", "horovod gloo ops", "hvdkit (mpirun)", "mpi4py"]
+    result = bench("allreduce", "--sizes", "4096", "--iters", "2", "--rounds", "1", "--impls", ",".join(impls),
+                   "--probe-ops", "--out", str(tmp_path))     # the ops also as Horovod's timeline shows them
     assert result.returncode == 0, explain(result)
+    ran_order = [line.split("allreduce ", 1)[1].split(" under")[0] for line in result.stderr.splitlines()
+                 if line.startswith("[bench ")]
+    assert ran_order == impls, result.stderr
     report = json.loads((tmp_path / "allreduce.json").read_text())
-    impls = set(report["results"])
-    assert {"mpi4py", "torch.distributed gloo", "horovod mpi ops", "horovod gloo ops", "hvdkit default",
-            "memcpy (1 process)"} == impls
-    assert all(v["4096"]["busbw_GBps"] > 0 for k, v in report["results"].items() if not k.startswith("memcpy"))
-    assert "| 4 KiB |" in (tmp_path / "allreduce.md").read_text()
+    assert list(report["results"]) == impls and report["mismatches"] == []
+    assert all(v["4096"]["busbw_GBps"] > 0 for v in report["results"].values()) and report["memcpy_GBps"] > 0
+    ran = {impl: row["ran_with"][0] for impl, row in report["rows"].items()}
+    assert collectives(ran["horovod mpi ops"]) == ("mpi", "mpi")
+    assert collectives(ran["horovod gloo ops"]) == ("gloo", "gloo")     # the row before asked for MPI
+    assert collectives(ran["hvdkit (mpirun)"]) == ("mpi", "mpi")        # the row before asked for Gloo, the shell too
+    assert collectives(ran["mpi4py"]).startswith("MPI")
+    for impl in impls[:3]:
+        assert (ran[impl]["threads"]["intra_op"], ran[impl]["threads"]["inter_op"]) == (1, 1), (impl, ran[impl])
+        assert ran[impl]["collectives"]["cpu_ops_timeline"] == ran[impl]["collectives"]["cpu_ops"], (impl, ran[impl])
+    assert report["rows"]["horovod gloo ops"]["asked"] == {"HOROVOD_CPU_OPERATIONS": "gloo"}
+    assert report["rows"]["hvdkit (mpirun)"]["asked"] == {}
+    assert report["ratios_at_max"]["hvdkit (mpirun) / mpi4py"]["median"] > 0
+    md = (tmp_path / "allreduce.md").read_text()
+    assert "| 4 KiB |" in md
+    assert "| horovod gloo ops | horovodrun | HOROVOD_CPU_OPERATIONS=gloo | torch 1/1 | Horovod: gloo controller, " \
+           "gloo ops (timeline: gloo) |" in md
     assert (tmp_path / "allreduce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_train_bench_smallest_size(tmp_path):
-    result = bench("train", "--steps", "2", "--batch", "8", "--repeats", "1", "--workers", "1,2",
-                   "--out", str(tmp_path))
+    modes = ["hvdkit-torch", "hvdkit-keras"]    # the kit's two frameworks; the baselines' arithmetic: below
+    result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
+                   "--workers", "1,2", "--out", str(tmp_path))
     assert result.returncode == 0, explain(result)
     report = json.loads((tmp_path / "train.json").read_text())
-    assert set(report["results"]) == {"hvdkit-torch", "raw-horovod-torch", "torch-ddp",
-                                      "hvdkit-keras", "hvdkit-keras-loop", "raw-horovod-tf", "tf-mwms"}
+    assert list(report["results"]) == modes and report["mismatches"] == []
     for mode, by_workers in report["results"].items():
-        assert by_workers["1"]["best"] > 0 and by_workers["2"]["best"] > 0, mode
-    assert "hvdkit-torch / torch-ddp @2" in report["ratios"]
-    assert "hvdkit-keras / tf-mwms @2" in report["ratios"]
-    assert "hvdkit-keras-loop / raw-horovod-tf @2" in report["ratios"]
+        assert set(by_workers) == {"1", "2"}, mode
+        for world, row in by_workers.items():
+            assert row["median"] > 0 and len(row["runs"]) == 1, (mode, world)
+            ran = row["ran_with"][0]
+            threads = ran["threads"]
+            assert threads["framework"] == ("tensorflow" if "keras" in mode else "torch"), (mode, ran)
+            assert (threads["intra_op"], threads["inter_op"]) == (1, 1), (mode, world, ran)   # the shell said 2
+            assert ran["busy_threads"] >= 1 and ran["cpu_cores_used"] > 0, (mode, world, ran)
+            assert collectives(ran) == ("mpi", "mpi"), (mode, world, ran)     # the shell said Gloo ops
+            assert ran["collectives"]["cpu_ops_from"].startswith("Horovod's default"), (mode, world, ran)
+            assert "cpu_ops_timeline" not in ran["collectives"], (mode, world, ran)   # no timeline while measuring
+        assert report["scaling_efficiency"][mode]["2"]["median"] > 0, mode
+    md = (tmp_path / "train.md").read_text()
+    assert "| hvdkit-torch |" in md and "scaling 1->2" in md
+    assert "| hvdkit-keras | 2 | TF 1/1 |" in md
     assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| hvdkit-torch |" in (tmp_path / "train.md").read_text()
+
+
+def _ran(framework="torch", threads=1, backend=None, controller="mpi", ops="mpi"):
+    return {"threads": {"framework": framework, "intra_op": threads, "inter_op": threads}, "busy_threads": 1,
+            "cpu_cores_used": 1.0, "collectives": {"backend": backend} if backend else
+            {"controller": controller, "cpu_ops": ops}}
+
+
+def test_train_report_medians_ratios_scaling_and_mismatches():
+    speeds = {("hvdkit-torch", 1): [100, 120, 110], ("torch-ddp", 1): [100, 100, 110],
+              ("hvdkit-torch", 2): [180, 180, 200], ("torch-ddp", 2): [200, 150, 200],
+              ("hvdkit-keras", 1): [50, 50, 50], ("hvdkit-keras", 2): [90, 90, 90]}
+    ran = {"hvdkit-torch": _ran(), "torch-ddp": _ran(backend="torch.distributed gloo"),
+           "hvdkit-keras": _ran("tensorflow", threads=0, ops="gloo")}     # TF on every core, Gloo ops: not asked
+    found = {row: [{"samples_per_sec": v, "ran_with": ran[row[0]]} for v in runs] for row, runs in speeds.items()}
+    r = bench_run._train_report(found, [1, 2], steps=2, batch=8, rounds=3)
+    torch1 = r["results"]["hvdkit-torch"]["1"]
+    assert (torch1["median"], torch1["min"], torch1["max"]) == (110, 100, 120)
+    ratio = r["ratios"]["hvdkit-torch / torch-ddp @2"]       # per round: 0.9, 1.2, 1.0
+    assert (round(ratio["median"], 6), round(ratio["min"], 6), round(ratio["max"], 6)) == (1.0, 0.9, 1.2)
+    scaling = r["scaling_efficiency"]["hvdkit-torch"]["2"]   # per round: 180/200, 180/240, 200/220
+    assert round(scaling["median"], 6) == round(180 / 200, 6) and round(scaling["min"], 6) == 0.75
+    assert r["scaling_efficiency"]["hvdkit-keras"]["2"]["median"] == 0.9
+    assert sorted(r["mismatches"]) == sorted(
+        [f"hvdkit-keras @{w}: tensorflow ran 0/0 intra/inter-op threads, asked 1" for w in (1, 2)]
+        + [f"hvdkit-keras @{w}: Horovod cpu_ops gloo, asked mpi" for w in (1, 2)])
+    md = bench_run._train_markdown(r)
+    assert "| hvdkit-torch | 110 (100-120) | 180 (180-200) | 0.90 (0.75-0.91) |" in md
+    assert "- hvdkit-torch / torch-ddp @2: 1.00x (0.90-1.20)" in md
+    assert "| torch-ddp | 1 | torch 1/1 | 1 | 1.00 | torch.distributed gloo |" in md
+    assert "**Read back differs from what the row asked:**" in md and "- hvdkit-keras @1: Horovod cpu_ops gloo" in md
+
+
+def test_allreduce_report_bandwidth_ratios_and_mismatches():
+    size = 1 << 20
+    seconds = {"mpi4py": [0.001, 0.002], "horovod mpi ops": [0.002, 0.002], "hvdkit (mpirun)": [0.002, 0.004]}
+    timeline_disagrees = _ran()
+    timeline_disagrees["collectives"]["cpu_ops_timeline"] = "gloo"
+    ran = {"mpi4py": {"threads": None, "collectives": {"backend": "MPI (Open MPI v4.1.4)"}},
+           "horovod mpi ops": timeline_disagrees, "hvdkit (mpirun)": _ran(controller="mpi", ops="gloo")}
+    found = {impl: [{"world_size": 2, "results": {str(size): t}, "ran_with": ran[impl],
+                     "memcpy_seconds": 0.0005 if impl == "mpi4py" else None} for t in runs]
+             for impl, runs in seconds.items()}
+    r = bench_run._allreduce_report(found, [size], iters=5, rounds=2)
+    mpi4py = r["results"]["mpi4py"][size]      # bus bandwidth = bytes / s * 2 (n - 1) / n = bytes / s at 2 ranks
+    assert (mpi4py["busbw_GBps_min"], mpi4py["busbw_GBps_max"]) == (size / 0.002 / 1e9, size / 0.001 / 1e9)
+    assert r["memcpy_GBps"] == size / 0.0005 / 1e9
+    ratio = r["ratios_at_max"]["hvdkit (mpirun) / horovod mpi ops"]    # per round: 1.0, 0.5
+    assert (ratio["min"], ratio["max"]) == (0.5, 1.0)
+    assert r["mismatches"] == ["horovod mpi ops: Horovod cpu_ops_timeline gloo, asked mpi",
+                               "hvdkit (mpirun): Horovod cpu_ops gloo, asked mpi"]
+    md = bench_run._allreduce_markdown(r)
+    assert "| mpi4py | mpirun | (nothing) | - | MPI (Open MPI v4.1.4) |" in md
+    assert "| hvdkit (mpirun) | mpirun | (nothing) | torch 1/1 | Horovod: mpi controller, gloo ops |" in md
+    assert "**Read back differs from what the row asked:**" in md

@@ -1,9 +1,16 @@
-"""One rank of ``hvdkit bench allreduce``: some implementations, one after another, on the same buffers.
+"""One rank of ``hvdkit bench allreduce``: one implementation (one row), in processes of its own.
 
-argv: OUT_JSON SIZES_CSV ITERS IMPLS_CSV. Rank 0 writes {"results": {impl: {bytes: seconds}}}.
-In place everywhere, as gradients are reduced: comparing out-of-place with in-place is unfair.
-Under mpirun: mpi4py, torch.distributed gloo, horovod mpi ops, hvdkit default. Under horovodrun
-(Gloo controller): horovod gloo ops (Gloo ops under the MPI controller crash in this build).
+argv: OUT_JSON SIZES_CSV ITERS IMPL. Rank 0 writes {"world_size", "results": {bytes: seconds}, "ran_with": ...,
+"memcpy_seconds"} (memcpy: mpi4py's row only, one process, the largest size). In place everywhere, as gradients are
+reduced: comparing out-of-place with in-place is unfair. Each row runs in its own job whose environment the driver
+built from a clean base (``hvdkit.bench.run``), so no setting of one row reaches another; ``ran_with`` is read back
+from the frameworks here (threads, Horovod's controller and CPU tensor operations; with ``--probe-ops`` also the
+operations Horovod's timeline shows for one more allreduce after the measurement).
+
+IMPL: ``mpi4py``, ``torch.distributed gloo`` (mpirun); ``horovod mpi ops`` (mpirun); ``horovod gloo ops``
+(horovodrun: Gloo tensor ops need the Gloo controller, under the MPI one they crash in this build); ``hvdkit
+(mpirun)`` and ``hvdkit (horovodrun)``: Horovod as hvdkit's torch process starts it (its tuned defaults, its thread
+pinning), under mpirun and under horovodrun (what ``hvdkit launch`` runs by default).
 """
 import json
 import os
@@ -12,7 +19,10 @@ import time
 
 import numpy as np
 
-from hvdkit.tuning import HOROVOD_DEFAULTS
+from hvdkit.bench.models import horovod_collectives, pin_torch_threads, ran_with
+
+IMPLS = ("mpi4py", "torch.distributed gloo", "horovod mpi ops", "horovod gloo ops", "hvdkit (mpirun)",
+         "hvdkit (horovodrun)")
 
 
 def timed(op, barrier, iters):
@@ -28,51 +38,58 @@ def timed(op, barrier, iters):
     return float(np.median(samples))
 
 
-def horovod(sizes, iters, env):
+def horovod(impl, sizes, iters):
     import horovod.torch as hvd
     import torch
-    os.environ.update(env)
-    hvd.init()
+    if impl.startswith("hvdkit"):
+        from hvdkit.torch.process import HorovodProcess
+        HorovodProcess().init(seed=0, threads=1)   # the kit's own start: its defaults, its threads, then hvd.init()
+    else:
+        hvd.init()
+        pin_torch_threads(1)
     tensors = {n: torch.ones(n // 4) for n in sizes}
     result = {n: timed(lambda t=tensors[n]: hvd.allreduce_(t, op=hvd.Sum, name=f"b{n}"),
                        lambda: hvd.allreduce(torch.zeros(1), name="barrier"), iters) for n in sizes}
     rank, world = hvd.rank(), hvd.size()
+    ran = ran_with("torch", None, horovod_collectives(hvd, lambda: hvd.allreduce(torch.zeros(1), name="probe"), rank))
     hvd.shutdown()
-    return result, rank, world
+    return result, rank, world, ran
 
 
 def main():
-    out, sizes, iters, impls = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4].split(",")
-    results, rank, world = {}, 0, 1
-    if "mpi4py" in impls or "torch.distributed gloo" in impls:
+    out, sizes, iters, impl = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4]
+    if impl not in IMPLS:
+        raise SystemExit(f"unknown implementation {impl!r}; one of {', '.join(IMPLS)}")
+    memcpy = None
+    if impl in ("mpi4py", "torch.distributed gloo"):
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
         rank, world = comm.Get_rank(), comm.Get_size()
-    if "mpi4py" in impls:
+        library = MPI.Get_library_version().split(",")[0].strip()   # e.g. "Open MPI v4.1.4"
+    if impl == "mpi4py":
         buffers = {n: np.ones(n // 4, dtype=np.float32) for n in sizes}
-        results["mpi4py"] = {n: timed(lambda b=buffers[n]: comm.Allreduce(MPI.IN_PLACE, b), comm.Barrier, iters)
-                             for n in sizes}
-    if "torch.distributed gloo" in impls:
-        import torch
+        result = {n: timed(lambda b=buffers[n]: comm.Allreduce(MPI.IN_PLACE, b), comm.Barrier, iters) for n in sizes}
+        ran = ran_with(None, None, {"backend": f"MPI ({library})"})
+        if rank == 0:   # the physical reference: one process copying the largest buffer (the other rank is done)
+            big = np.ones(max(sizes) // 4, dtype=np.float32)
+            dst = np.empty_like(big)
+            memcpy = timed(lambda: np.copyto(dst, big), lambda: None, iters)
+    elif impl == "torch.distributed gloo":
         import torch.distributed as dist
-        torch.set_num_threads(1)
+        pin_torch_threads(1)
         port = comm.bcast(int(os.environ.get("HVDKIT_BENCH_PORT", "29533")), root=0)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        import torch
         tensors = {n: torch.ones(n // 4) for n in sizes}
-        results["torch.distributed gloo"] = {n: timed(lambda t=tensors[n]: dist.all_reduce(t), dist.barrier, iters)
-                                             for n in sizes}
+        result = {n: timed(lambda t=tensors[n]: dist.all_reduce(t), dist.barrier, iters) for n in sizes}
+        ran = ran_with("torch", None, {"backend": f"torch.distributed {dist.get_backend()}"})
         dist.destroy_process_group()
-    for name, env in (("horovod mpi ops", {"HOROVOD_CPU_OPERATIONS": "mpi"}),
-                      ("horovod gloo ops", {"HOROVOD_CPU_OPERATIONS": "gloo"}),
-                      ("hvdkit default", dict(HOROVOD_DEFAULTS))):
-        if name in impls:
-            results[name], rank, world = horovod(sizes, iters, env)
+    else:
+        result, rank, world, ran = horovod(impl, sizes, iters)
     if rank == 0:
-        big = np.ones(max(sizes) // 4, dtype=np.float32)
-        dst = np.empty_like(big)
-        results["memcpy (1 process)"] = {max(sizes): timed(lambda: np.copyto(dst, big), lambda: None, iters)}
         with open(out, "w") as f:
-            json.dump({"world_size": world, "results": results}, f)
+            json.dump({"impl": impl, "world_size": world, "results": result, "ran_with": ran,
+                       "memcpy_seconds": memcpy}, f)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """Drivers of ``hvdkit bench``: launch the workers, collect their JSON, write table, JSON and plot.
 
+Every row (one implementation, or one mode at one worker count) runs in new processes whose environment is built
+from a clean base (:func:`_clean_env`, :func:`_row_env`): nothing one row sets reaches the next. Rows are visited in
+interleaved rounds, the order rotated each round; figures are medians over rounds with their range. Each row's
+workers read back what they really ran with (threads, busy threads, Horovod's controller and tensor operations,
+``hvdkit.bench.models``); a read-back that differs from what the row asked is printed and listed in the report.
+
 Example::
 
-    hvdkit bench allreduce --out results/bench
-    hvdkit bench train --repeats 3 --out results/bench
+    hvdkit bench allreduce --rounds 3 --out results/bench
+    hvdkit bench train --rounds 3 --out results/bench
     hvdkit bench zero --workers 1,2,3 --rounds 3 --out results/bench
 """
 from __future__ import annotations
@@ -22,196 +28,72 @@ from typing import Dict, List, Sequence
 
 from ..errors import HvdkitError
 from ..launch import launch_command
+from .models import BUSY_SHARE
 
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TORCH_MODES = ["hvdkit-torch", "raw-horovod-torch", "torch-ddp"]
 KERAS_MODES = ["hvdkit-keras", "hvdkit-keras-loop", "raw-horovod-tf", "tf-mwms"]  # hvdkit-keras: model.fit
 ZERO_VARIANTS = ["hvdkit", "hvdkit-sharded", "torch-zero"]
-# a launcher's per-job variables: a bench started inside a job must not hand its rank or ring to the rows
+
+# What every row must read back (``ran_with`` of hvdkit.bench.models): compute threads, and its collectives
+# (Horovod: controller and CPU tensor ops; others: the backend's name, a prefix).
+HOROVOD_MPI = {"threads": 1, "controller": "mpi", "cpu_ops": "mpi"}
+HOROVOD_GLOO = {"threads": 1, "controller": "gloo", "cpu_ops": "gloo"}
+# bench allreduce: implementation -> (launcher, the settings the row asks for, what it must read back)
+ALLREDUCE_ROWS = {
+    "mpi4py": ("mpirun", {}, {"backend": "MPI"}),
+    "torch.distributed gloo": ("mpirun", {}, {"threads": 1, "backend": "torch.distributed gloo"}),
+    "horovod mpi ops": ("mpirun", {"HOROVOD_CPU_OPERATIONS": "mpi"}, HOROVOD_MPI),
+    "horovod gloo ops": ("horovodrun", {"HOROVOD_CPU_OPERATIONS": "gloo"}, HOROVOD_GLOO),
+    "hvdkit (mpirun)": ("mpirun", {}, HOROVOD_MPI),            # Horovod's build default under mpirun: MPI ops
+    "hvdkit (horovodrun)": ("horovodrun", {}, HOROVOD_GLOO),   # what `hvdkit launch` starts: Gloo throughout
+}
+# bench train: every mode under mpirun, nothing asked beyond one compute thread (the kit's modes: its own defaults)
+TRAIN_EXPECT = {"hvdkit-torch": HOROVOD_MPI, "raw-horovod-torch": HOROVOD_MPI,
+                "torch-ddp": {"threads": 1, "backend": "torch.distributed gloo"},
+                "hvdkit-keras": HOROVOD_MPI, "hvdkit-keras-loop": HOROVOD_MPI, "raw-horovod-tf": HOROVOD_MPI,
+                "tf-mwms": {"threads": 1, "backend": "tf.distribute collective ops"}}
+# --probe-ops: Horovod rows keep a dynamic timeline, in which the workers record one allreduce after the measurement:
+# the tensor operations it shows are the ones the row ran. For checking, not measuring: an initialized timeline keeps a
+# writer thread spinning on rank 0 for the whole row (Horovod 0.28.1's TimelineWriter::WriterLoop; ~0.5 core here)
+PROBE = {"HOROVOD_TIMELINE": "DYNAMIC"}
+
+
+# ---- a fresh environment per row ---------------------------------------------------------------------------
+# Never taken from the caller: a launcher's per-job variables (a bench started inside a job must not hand its rank
+# or ring to the rows) and every setting that chooses threads, collectives or the TF/Keras flavour; each row sets
+# what it needs itself.
 JOB_ENV_PREFIXES = ("HOROVOD_", "OMPI_", "PMIX_", "PRTE_")
+CHOSEN_BY_ROW_PREFIXES = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TF_")
+CHOSEN_BY_ROW = ("HVDKIT_THREADS", "HVDKIT_BENCH_PORT", "KERAS_BACKEND")
+# every row: one compute thread, quiet native logs
+ROW_FIXED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HVDKIT_THREADS": "1",
+             "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 
 
-def _run(args: Sequence[str], np: int, timeout: float, launcher: str = "mpirun", result: str = None) -> None:
-    """Run one worker job; a job that crashed after writing ``result`` (seen: torch DDP aborting in its
-    teardown) still counts, and a job that failed before is tried once more on another port."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
-    for attempt in (1, 2):
-        cmd = launch_command(["-m", *args], np=np, launcher=launcher,
-                             env={"HVDKIT_BENCH_PORT": str(random.randint(20000, 40000))})
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                                  start_new_session=True)
-        except subprocess.TimeoutExpired:
-            raise HvdkitError(f"benchmark job timed out after {timeout}s: {' '.join(cmd)}") from None
-        if done.returncode == 0:
-            return
-        if result and os.path.exists(result):
-            print(f"[bench] note: exit {done.returncode} after the result was written (teardown)", file=sys.stderr)
-            return
-        if attempt == 2:
-            raise HvdkitError(f"benchmark job failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
-
-
-def _human(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
-
-
-def _progress(i: int, total: int, what: str) -> None:
-    print(f"[bench {i}/{total}] {what}", file=sys.stderr, flush=True)
-
-
-def bench_allreduce(out_dir: str, sizes: List[int], iters: int, timeout: float = 900) -> Dict:
-    os.makedirs(out_dir, exist_ok=True)
-    jobs = [("mpirun", "mpi4py,torch.distributed gloo,horovod mpi ops,hvdkit default"),
-            ("horovodrun", "horovod gloo ops")]   # Gloo tensor ops need the Gloo controller
-    data = {"results": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (launcher, impls) in enumerate(jobs, start=1):
-            _progress(i, len(jobs), f"allreduce under {launcher}: {impls}; {len(sizes)} sizes, 2 ranks")
-            raw = os.path.join(tmp, f"allreduce-{i}.json")
-            _run(["hvdkit.bench.allreduce_worker", raw, ",".join(map(str, sizes)), str(iters), impls],
-                 np=2, timeout=timeout, launcher=launcher, result=raw)
-            with open(raw) as f:
-                part = json.load(f)
-            data["world_size"] = part["world_size"]
-            for impl, by_size in part["results"].items():
-                data["results"].setdefault(impl, by_size)
-    world = data["world_size"]
-    table = {}
-    for impl, by_size in data["results"].items():
-        for size, seconds in by_size.items():
-            algbw = int(size) / seconds
-            busbw = algbw if impl.startswith("memcpy") else algbw * 2 * (world - 1) / world
-            table.setdefault(impl, {})[int(size)] = {"seconds": seconds, "algbw_GBps": algbw / 1e9, "busbw_GBps": busbw / 1e9}
-    biggest = max(sizes)
-    ref = table["mpi4py"][biggest]["busbw_GBps"]
-    report = {"world_size": world, "sizes": sizes, "iters": iters, "results": table,
-              "ratio_hvdkit_vs_mpi4py_at_max": table["hvdkit default"][biggest]["busbw_GBps"] / ref}
-    _write(out_dir, "allreduce", report, _allreduce_markdown(report), _allreduce_plot)
-    return report
-
-
-def _allreduce_markdown(r: Dict) -> str:
-    impls = [k for k in r["results"] if not k.startswith("memcpy")]
-    lines = ["| size | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
-    for size in r["sizes"]:
-        cells = [f"{r['results'][i][size]['busbw_GBps']:.2f}" for i in impls]
-        lines.append(f"| {_human(size)} | " + " | ".join(cells) + " |")
-    memcpy = next(iter(r["results"]["memcpy (1 process)"].values()))["busbw_GBps"]
-    lines.append("")
-    lines.append(f"Bus bandwidth in GB/s, in place, {r['world_size']} ranks (median of {r['iters']}). One-process "
-                 f"memcpy: {memcpy:.2f} GB/s. hvdkit / mpi4py at {_human(max(r['sizes']))}: "
-                 f"{r['ratio_hvdkit_vs_mpi4py_at_max']:.2f}x.")
-    return "\n".join(lines) + "\n"
-
-
-def _allreduce_plot(r: Dict, ax) -> None:
-    for impl, by_size in r["results"].items():
-        if impl.startswith("memcpy"):
-            ax.axhline(next(iter(by_size.values()))["busbw_GBps"], linestyle="--", color="grey", label=impl)
-            continue
-        ax.plot(r["sizes"], [by_size[s]["busbw_GBps"] for s in r["sizes"]], marker="o", label=impl)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes, float32)")
-    ax.set_ylabel("bus bandwidth (GB/s)")
-    ax.set_title(f"allreduce, {r['world_size']} ranks, in place")
-    ax.legend(fontsize=8)
-
-
-def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, batch: int, repeats: int,
-                timeout: float = 900) -> Dict:
-    os.makedirs(out_dir, exist_ok=True)
-    runs = {(m, w): [] for m in modes for w in workers}
-    total, i = len(runs) * repeats, 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeats):  # interleaved: the machine's speed drifts, so each repeat visits every config
-            for mode, world in runs:
-                i += 1
-                _progress(i, total, f"train {mode} on {world} worker(s)")
-                out = os.path.join(tmp, f"{mode}-{world}.json")
-                if os.path.exists(out):
-                    os.unlink(out)
-                _run(["hvdkit.bench.train_worker", mode, out, str(steps), str(batch)], np=world, timeout=timeout,
-                     result=out)
-                with open(out) as f:
-                    runs[(mode, world)].append(json.load(f)["samples_per_sec"])
-    results = {mode: {str(w): {"best": max(runs[(mode, w)]), "min": min(runs[(mode, w)]), "runs": runs[(mode, w)]}
-                      for w in workers} for mode in modes}
-    ratios = {}
-    for family in (TORCH_MODES, KERAS_MODES):
-        present = [m for m in family if m in results]
-        for ours in (m for m in present if m.startswith("hvdkit")):
-            for other in (m for m in present if not m.startswith("hvdkit")):
-                for w in map(str, workers):
-                    ratios[f"{ours} / {other} @{w}"] = results[ours][w]["best"] / results[other][w]["best"]
-    scaling = {m: results[m][str(max(workers))]["best"] / (max(workers) * results[m][str(min(workers))]["best"])
-               for m in modes if len(workers) > 1}
-    report = {"steps": steps, "batch_per_worker": batch, "repeats": repeats, "workers": workers,
-              "results": results, "ratios": ratios, "scaling_efficiency": scaling}
-    _write(out_dir, "train", report, _train_markdown(report), _train_plot)
-    return report
-
-
-def _train_markdown(r: Dict) -> str:
-    ws = r["workers"]
-    lines = ["| mode | " + " | ".join(f"{w} worker(s), samples/s (best, spread)" for w in ws) + " | scaling |",
-             "|---|" + "---|" * (len(ws) + 1)]
-    for mode, by_w in r["results"].items():
-        cells = [f"{by_w[str(w)]['best']:.0f} ({by_w[str(w)]['min']:.0f}-{by_w[str(w)]['best']:.0f})" for w in ws]
-        eff = r["scaling_efficiency"].get(mode)
-        lines.append(f"| {mode} | " + " | ".join(cells) + (f" | {eff:.2f} |" if eff is not None else " | - |"))
-    lines.append("")
-    lines.append(f"Batch {r['batch_per_worker']} per worker, {r['steps']} timed steps after as many warm-up steps, "
-                 f"best of {r['repeats']} interleaved runs. Ratios (best vs best):")
-    lines += [f"- {k}: {v:.2f}x" for k, v in r["ratios"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def _train_plot(r: Dict, ax) -> None:
-    modes, ws = list(r["results"]), r["workers"]
-    width = 0.8 / len(ws)
-    for j, w in enumerate(ws):
-        ax.bar([i + j * width for i in range(len(modes))], [r["results"][m][str(w)]["best"] for m in modes],
-               width, label=f"{w} worker(s)")
-    ax.set_xticks([i + width * (len(ws) - 1) / 2 for i in range(len(modes))])
-    ax.set_xticklabels(modes, rotation=20, fontsize=8)
-    ax.set_ylabel("samples/s (best)")
-    ax.set_title(f"small CNN, batch {r['batch_per_worker']} per worker")
-    ax.legend(fontsize=8)
-
-
-def _write(out_dir: str, name: str, report: Dict, markdown: str, plot) -> None:
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(markdown)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    plot(report, ax)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
-    plt.close(fig)
-    print(markdown)
-    print(f"wrote {out_dir}/{name}.md, .json and .png", file=sys.stderr)
-
-
-# ---- hvdkit bench zero: optimizer-state memory and speed, sharded vs unsharded vs torch's ZeRO ---------------
 def _clean_env() -> Dict[str, str]:
-    """This process's environment as it is now (a copy), without a launcher's per-job variables: what every row
-    of ``bench zero`` starts from, so no row sees another's settings."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(JOB_ENV_PREFIXES)}
+    """The base every row starts from: a copy of this process's environment now, without a launcher's per-job
+    variables and without anything choosing threads, collectives or TF's flavour (see above). Taken once per
+    bench; the driver never changes ``os.environ``, and each row gets a fresh copy (:func:`_row_env`)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(JOB_ENV_PREFIXES + CHOSEN_BY_ROW_PREFIXES) and k not in CHOSEN_BY_ROW}
 
 
-def _run_row(args: Sequence[str], np: int, base_env: Dict[str, str], result: str, timeout: float) -> None:
-    """One row: ``python -m args`` on ``np`` fresh workers under horovodrun (Gloo), with a fresh copy of
-    ``base_env`` plus one compute thread and a free-looking port; a failure before ``result`` exists is tried once
-    more (on another port). The launcher's process group is killed on a timeout."""
+def _row_env(base_env: Dict[str, str], settings: Dict[str, str] = None) -> Dict[str, str]:
+    """One row's environment, built anew: ``base_env``, the settings every row has (:data:`ROW_FIXED`), a
+    free-looking port for the frameworks that need one, then the row's own ``settings``."""
+    return {**base_env, **ROW_FIXED, "HVDKIT_BENCH_PORT": str(random.randint(20000, 40000)), **(settings or {})}
+
+
+def _run_row(args: Sequence[str], np: int, base_env: Dict[str, str], result: str, timeout: float,
+             launcher: str = "horovodrun", settings: Dict[str, str] = None) -> None:
+    """One row: ``python -m args`` on ``np`` new workers under ``launcher`` (horovodrun: its Gloo controller), in
+    :func:`_row_env` (``base_env`` plus ``settings``); a failure before ``result`` exists is tried once more (on
+    another port). A job that crashed after writing ``result`` (seen: torch DDP aborting in its teardown) still
+    counts. The launcher's process group is killed on a timeout."""
     for attempt in (1, 2):
-        env = dict(base_env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3",
-                   PYTHONWARNINGS="ignore", HVDKIT_BENCH_PORT=str(random.randint(20000, 40000)))
-        cmd = launch_command(["-m", *args], np=np, launcher="horovodrun")
+        env = _row_env(base_env, settings)
+        cmd = launch_command(["-m", *args], np=np, launcher=launcher)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)
         try:
@@ -237,6 +119,293 @@ def _run_row(args: Sequence[str], np: int, base_env: Dict[str, str], result: str
             raise HvdkitError(f"benchmark job failed (exit {proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
 
 
+def _rounds(rows: List, rounds: int):
+    """(round, row) in interleaved rounds: every round visits every row, the order rotated by one each round."""
+    for r in range(rounds):
+        shift = r % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            yield r, row
+
+
+def _mismatches(what: str, expect: Dict, ran: Dict) -> List[str]:
+    """How a row's read-back ``ran`` (``hvdkit.bench.models.ran_with``) differs from ``expect``: one line each."""
+    bad = []
+    if "threads" in expect:
+        got = ran.get("threads") or {}
+        if (got.get("intra_op"), got.get("inter_op")) != (expect["threads"], expect["threads"]):
+            bad.append(f"{what}: {got.get('framework')} ran {got.get('intra_op')}/{got.get('inter_op')} "
+                       f"intra/inter-op threads, asked {expect['threads']}")
+    coll = ran.get("collectives") or {}
+    for key in ("controller", "cpu_ops", "cpu_ops_timeline"):
+        want = expect.get("cpu_ops" if key == "cpu_ops_timeline" else key)
+        if want is not None and (key in coll or key != "cpu_ops_timeline") and coll.get(key) != want:
+            bad.append(f"{what}: Horovod {key} {coll.get(key)}, asked {want}")
+    if "backend" in expect and not str(coll.get("backend", "")).startswith(expect["backend"]):
+        bad.append(f"{what}: backend {coll.get('backend')}, asked {expect['backend']}")
+    return bad
+
+
+def _spread(values: List[float]) -> Dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
+
+
+def _ran_with_text(ran: Dict) -> tuple:
+    """(threads, collectives) of one read-back, as table cells."""
+    t = ran.get("threads")
+    threads = f"{'torch' if t['framework'] == 'torch' else 'TF'} {t['intra_op']}/{t['inter_op']}" if t else "-"
+    c = ran.get("collectives") or {}
+    if "controller" in c:
+        coll = f"Horovod: {c['controller']} controller, {c['cpu_ops']} ops"
+        if "cpu_ops_timeline" in c:
+            coll += f" (timeline: {c['cpu_ops_timeline']})"
+    else:
+        coll = c.get("backend", "-")
+    return threads, coll
+
+
+def _human(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def _progress(i: int, total: int, what: str) -> None:
+    print(f"[bench {i}/{total}] {what}", file=sys.stderr, flush=True)
+
+
+def _warn(mismatches: List[str]) -> None:
+    for line in mismatches:
+        print(f"[bench] WARNING: read back differs from what the row asked: {line}", file=sys.stderr)
+
+
+# ---- hvdkit bench allreduce ----------------------------------------------------------------------------------
+def bench_allreduce(out_dir: str, sizes: List[int], iters: int, rounds: int = 3,
+                    impls: Sequence[str] = tuple(ALLREDUCE_ROWS), probe_ops: bool = False,
+                    timeout: float = 900) -> Dict:
+    """Bus bandwidth of an in-place float32 allreduce on 2 ranks, one row per implementation (each its own job, in
+    its own fresh environment), ``rounds`` interleaved rounds; per size the median over rounds of each round's
+    median over ``iters``."""
+    os.makedirs(out_dir, exist_ok=True)
+    base_env = _clean_env()
+    impls = list(impls)
+    found: Dict[str, List[Dict]] = {impl: [] for impl in impls}
+    total = len(impls) * rounds
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (r, impl) in enumerate(_rounds(impls, rounds), start=1):
+            launcher, settings, _ = ALLREDUCE_ROWS[impl]
+            _progress(i, total, f"allreduce {impl} under {launcher}, {len(sizes)} sizes, 2 ranks, "
+                                f"round {r + 1}/{rounds}")
+            raw = os.path.join(tmp, f"allreduce-{impls.index(impl)}-{r}.json")
+            _run_row(["hvdkit.bench.allreduce_worker", raw, ",".join(map(str, sizes)), str(iters), impl], 2,
+                     base_env, raw, timeout, launcher=launcher, settings={**settings, **(PROBE if probe_ops else {})})
+            with open(raw) as f:
+                found[impl].append(json.load(f))
+    report = dict(_allreduce_report(found, sizes, iters, rounds), probe_ops=probe_ops)
+    _warn(report["mismatches"])
+    _write(out_dir, "allreduce", report, _allreduce_markdown(report), _allreduce_plot)
+    return report
+
+
+def _allreduce_report(found: Dict[str, List[Dict]], sizes: List[int], iters: int, rounds: int) -> Dict:
+    """The report from each implementation's worker outputs (one per round, in round order)."""
+    world = next(iter(found.values()))[0]["world_size"]
+    table, rows, mismatches = {}, {}, []
+    for impl, runs in found.items():
+        launcher, settings, expect = ALLREDUCE_ROWS[impl]
+        for size in sizes:
+            busbw = [int(size) / run["results"][str(size)] * 2 * (world - 1) / world / 1e9 for run in runs]
+            seconds = statistics.median(run["results"][str(size)] for run in runs)
+            table.setdefault(impl, {})[size] = {"seconds": seconds, "busbw_GBps": statistics.median(busbw),
+                                                "busbw_GBps_min": min(busbw), "busbw_GBps_max": max(busbw),
+                                                "busbw_GBps_runs": busbw}
+        bad = [m for run in runs for m in _mismatches(impl, expect, run["ran_with"])]
+        mismatches += list(dict.fromkeys(bad))
+        rows[impl] = {"launcher": launcher, "asked": settings, "expect": expect,
+                      "ran_with": [run["ran_with"] for run in runs]}
+    report = {"world_size": world, "sizes": sizes, "iters": iters, "rounds": rounds, "results": table,
+              "rows": rows, "mismatches": mismatches, "ratios_at_max": {}}
+    memcpy = [run["memcpy_seconds"] for run in found.get("mpi4py", []) if run.get("memcpy_seconds")]
+    if memcpy:
+        report["memcpy_GBps"] = max(sizes) / statistics.median(memcpy) / 1e9
+    biggest = max(sizes)
+    for ours, other in (("hvdkit (mpirun)", "mpi4py"), ("hvdkit (mpirun)", "horovod mpi ops"),
+                        ("hvdkit (horovodrun)", "mpi4py"), ("hvdkit (horovodrun)", "horovod gloo ops")):
+        if ours in table and other in table:   # per round (rows of one round ran back to back), then the median
+            per_round = [a / b for a, b in zip(table[ours][biggest]["busbw_GBps_runs"],
+                                               table[other][biggest]["busbw_GBps_runs"])]
+            report["ratios_at_max"][f"{ours} / {other}"] = _spread(per_round)
+    return report
+
+
+def _allreduce_markdown(r: Dict) -> str:
+    impls = list(r["results"])
+    spread = r["rounds"] > 1
+
+    def cell(c):
+        return f"{c['busbw_GBps']:.2f} ({c['busbw_GBps_min']:.2f}-{c['busbw_GBps_max']:.2f})" if spread \
+            else f"{c['busbw_GBps']:.2f}"
+    lines = ["| size | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
+    for size in r["sizes"]:
+        lines.append(f"| {_human(size)} | " + " | ".join(cell(r["results"][i][size]) for i in impls) + " |")
+    lines.append("")
+    how = f"median of {r['rounds']} interleaved rounds (min-max)" if spread else "one round"
+    memcpy = f" One-process memcpy: {r['memcpy_GBps']:.2f} GB/s." if "memcpy_GBps" in r else ""
+    lines.append(f"Bus bandwidth in GB/s, in place, {r['world_size']} ranks; per round the median of {r['iters']} "
+                 f"calls, {how}.{memcpy}")
+    if r["ratios_at_max"]:
+        lines.append("")
+        lines.append(f"At {_human(max(r['sizes']))} (per-round ratios: median, min-max):")
+        lines += [f"- {k}: {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})" for k, v in r["ratios_at_max"].items()]
+    lines += ["", "What each row ran with (its own job and fresh environment; read back in rank 0):", "",
+              "| implementation | launcher | asked | threads (intra/inter) | collectives |", "|---|---|---|---|---|"]
+    for impl, row in r["rows"].items():
+        cells = {_ran_with_text(ran) for ran in row["ran_with"]}
+        asked = ", ".join(f"{k}={v}" for k, v in row["asked"].items()) or "(nothing)"
+        for threads, coll in sorted(cells):
+            lines.append(f"| {impl} | {row['launcher']} | {asked} | {threads} | {coll} |")
+    lines += _mismatch_lines(r["mismatches"]) + _probe_lines(r)
+    return "\n".join(lines) + "\n"
+
+
+def _probe_lines(r: Dict) -> List[str]:
+    if not r.get("probe_ops"):
+        return []
+    return ["", "Run with --probe-ops: Horovod's timeline was on in every Horovod row (its writer thread spins on "
+                "rank 0), so these numbers are not comparable with a run without it."]
+
+
+def _mismatch_lines(mismatches: List[str]) -> List[str]:
+    if not mismatches:
+        return ["", "Every row read back the threads and collectives it asked for."]
+    return ["", "**Read back differs from what the row asked:**"] + [f"- {m}" for m in mismatches]
+
+
+def _allreduce_plot(r: Dict, ax) -> None:
+    for impl, by_size in r["results"].items():
+        line, = ax.plot(r["sizes"], [by_size[s]["busbw_GBps"] for s in r["sizes"]], marker="o", label=impl)
+        ax.fill_between(r["sizes"], [by_size[s]["busbw_GBps_min"] for s in r["sizes"]],
+                        [by_size[s]["busbw_GBps_max"] for s in r["sizes"]], color=line.get_color(), alpha=0.15)
+    if "memcpy_GBps" in r:
+        ax.axhline(r["memcpy_GBps"], linestyle="--", color="grey", label="memcpy (1 process)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes, float32)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title(f"allreduce, {r['world_size']} ranks, in place, median of {r['rounds']} round(s)")
+    ax.legend(fontsize=8)
+
+
+# ---- hvdkit bench train --------------------------------------------------------------------------------------
+def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, batch: int, rounds: int,
+                probe_ops: bool = False, timeout: float = 900) -> Dict:
+    """Samples/s of each mode at each worker count, every (mode, workers) row its own mpirun job in a fresh
+    environment, ``rounds`` interleaved rounds; medians, ranges, per-round ratios and scaling efficiency."""
+    os.makedirs(out_dir, exist_ok=True)
+    base_env = _clean_env()
+    rows = [(m, w) for w in workers for m in modes]
+    found: Dict[tuple, List[Dict]] = {row: [] for row in rows}
+    total = len(rows) * rounds
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (r, (mode, world)) in enumerate(_rounds(rows, rounds), start=1):
+            _progress(i, total, f"train {mode} on {world} worker(s), round {r + 1}/{rounds}")
+            out = os.path.join(tmp, f"{mode}-{world}-{r}.json")
+            _run_row(["hvdkit.bench.train_worker", mode, out, str(steps), str(batch)], world, base_env, out,
+                     timeout, launcher="mpirun", settings=PROBE if probe_ops else None)
+            with open(out) as f:
+                found[(mode, world)].append(json.load(f))
+    report = dict(_train_report(found, workers, steps, batch, rounds), probe_ops=probe_ops)
+    _warn(report["mismatches"])
+    _write(out_dir, "train", report, _train_markdown(report), _train_plot)
+    return report
+
+
+def _train_report(found: Dict[tuple, List[Dict]], workers: List[int], steps: int, batch: int, rounds: int) -> Dict:
+    """The report from each (mode, workers) row's worker outputs (one per round, in round order)."""
+    modes = list(dict.fromkeys(mode for mode, _ in found))
+    results, mismatches = {}, []
+    for (mode, world), runs in found.items():
+        bad = [m for run in runs for m in _mismatches(f"{mode} @{world}", TRAIN_EXPECT[mode], run["ran_with"])]
+        mismatches += list(dict.fromkeys(bad))
+        results.setdefault(mode, {})[str(world)] = {**_spread([run["samples_per_sec"] for run in runs]),
+                                                    "ran_with": [run["ran_with"] for run in runs]}
+    ratios = {}
+    for family in (TORCH_MODES, KERAS_MODES):
+        present = [m for m in family if m in results]
+        for ours in (m for m in present if m.startswith("hvdkit")):
+            for other in (m for m in present if not m.startswith("hvdkit")):
+                for w in map(str, workers):   # per round: the rows of one round ran close together
+                    ratios[f"{ours} / {other} @{w}"] = _spread(
+                        [a / b for a, b in zip(results[ours][w]["runs"], results[other][w]["runs"])])
+    base = min(workers)
+    scaling = {m: {str(w): _spread([b * base / (w * a) for a, b in zip(results[m][str(base)]["runs"],
+                                                                        results[m][str(w)]["runs"])])
+                   for w in workers if w != base} for m in modes}
+    return {"steps": steps, "batch_per_worker": batch, "rounds": rounds, "workers": workers, "launcher": "mpirun",
+            "results": results, "ratios": ratios, "scaling_efficiency": scaling, "mismatches": mismatches}
+
+
+def _train_markdown(r: Dict) -> str:
+    ws, base = r["workers"], min(r["workers"])
+    more = [w for w in ws if w != base]
+    lines = ["| mode | " + " | ".join(f"{w} worker(s): samples/s" for w in ws) + "".join(
+        f" | scaling {base}->{w}" for w in more) + " |", "|---|" + "---|" * (len(ws) + len(more))]
+    for mode, by_w in r["results"].items():
+        cells = [f"{by_w[str(w)]['median']:.0f} ({by_w[str(w)]['min']:.0f}-{by_w[str(w)]['max']:.0f})" for w in ws]
+        cells += [f"{e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})"
+                  for e in (r["scaling_efficiency"][mode][str(w)] for w in more)]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Batch {r['batch_per_worker']} per worker, {r['steps']} timed steps after as many warm-up steps, "
+                 f"median of {r['rounds']} interleaved round(s) (min-max); scaling: samples/s at N workers / (N x at "
+                 f"{base}), per round. Ratios (per round, then the median; min-max):")
+    lines += [f"- {k}: {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})" for k, v in r["ratios"].items()]
+    lines += ["", f"What each row ran with (its own {r['launcher']} job and fresh environment; read back in rank 0; "
+                  f"busy threads: those holding at least {int(100 * BUSY_SHARE)}% of the process's CPU time while "
+                  "training; cores used: the process's CPU time / wall time):", "",
+              "| mode | workers | threads (intra/inter) | busy threads | cores used | collectives |",
+              "|---|---|---|---|---|---|"]
+    for mode, by_w in r["results"].items():
+        for w in ws:
+            rans = by_w[str(w)]["ran_with"]
+            busy = sorted(ran.get("busy_threads", 0) for ran in rans)
+            busy = f"{busy[0]}" if busy[0] == busy[-1] else f"{busy[0]}-{busy[-1]}"
+            cores = statistics.median(ran.get("cpu_cores_used", 0) for ran in rans)
+            for threads, coll in sorted({_ran_with_text(ran) for ran in rans}):
+                lines.append(f"| {mode} | {w} | {threads} | {busy} | {cores:.2f} | {coll} |")
+    lines += _mismatch_lines(r["mismatches"]) + _probe_lines(r)
+    return "\n".join(lines) + "\n"
+
+
+def _train_plot(r: Dict, ax) -> None:
+    modes, ws = list(r["results"]), r["workers"]
+    width = 0.8 / len(ws)
+    for j, w in enumerate(ws):
+        cells = [r["results"][m][str(w)] for m in modes]
+        ax.bar([i + j * width for i in range(len(modes))], [c["median"] for c in cells], width,
+               yerr=[[c["median"] - c["min"] for c in cells], [c["max"] - c["median"] for c in cells]],
+               capsize=2, label=f"{w} worker(s)")
+    ax.set_xticks([i + width * (len(ws) - 1) / 2 for i in range(len(modes))])
+    ax.set_xticklabels(modes, rotation=20, fontsize=8)
+    ax.set_ylabel("samples/s (median, min-max)")
+    ax.set_title(f"small CNN, batch {r['batch_per_worker']} per worker, {r['rounds']} round(s)")
+    ax.legend(fontsize=8)
+
+
+def _write(out_dir: str, name: str, report: Dict, markdown: str, plot) -> None:
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    plot(report, ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
+    plt.close(fig)
+    print(markdown)
+    print(f"wrote {out_dir}/{name}.md, .json and .png", file=sys.stderr)
+
+
+# ---- hvdkit bench zero: optimizer-state memory and speed, sharded vs unsharded vs torch's ZeRO ---------------
 def bench_zero(out_dir: str, workers: List[int], rounds: int = 3, steps: int = 20, batch: int = 32,
                model: str = "mlp", width: int = 1024, depth: int = 4, variants: Sequence[str] = ZERO_VARIANTS,
                timeout: float = 900) -> Dict:
@@ -320,19 +489,37 @@ def _zero_plot(r: Dict, ax) -> None:
     ax.legend(fontsize=8)
 
 
+PROBE_HELP = ("check Horovod's tensor operations in its timeline (one allreduce recorded after each row's "
+              "measurement); the timeline's writer thread spins on rank 0 throughout, so numbers from such a run are "
+              "not comparable")
+
+
+def _csv_choices(text: str, choices: Sequence[str], what: str) -> List[str]:
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in choices]
+    if unknown or not chosen:
+        raise HvdkitError(f"unknown {what} {unknown}; choose from {', '.join(choices)}")
+    return chosen
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hvdkit bench")
     sub = parser.add_subparsers(dest="what", required=True)
-    a = sub.add_parser("allreduce", help="allreduce bus bandwidth vs message size, 2 ranks")
+    a = sub.add_parser("allreduce", help="allreduce bus bandwidth vs message size, 2 ranks, one job per implementation")
     a.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="bytes, comma separated")
-    a.add_argument("--iters", type=int, default=20)
+    a.add_argument("--iters", type=int, default=20, help="timed calls per size and round (their median counts)")
+    a.add_argument("--rounds", type=int, default=3, help="every implementation once per round; the median is reported")
+    a.add_argument("--impls", default=",".join(ALLREDUCE_ROWS), help="implementations, comma separated")
+    a.add_argument("--probe-ops", action="store_true", help=PROBE_HELP)
     a.add_argument("--out", default="results/bench")
     t = sub.add_parser("train", help="training samples/s at 1 and 2 workers against the peers")
     t.add_argument("--modes", default=",".join(TORCH_MODES + KERAS_MODES))
     t.add_argument("--workers", default="1,2")
     t.add_argument("--steps", type=int, default=40)
     t.add_argument("--batch", type=int, default=64)
-    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=3,
+                   help="every (mode, workers) row once per round; the median is reported")
+    t.add_argument("--probe-ops", action="store_true", help=PROBE_HELP)
     t.add_argument("--out", default="results/bench")
     z = sub.add_parser("zero", help="Adam state, gradients and peak RSS per rank, samples/s: hvdkit unsharded, "
                                     "hvdkit sharded, torch ZeroRedundancyOptimizer; at 1, 2 and 3 workers")
@@ -349,7 +536,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     if args.what == "allreduce":
-        bench_allreduce(args.out, [int(s) for s in args.sizes.split(",")], args.iters)
+        if args.rounds < 1 or args.iters < 1:
+            raise HvdkitError("bench allreduce needs --rounds and --iters >= 1")
+        bench_allreduce(args.out, [int(s) for s in args.sizes.split(",")], args.iters, args.rounds,
+                        _csv_choices(args.impls, list(ALLREDUCE_ROWS), "bench allreduce implementations"),
+                        args.probe_ops)
     elif args.what == "zero":
         variants = args.variants.split(",")
         unknown = set(variants) - set(ZERO_VARIANTS)
@@ -360,10 +551,10 @@ def main(argv=None) -> int:
         bench_zero(args.out, [int(w) for w in args.workers.split(",")], args.rounds, args.steps, args.batch,
                    args.model, args.width, args.depth, variants)
     else:
-        modes = args.modes.split(",")
-        unknown = set(modes) - set(TORCH_MODES + KERAS_MODES)
-        if unknown:
-            raise HvdkitError(f"unknown bench modes {sorted(unknown)}; choose from {', '.join(TORCH_MODES + KERAS_MODES)}")
-        bench_train(args.out, modes, [int(w) for w in args.workers.split(",")], args.steps, args.batch, args.repeats)
+        modes = _csv_choices(args.modes, TORCH_MODES + KERAS_MODES, "bench modes")
+        if args.rounds < 1 or args.steps < 1 or args.batch < 1:
+            raise HvdkitError("bench train needs --rounds, --steps and --batch >= 1")
+        bench_train(args.out, modes, sorted({int(w) for w in args.workers.split(",")}), args.steps, args.batch,
+                    args.rounds, args.probe_ops)
     print(f"bench: done in {time.time() - started:.0f} s", file=sys.stderr)
     return 0

@@ -3,14 +3,18 @@
 argv: MODE OUT_JSON STEPS BATCH, MODE one of hvdkit-torch, raw-horovod-torch, torch-ddp,
 hvdkit-keras, raw-horovod-tf, tf-mwms. Every mode trains on synthetic 28x28 images with batch
 BATCH per worker, one compute thread per worker, for one warm-up pass of STEPS steps and one timed
-pass of STEPS steps; rank 0 writes {"samples_per_sec": ...} for the timed pass.
+pass of STEPS steps; rank 0 writes {"samples_per_sec": ..., "ran_with": ...} for the timed pass, ``ran_with``
+read back from the frameworks at the end (``hvdkit.bench.models.ran_with``): their thread counts, the threads that
+were busy while training, and the collectives (Horovod's controller and CPU tensor operations, and with
+``--probe-ops`` the operations Horovod's timeline shows for one more allreduce; DDP's backend; MWMS's
+implementation). The hvdkit modes set nothing themselves: threads, Horovod settings and data pipeline are the kit's.
 """
 import json
 import os
 import sys
 import time
 
-from hvdkit.bench.models import keras_cnn, torch_cnn
+from hvdkit.bench.models import CpuThreads, horovod_collectives, keras_cnn, pin_torch_threads, ran_with, torch_cnn
 from hvdkit.datasets import synthetic_images
 
 MODE, OUT, STEPS, BATCH = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -19,10 +23,25 @@ WORLD = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("HOROVOD_SIZE"
 LR = 0.01
 
 
-def write(samples_per_sec, **extra):
+PROBE = "hvdkit.bench.probe"
+
+
+def write(samples_per_sec, ran):
     if RANK == 0:
         with open(OUT, "w") as f:
-            json.dump({"mode": MODE, "world_size": WORLD, "samples_per_sec": samples_per_sec, **extra}, f)
+            json.dump({"mode": MODE, "world_size": WORLD, "samples_per_sec": samples_per_sec, "ran_with": ran}, f)
+
+
+def torch_horovod_collectives():
+    import horovod.torch as hvd
+    import torch
+    return horovod_collectives(hvd, lambda: hvd.allreduce(torch.zeros(1), name=PROBE), RANK)
+
+
+def tf_horovod_collectives():
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+    return horovod_collectives(hvd, lambda: hvd.allreduce(tf.zeros(1), name=PROBE), RANK)
 
 
 def shard():
@@ -54,33 +73,38 @@ def hvdkit_torch():
     torch.manual_seed(0)
     model = torch_cnn()
     adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), torch.nn.functional.cross_entropy)
+    cpu = CpuThreads()
     result = Trainer(adapter, TrainConfig(epochs=2, batch_size=BATCH, progress_bar=False)).fit((x, y))
-    write(result.history[-1]["samples_per_sec"])
+    write(result.history[-1]["samples_per_sec"], ran_with("torch", cpu.busy(), torch_horovod_collectives()))
 
 
 def raw_horovod_torch():
     import horovod.torch as hvd
     import torch
     hvd.init()
-    torch.set_num_threads(1)
+    pin_torch_threads(1)
     torch.manual_seed(0)
     model = torch_cnn()
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR * hvd.size(), momentum=0.9),
                                    named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    write(timed_torch_loop(model, opt, *shard()))
+    cpu = CpuThreads()
+    speed = timed_torch_loop(model, opt, *shard())
+    write(speed, ran_with("torch", cpu.busy(), torch_horovod_collectives()))
 
 
 def torch_ddp():
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(1)
+    pin_torch_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ.get('HVDKIT_BENCH_PORT', '29534')}",
                             rank=RANK, world_size=WORLD)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch_cnn())
     opt = torch.optim.SGD(model.parameters(), lr=LR * WORLD, momentum=0.9)
-    write(timed_torch_loop(model, opt, *shard()))
+    cpu = CpuThreads()
+    speed = timed_torch_loop(model, opt, *shard())
+    write(speed, ran_with("torch", cpu.busy(), {"backend": f"torch.distributed {dist.get_backend()}"}))
     dist.destroy_process_group()
 
 
@@ -93,8 +117,9 @@ def hvdkit_keras(mode="fit"):
     model = keras_cnn(keras)
     adapter = make_adapter(model, keras.optimizers.SGD(LR, momentum=0.9),
                            keras.losses.SparseCategoricalCrossentropy(from_logits=True), mode=mode)
+    cpu = CpuThreads()
     result = Trainer(adapter, TrainConfig(epochs=2, batch_size=BATCH, progress_bar=False)).fit((x, y))
-    write(result.history[-1]["samples_per_sec"])
+    write(result.history[-1]["samples_per_sec"], ran_with("tensorflow", cpu.busy(), tf_horovod_collectives()))
 
 
 def raw_horovod_tf():
@@ -121,12 +146,14 @@ def raw_horovod_tf():
 
     x, y = shard()
     batches = [(tf.constant(x[s * BATCH:(s + 1) * BATCH]), tf.constant(y[s * BATCH:(s + 1) * BATCH])) for s in range(STEPS)]
+    cpu = CpuThreads()
     for b in batches:
         step(*b)
     start = time.perf_counter()
     for b in batches:
         step(*b)
-    write(STEPS * BATCH * WORLD / (time.perf_counter() - start))
+    speed = STEPS * BATCH * WORLD / (time.perf_counter() - start)
+    write(speed, ran_with("tensorflow", cpu.busy(), tf_horovod_collectives()))
 
 
 def tf_mwms():
@@ -147,10 +174,14 @@ def tf_mwms():
                       loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH * WORLD).repeat()
+    cpu = CpuThreads()
     model.fit(ds, epochs=1, steps_per_epoch=STEPS, verbose=0)
     start = time.perf_counter()
     model.fit(ds, epochs=1, steps_per_epoch=STEPS, verbose=0)
-    write(STEPS * BATCH * WORLD / (time.perf_counter() - start))
+    speed = STEPS * BATCH * WORLD / (time.perf_counter() - start)
+    options = getattr(strategy.extended, "_communication_options", None)
+    implementation = getattr(getattr(options, "implementation", None), "name", "unknown")
+    write(speed, ran_with("tensorflow", cpu.busy(), {"backend": f"tf.distribute collective ops ({implementation})"}))
 
 
 MODES = {"hvdkit-torch": hvdkit_torch, "raw-horovod-torch": raw_horovod_torch, "torch-ddp": torch_ddp,
