@@ -180,8 +180,14 @@ class Trainer:
         failed = next((e for e in entries if isinstance(e, str)), None)
         if failed:
             raise StoppedOnEveryRank(failed)
-        path = self._agree(lambda: store.save(self.adapter.state_to_bytes(progress, sharded=True), self._meta(progress),
-                                              shards=entries, shard_index=index, number=number))
+        def write_index():
+            try:
+                return store.save(self.adapter.state_to_bytes(progress, sharded=True), self._meta(progress),
+                                  shards=entries, shard_index=index, number=number)
+            except OSError as e:   # a full disk on rank 0: the same one line on every rank, as for a shard
+                raise HvdkitError(f"rank 0 could not write the checkpoint index into {store.directory} "
+                                  f"({e.strerror}); free space there or pass another --checkpoint-dir") from None
+        path = self._agree(write_index)
         if p.rank == 0:
             self._saved(path, progress)
 

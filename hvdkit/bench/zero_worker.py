@@ -15,7 +15,7 @@ Every rank measures from the tensors it holds, right after its last optimizer st
 - ``grad_bytes_after_step``: gradients still held (model ``.grad`` and the shards' ``.grad``);
 - ``grad_bytes_at_step``: the most gradient bytes held while an optimizer stepped (a global step pre-hook): the
   reduced gradients the update reads (the whole model's, or this rank's shard);
-- ``peak_rss_bytes``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the run;
+- ``peak_rss_bytes``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` right after the last step;
 
 each counted once per storage (a DDP gradient is a view into its bucket: the bucket counts). Rank 0 writes
 ``{"variant", "world_size", "samples_per_sec", "ranks": [per-rank dict], "params", ...}``.
@@ -123,9 +123,12 @@ def hvdkit_variant(out: str, sharded: bool, steps: int, batch: int, kind: str, w
                 else:
                     gathered = state_tensors(zero._gathered[1]) if zero._gathered is not None else []
                     self.record = meter.record(state_tensors(zero.inner.state) + gathered, zero.masters)
+                # the peak here, as the torch variant's after its last step: the end of fit gathers the sharded
+                # state once more (for a next fit), which is not the training's footprint
+                self.record = finish(self.record)
 
         def on_train_end(self, trainer, result):   # every rank, before the run's last collective
-            self.ranks = trainer.process.allgather_object(finish(self.record))
+            self.ranks = trainer.process.allgather_object(self.record)
             self.rank = trainer.process.rank
 
     measure = Measure()

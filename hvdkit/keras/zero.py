@@ -427,8 +427,8 @@ class ShardedOptimizer:
         """The user's optimizer's variables as if unsharded (numpy, :func:`checkpoint_layout` order), as of the last
         :meth:`gather` or load; an internal error if an update ran since."""
         if not self.gathered():
-            raise _internal("the optimizer state was not gathered since the last update (every rank must call "
-                            "Adapter.gather_state before state_to_bytes)")
+            raise HvdkitError("the sharded optimizer state was not gathered since the last update: call "
+                              "adapter.gather_state() on every rank (a collective) before adapter.state_to_bytes()")
         return self._known[1] if self._known[1] is not None else self._materialise_fresh()
 
     def known_state(self) -> Optional[List[np.ndarray]]:

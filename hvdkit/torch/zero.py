@@ -246,8 +246,8 @@ class ShardedOptimizer:
         """The user's optimizer's ``state_dict`` as if unsharded (per-parameter state, its param groups), as of the
         last :meth:`gather` or load; an internal error if a step ran since."""
         if self._gathered is None or self._gathered[0] != self.version:
-            raise _internal("the optimizer state was not gathered since the last step (every rank must call "
-                            "Adapter.gather_state before state_to_bytes)")
+            raise HvdkitError("the sharded optimizer state was not gathered since the last step: call "
+                              "adapter.gather_state() on every rank (a collective) before adapter.state_to_bytes()")
         return {"state": self._gathered[1], "param_groups": self.optimizer.state_dict()["param_groups"]}
 
     def load_full_state_dict(self, state: Dict[str, Any]) -> None:
