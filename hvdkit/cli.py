@@ -202,6 +202,9 @@ def _static_hosts(args: argparse.Namespace):
         raise HvdkitError(f"{' and '.join(given)} both say where to run; keep one "
                           "(--hosts-file is for elastic jobs, --hostfile and -H for static ones)")
     if given and not args.hostfile:
+        if args.hosts and args.np is not None and args.np > total_slots(args.hosts):
+            raise HvdkitError(f"-np {args.np} is more than the {total_slots(args.hosts)} slot(s) in -H {args.hosts}; "
+                              "lower -np or add slots (-H host:slots)")
         return args.hosts, None
     if args.hostfile:
         hosts, source = hostfile.read(args.hostfile), args.hostfile
@@ -221,6 +224,9 @@ def _static_hosts(args: argparse.Namespace):
 def _check_remote_options(args: argparse.Namespace) -> None:
     if args.ssh_port is not None and not 0 < args.ssh_port < 65536:
         raise HvdkitError(f"--ssh-port {args.ssh_port} is not a port; pass e.g. --ssh-port 22")
+    if args.ssh_identity_file and any(c.isspace() for c in args.ssh_identity_file):
+        raise HvdkitError(f"--ssh-identity-file {args.ssh_identity_file!r} has whitespace in its path, which mpirun's "
+                          "ssh arguments cannot carry; move or link the key to a path without spaces")
     if args.ssh_identity_file and not args.print and not os.path.isfile(args.ssh_identity_file):
         raise HvdkitError(f"--ssh-identity-file {args.ssh_identity_file} not found; pass the private key's path")
     if args.controller != "gloo" and (args.launcher != "horovodrun" or args.hosts_file):

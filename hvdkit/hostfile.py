@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 from .discover_hosts import valid_host
 from .errors import HvdkitError
 
-_OPTION = re.compile(r"^(slots|max_slots|max-slots)=(\S*)$")
+_OPTION = re.compile(r"^(slots|max_slots|max-slots)=(\S+)$")
 
 
 def parse(text: str, path: str = "hostfile") -> List[Tuple[str, int]]:
@@ -42,7 +42,11 @@ def parse(text: str, path: str = "hostfile") -> List[Tuple[str, int]]:
         if slots and not (slots.isdigit() and int(slots) >= 1):
             raise ValueError(f"{where}: slots must be a whole number >= 1; fix that line")
         hosts.append((host, int(slots) if slots else 1))
-    return hosts
+    # a host listed twice: its slots add up, as OpenMPI counts them (Horovod would give it two sets of local ranks)
+    merged = {}
+    for host, slots in hosts:
+        merged[host] = merged.get(host, 0) + slots
+    return list(merged.items())
 
 
 def read(path: str) -> List[Tuple[str, int]]:

@@ -53,9 +53,11 @@ LAUNCHERS = {"horovodrun-gloo": ["--launcher", "horovodrun"],
 def test_hostfile_formats_and_errors(tmp_path):
     assert hostfile.parse("a slots=2 max_slots=4\nb:3\n\n# c\nc  # one\n10.0.0.1 slots=1\n") == \
         [("a", 2), ("b", 3), ("c", 1), ("10.0.0.1", 1)]
-    for bad in ("a slots=0", "a:x", "a cpus=2", "a:2 slots=2", "-a"):
+    for bad in ("a slots=0", "a:x", "a cpus=2", "a:2 slots=2", "-a", "a slots="):
         with pytest.raises(ValueError, match="fix that line"):
             hostfile.parse(bad, "hf")
+    # a host listed twice: one entry with the slots added up, as OpenMPI counts them
+    assert hostfile.parse("a slots=2\nb\na:1\n") == [("a", 3), ("b", 1)]
 
 
 def print_launch(capsys, *args):
@@ -92,6 +94,9 @@ def test_print_mpirun_with_hostfile_forwards_env(tmp_path, capsys, no_scheduler)
     (["--hostfile", "HF", "-H", "a:1"], "-H and --hostfile both say where to run"),
     (["--launcher", "mpirun", "--controller", "mpi"], "--controller mpi applies to static horovodrun"),
     (["-x", "NOT_SET_ANYWHERE_4711"], "NOT_SET_ANYWHERE_4711 is not set here"),
+    (["-H", "a:1,b:2", "-np", "4"], "-np 4 is more than the 3 slot(s) in -H a:1,b:2"),
+    (["--launcher", "mpirun", "--hostfile", "HF", "--ssh-identity-file", "/my keys/id"],
+     "has whitespace in its path"),
 ])
 def test_bad_cluster_options_are_one_line(tmp_path, capsys, no_scheduler, args, problem):
     (tmp_path / "hf").write_text("n1 slots=1\nn2 slots=1\n")
