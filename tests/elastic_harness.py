@@ -2,8 +2,10 @@
 
 Workers run the example through tests/workers/gated.py: with ``gate_step=N`` every worker stops after
 step N (before that step's commit) until the test calls :meth:`ElasticJob.release`, so a kill or a
-hosts-file edit happens at a known step, not wherever polling found the job. Use the ``elastic_job``
-fixture (conftest.py) to start jobs: it kills them when the test ends, passed or failed.
+hosts-file edit happens at a known step, not wherever polling found the job. ``gate_step=[N, M, ...]`` stops
+the job at each of those steps in turn (``wait_gate(..., step=N)``, ``release(step=N)``): several events in one
+job. Use the ``elastic_job`` fixture (conftest.py) to start jobs: it kills them when the test ends, passed or
+failed (tests/test_elastic.py drives module-scoped jobs itself, killing them in ``finally``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from hvdkit.launch import Elastic, discovery_command, launch_command
 from proc import REPO, WORKERS, kill_marked, marked_processes
@@ -33,10 +35,11 @@ class ElasticJob:
 
     def __init__(self, tmp, framework: str, hosts: List[str], np: int, extra=(), max_np: int = 2,
                  timeout: int = 30, reset_limit: Optional[int] = None, tag: str = "run",
-                 gate_step: Optional[int] = None, gate_at: Optional[str] = None,
+                 gate_step: Union[None, int, List[int]] = None, gate_at: Optional[str] = None,
                  env: Optional[Dict[str, str]] = None, cooldown: Optional[tuple] = None):
         self.tmp, self.framework = tmp, framework
         self.gate_dir = os.path.join(tmp, f"gate-{tag}")
+        self.gate_steps = [gate_step] if isinstance(gate_step, int) else list(gate_step or [])
         self.hosts_file = os.path.join(tmp, "hosts.txt")
         self.audit_dir = os.path.join(tmp, "audit")
         self.ckpt = os.path.join(tmp, "ckpt")
@@ -52,7 +55,7 @@ class ElasticJob:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HVDKIT_TEST_JOB=tmp, **(env or {}))
         if gate_step is not None or gate_at is not None:  # gate_at: "end" or "exit" (see workers/gated.py)
             os.makedirs(self.gate_dir, exist_ok=True)
-            env.update(HVDKIT_GATE_DIR=self.gate_dir, HVDKIT_GATE_STEP=str(gate_step or 0),
+            env.update(HVDKIT_GATE_DIR=self.gate_dir, HVDKIT_GATE_STEP=",".join(map(str, self.gate_steps or [0])),
                        HVDKIT_GATE_AT=gate_at or "step")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -84,15 +87,30 @@ class ElasticJob:
                  "sample": int(p), "step": int(st)} for a, b, how, e, p, st in found]
 
     # ---- the gate (gate_step) --------------------------------------------------------------------
-    def _gate_files(self, prefix: str) -> List[str]:
-        return sorted(n for n in os.listdir(self.gate_dir) if n.startswith(prefix) and not n.endswith(".tmp"))
+    def _step_dir(self, step: Optional[int]) -> str:
+        """The gate of ``step``'s directory (gated.py): the gate dir itself when the job has one gate."""
+        steps = getattr(self, "gate_steps", [])   # a subclass may set up its own single gate
+        if len(steps) <= 1:
+            return self.gate_dir
+        assert step in steps, f"step {step} is not one of this job's gates {steps}"
+        return os.path.join(self.gate_dir, f"step{step}")
 
-    def wait_gate(self, hosts: List[str], timeout: float = 180) -> Dict[str, int]:
-        """Wait until a worker on each of ``hosts`` (HOROVOD_HOSTNAME) stopped at the gate; host -> its pid."""
+    def _gate_files(self, prefix: str, directory: Optional[str] = None) -> List[str]:
+        directory = directory or self.gate_dir
+        if not os.path.isdir(directory):
+            return []
+        return sorted(n for n in os.listdir(directory) if n.startswith(prefix) and not n.endswith(".tmp"))
+
+    def wait_gate(self, hosts: List[str], timeout: float = 180, step: Optional[int] = None) -> Dict[str, int]:
+        """Wait until a worker on each of ``hosts`` (HOROVOD_HOSTNAME) stopped at the gate (of ``step``, when the
+        job has several); host -> its pid."""
+        directory = self._step_dir(step)
+
         def reached():
-            pairs = (name[len("reached-"):].rsplit("-", 1) for name in self._gate_files("reached-"))
+            pairs = (name[len("reached-"):].rsplit("-", 1) for name in self._gate_files("reached-", directory))
             return {host: int(pid) for host, pid in pairs}
-        self.wait_for(lambda: set(hosts) <= set(reached()), f"workers on {hosts} at the gate", timeout)
+        where = "the gate" if step is None else f"the gate of step {step}"
+        self.wait_for(lambda: set(hosts) <= set(reached()), f"workers on {hosts} at {where}", timeout)
         return {host: pid for host, pid in reached().items() if host in hosts}
 
     def change_hosts(self, hosts: List[str], timeout: float = 60) -> None:
@@ -103,8 +121,8 @@ class ElasticJob:
         self.wait_for(lambda: set(self._gate_files("hosts-updated-")) - before,
                       f"horovodrun to notify the workers of hosts {hosts}", timeout)
 
-    def release(self) -> None:
-        with open(os.path.join(self.gate_dir, "release"), "w"):
+    def release(self, step: Optional[int] = None) -> None:
+        with open(os.path.join(self._step_dir(step), "release"), "w"):
             pass
 
     def wait_for(self, predicate, what: str, timeout: float = 120) -> None:

@@ -1,25 +1,26 @@
 """The adapter contract, one test suite for every adapter: torch, Keras GradientTape loop, Keras model.fit.
 
-Each (adapter, launcher) pair is one launch of tests/workers/contract_checks.py on 2 real workers, in its
-own processes (one framework per interpreter); each test below asserts one of its outcomes.
+Each (adapter, launcher) pair is one run of tests/workers/contract_checks.py on 2 real workers, in the shared
+launch of its framework under that launcher (tests/conftest.py, ``shared_runs``; one framework per
+interpreter); each test below asserts one of its outcomes.
 """
 import json
 
 import pytest
 
-from proc import explain, launch
-
 TOLERANCE = 1e-5
 BACKENDS = ["torch", "keras-loop", "keras-fit"]
 LAUNCHERS = ["horovodrun", "mpirun"]
+SHARED_RUNS = {f"contract-{backend}-{launcher}": dict(
+    framework="torch" if backend == "torch" else "tensorflow", launcher=launcher, np=2, order=10,
+    script="tests/workers/contract_checks.py", args=[backend, "{out}"], timeout=300)
+    for backend in BACKENDS for launcher in LAUNCHERS}
 
 
 @pytest.fixture(scope="module", params=[(b, l) for b in BACKENDS for l in LAUNCHERS], ids=lambda p: f"{p[0]}-{p[1]}")
-def ranks(request, tmp_path_factory):
+def ranks(request, shared_runs):
     backend, launcher = request.param
-    out = tmp_path_factory.mktemp(f"{backend}_{launcher}")
-    result = launch("tests/workers/contract_checks.py", [backend, str(out)], np=2, launcher=launcher, timeout=300)
-    assert result.returncode == 0, explain(result)
+    out = shared_runs.get(f"contract-{backend}-{launcher}").out
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["backend"] == backend for r in records)
     return records

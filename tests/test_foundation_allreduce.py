@@ -1,17 +1,23 @@
-"""A real 2-process allreduce of a torch and a TF tensor, under horovodrun (Gloo) and mpirun (OpenMPI)."""
+"""A real 2-process allreduce of a torch and a TF tensor, under horovodrun (Gloo) and mpirun (OpenMPI).
+
+Each is the first run of its framework's shared launch under that launcher (tests/conftest.py, ``shared_runs``):
+it runs before anything else in those workers, so a broken launcher or controller shows here first.
+"""
 import json
 
 import pytest
 
-from proc import explain, launch
+FRAMEWORKS, LAUNCHERS = ["torch", "tensorflow"], ["horovodrun", "mpirun"]
+SHARED_RUNS = {f"allreduce-{framework}-{launcher}": dict(
+    framework=framework, launcher=launcher, np=2, order=0, script="tests/workers/allreduce.py",
+    args=[framework, "{out}"], timeout=150) for framework in FRAMEWORKS for launcher in LAUNCHERS}
 
 
-@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
-@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
-def test_two_process_allreduce(tmp_path, launcher, framework):
-    result = launch("tests/workers/allreduce.py", [framework, str(tmp_path)], np=2, launcher=launcher, timeout=150)
-    assert result.returncode == 0, explain(result)
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_two_process_allreduce(shared_runs, launcher, framework):
+    run = shared_runs.get(f"allreduce-{framework}-{launcher}")
+    records = [json.loads((run.out / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, record in enumerate(records):
         assert record["rank"] == rank and record["size"] == 2
         # rank r holds [0,1,2,3] * (r+1): the sum is [0,1,2,3] * 3, the average half of it

@@ -3,10 +3,10 @@ compiled metrics exact over the whole test set, the best k checkpoints, early st
 rank, bf16 within 1 point of fp32. (LR schedules and clipping at 2 workers: tests/test_lr_and_clipping.py;
 non-finite steps: tests/test_metrics_best_nonfinite.py.)
 
-One launch per framework runs the example three times in the same workers (tests/workers/runs.py; every rank
-records what its ``fit`` returned): fp32 keeping the best 2 checkpoints, bf16, and a short run that early stopping
-ends. Metrics and kept checkpoints are read back and checked against the saved models evaluated here, in one
-process, on the whole test set.
+The example runs three times at 2 workers (tests/workers/runs.py; every rank records what its ``fit`` returned),
+in the shared launch of its framework under its launcher (tests/conftest.py, ``shared_runs``): fp32 keeping the
+best 2 checkpoints, bf16, and a short run that early stopping ends. Metrics and kept checkpoints are read back and
+checked against the saved models evaluated here, in one process, on the whole test set.
 """
 import importlib.util
 import io
@@ -18,34 +18,32 @@ import pytest
 
 from hvdkit.checkpoint import BestStore, CheckpointStore
 from hvdkit.datasets import digits_split
-from proc import REPO, WORKERS, explain, launch
+from proc import REPO
 
-RUNS = os.path.join(WORKERS, "runs.py")
 _, _, X_TEST, Y_TEST = digits_split()
 # nothing beats epoch 1's accuracy by more than 1.0: with patience 2 the run stops after epoch 3, on every rank
 EARLY = ["--limit-train", "400", "--epochs", "10", "--monitor", "eval_accuracy", "--monitor-mode", "max",
          "--min-delta", "1.0", "--early-stopping-patience", "2"]
 SETUPS = {"torch": ("torch_digits.py", "horovodrun", "20"), "keras": ("keras_digits.py", "mpirun", "8")}
+RUNS = {"fp32": lambda epochs: ["--epochs", epochs, "--checkpoint-dir", "{out}/a", "--keep-best", "2"],
+        "bf16": lambda epochs: ["--epochs", epochs, "--precision", "bf16"],
+        "early": lambda epochs: [*EARLY, "--checkpoint-dir", "{out}/c", "--keep-best", "1"]}
+SHARED_RUNS = {f"loop-{framework}-{run}": dict(
+    framework="torch" if framework == "torch" else "tensorflow", launcher=launcher, np=2, order=40,
+    script=f"examples/{script}", args=[*flags(epochs), "--no-progress", "--metrics-json", "{out}/m.json"],
+    timeout=150) for framework, (script, launcher, epochs) in SETUPS.items() for run, flags in RUNS.items()}
 
 
 @pytest.fixture(scope="module", params=sorted(SETUPS))
-def job(request, tmp_path_factory):
+def job(request, shared_runs):
     framework = request.param
     pytest.importorskip("torch" if framework == "torch" else "tensorflow")
-    script, launcher, epochs = SETUPS[framework]
-    tmp = tmp_path_factory.mktemp(f"loop_{framework}")
-
-    def flags(i, *more):
-        return [*more, "--no-progress", "--metrics-json", str(tmp / f"m{i}.json")]
-    args = [str(tmp / "out"), os.path.join(REPO, "examples", script),
-            *flags(0, "--epochs", epochs, "--checkpoint-dir", str(tmp / "a"), "--keep-best", "2"), "+++",
-            *flags(1, "--epochs", epochs, "--precision", "bf16"), "+++",
-            *flags(2, *EARLY, "--checkpoint-dir", str(tmp / "c"), "--keep-best", "1")]
-    result = launch(RUNS, args, np=2, launcher=launcher, timeout=400)
-    assert result.returncode == 0, explain(result)
-    metrics = [json.loads((tmp / f"m{i}.json").read_text()) for i in range(3)]
-    ranks = [[json.loads((tmp / "out" / f"run{i}-rank{r}.json").read_text()) for r in range(2)] for i in range(3)]
-    return {"framework": framework, "tmp": tmp, "metrics": metrics, "ranks": ranks, "output": result.stderr}
+    runs = [shared_runs.get(f"loop-{framework}-{run}") for run in RUNS]
+    metrics = [json.loads((run.out / "m.json").read_text()) for run in runs]
+    ranks = [[json.loads(path.read_text()) for path in run.records] for run in runs]
+    assert all(len(r) == 2 for r in ranks), [run.records for run in runs]
+    return {"framework": framework, "dirs": [run.out for run in runs], "metrics": metrics, "ranks": ranks,
+            "output": runs[2].result.stderr}
 
 
 def example(name):
@@ -63,8 +61,9 @@ def logits_of(framework, blob):
         model.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True)["model"])
         with torch.no_grad():
             return model.eval()(torch.from_numpy(X_TEST)).double().numpy()
+    from hvdkit.keras import use_precision   # first: it sizes TF's thread pools before any op, as users do
     import keras
-    keras.mixed_precision.set_global_policy("float32")
+    use_precision("fp32")
     model = example("keras_digits").make_model(keras)
     saved = np.load(io.BytesIO(blob))
     for i, v in enumerate(model.variables):
@@ -86,7 +85,7 @@ def test_metrics_are_exact_over_the_whole_test_set(job):
     """The final model, evaluated here on all 360 test samples, scores what the 2-worker run reported: each sample
     counted once, none padded in (180 per rank, evaluated in batches of 32: the last batch is short)."""
     final = job["metrics"][0]
-    blob, manifest = CheckpointStore(str(job["tmp"] / "a")).load_latest()
+    blob, manifest = CheckpointStore(str(job["dirs"][0] / "a")).load_latest()
     assert manifest["epoch"] == final["epochs"] and manifest["world_size"] == 2
     expected, last = scores(logits_of(job["framework"], blob)), final["history"][-1]
     assert last["eval_samples"] == 360 and final["test_samples"] == 360
@@ -98,11 +97,11 @@ def test_metrics_are_exact_over_the_whole_test_set(job):
 def test_the_best_two_checkpoints_are_the_best_two_evaluations(job):
     history = job["metrics"][0]["history"]
     best_two = sorted(history, key=lambda h: (h["eval_loss"], h["epoch"]))[:2]
-    kept = BestStore(str(job["tmp"] / "a" / "best"), keep=2).ranked()
+    kept = BestStore(str(job["dirs"][0] / "a" / "best"), keep=2).ranked()
     assert [e for _, e, _, _ in kept] == [h["epoch"] for h in best_two]
     assert [v for v, _, _, _ in kept] == pytest.approx([h["eval_loss"] for h in best_two], rel=1e-12)
     # the best file holds that epoch's model: evaluated here, it scores the recorded loss
-    best = BestStore(str(job["tmp"] / "a" / "best"), keep=2)
+    best = BestStore(str(job["dirs"][0] / "a" / "best"), keep=2)
     blob, manifest = best.verify(kept[0][2])
     assert scores(logits_of(job["framework"], blob))["loss"] == pytest.approx(manifest["monitor_value"], rel=1e-4)
     records = [r["best"] for r in job["ranks"][0]]
@@ -119,8 +118,8 @@ def test_early_stopping_ends_every_rank_after_the_same_evaluation(job):
     # the kept best is the highest accuracy as it is (min_delta is early stopping's, as in Lightning); ties: older
     history = job["metrics"][2]["history"]
     top = max(history, key=lambda h: (h["eval_accuracy"], -h["epoch"]))
-    assert [e for _, e, _, _ in BestStore(str(job["tmp"] / "c" / "best"), keep=1).ranked()] == [top["epoch"]]
-    assert CheckpointStore(str(job["tmp"] / "c")).load_latest()[1]["epoch"] == 3
+    assert [e for _, e, _, _ in BestStore(str(job["dirs"][2] / "c" / "best"), keep=1).ranked()] == [top["epoch"]]
+    assert CheckpointStore(str(job["dirs"][2] / "c")).load_latest()[1]["epoch"] == 3
     assert "early stopping after epoch 3: eval_accuracy has not improved by more than 1" in job["output"]
 
 

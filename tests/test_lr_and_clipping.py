@@ -17,7 +17,7 @@ from hvdkit import HvdkitError, TrainConfig, Trainer
 from fault_callbacks import RaiseOnce
 from hvdkit.sharding import plan_epoch
 
-from proc import REPO, WORKERS, explain, launch, run
+from proc import REPO, WORKERS, explain, run
 
 sys.path.insert(0, WORKERS)
 import lr_checks  # noqa: E402
@@ -312,23 +312,27 @@ def test_examples_apply_the_schedule_flags(tmp_path, framework):
     assert records[0]["lr"][0] == pytest.approx(0.05) and records[-1]["lr"][0] == pytest.approx(0.0, abs=1e-9)
 
 
-# ---- 2 workers: one launch per framework ---------------------------------------------------------------
-def two_worker_records(tmp_path_factory, backend, launcher):
-    out = tmp_path_factory.mktemp(f"lr_two_workers_{backend}")
-    result = launch("tests/workers/lr_checks.py", [backend, str(out)], np=2, launcher=launcher, timeout=300)
-    assert result.returncode == 0, explain(result)
+# ---- 2 workers: one run per framework, in its framework's shared launch (tests/conftest.py) -------------------
+SHARED_RUNS = {"lr-torch": dict(framework="torch", launcher="horovodrun", np=2, order=20,
+                                script="tests/workers/lr_checks.py", args=["torch", "{out}"], timeout=300),
+               "lr-keras": dict(framework="tensorflow", launcher="mpirun", np=2, order=20,
+                                script="tests/workers/lr_checks.py", args=["keras", "{out}"], timeout=300)}
+
+
+def two_worker_records(shared_runs, name):
+    out = shared_runs.get(name).out
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
-def two_workers(tmp_path_factory):
-    return two_worker_records(tmp_path_factory, "torch", "horovodrun")
+def two_workers(shared_runs):
+    return two_worker_records(shared_runs, "lr-torch")
 
 
 @pytest.fixture(scope="module")
-def two_keras_workers(tmp_path_factory):
+def two_keras_workers(shared_runs):
     keras_modules()
-    return two_worker_records(tmp_path_factory, "keras", "mpirun")
+    return two_worker_records(shared_runs, "lr-keras")
 
 
 def test_two_workers_lr_is_schedule_times_linear_factor(two_workers):

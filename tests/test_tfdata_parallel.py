@@ -1,22 +1,23 @@
 """tf.data inputs (a pipeline, and uneven TFRecord files read whole) sharded by rank, on 2 real workers.
 
-One horovodrun launch and one mpirun launch of tests/workers/tfdata_checks.py; each test asserts one outcome.
+One run of tests/workers/tfdata_checks.py under horovodrun and one under mpirun, each in the shared Keras launch of
+its launcher (tests/conftest.py, ``shared_runs``); each test asserts one outcome.
 """
 import json
 
 import pytest
 
-from proc import explain, launch
-
 N = 50
 KEYS = ["files_fit", "files_loop", "stream_fit", "stream_loop"]
+LAUNCHERS = ["horovodrun", "mpirun"]
+SHARED_RUNS = {f"tfdata-{launcher}": dict(framework="tensorflow", launcher=launcher, np=2, order=20,
+                                          script="tests/workers/tfdata_checks.py", args=["{out}"], timeout=300)
+               for launcher in LAUNCHERS}
 
 
-@pytest.fixture(scope="module", params=["horovodrun", "mpirun"])
-def ranks(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"tfdata_{request.param}")
-    result = launch("tests/workers/tfdata_checks.py", [str(out)], np=2, launcher=request.param, timeout=300)
-    assert result.returncode == 0, explain(result)
+@pytest.fixture(scope="module", params=LAUNCHERS)
+def ranks(request, shared_runs):
+    out = shared_runs.get(f"tfdata-{request.param}").out
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

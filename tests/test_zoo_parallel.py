@@ -1,40 +1,42 @@
 """The model zoo on every adapter: models people train, each on 2 real workers, checked against one process
 where that is defined (SyncBatchNorm, no dropout) and for agreement between ranks everywhere else.
 
-One launch of tests/workers/zoo_checks.py per adapter (torch, Keras GradientTape loop, Keras model.fit) at 2
-workers under horovodrun, plus one torch launch at 3 workers under mpirun (a sparse Embedding when two ranks
-hold no sample in the last step). Every value a test asserts was read back from the framework in the worker
+One run of tests/workers/zoo_checks.py per adapter (torch, Keras GradientTape loop, Keras model.fit) at 2
+workers under horovodrun, plus one torch run at 3 workers under mpirun (a sparse Embedding when two ranks hold
+no sample in the last step); the 2-worker runs are part of their framework's shared horovodrun launch
+(tests/conftest.py, ``shared_runs``). Every value a test asserts was read back from the framework in the worker
 (parameters, running statistics, optimizer state, dropout masks, checkpoint contents); each test asserts one
-outcome over the module-scoped launch.
+outcome over the module-scoped run.
 """
 import json
 
 import pytest
 
-from proc import explain, launch
-
 TOLERANCE = 1e-5
 BACKENDS = ["torch", "keras-loop", "keras-fit"]
+SHARED_RUNS = {f"zoo-{backend}": dict(framework="torch" if backend == "torch" else "tensorflow", launcher="horovodrun",
+                                      np=2, order=30, script="tests/workers/zoo_checks.py", args=[backend, "{out}"],
+                                      timeout=240) for backend in BACKENDS}
+SHARED_RUNS["zoo-torch3"] = dict(framework="torch", launcher="mpirun", np=3, order=30,
+                                 script="tests/workers/zoo_checks.py", args=["torch", "{out}", "token,token_sparse"],
+                                 timeout=240)
 
 
-def _run(tmp_path_factory, name, backend, np, launcher, scenarios=None):
-    out = tmp_path_factory.mktemp(name)
-    args = [backend, str(out)] + ([scenarios] if scenarios else [])
-    result = launch("tests/workers/zoo_checks.py", args, np=np, launcher=launcher, timeout=240)
-    assert result.returncode == 0, explain(result)
+def _records(shared_runs, name, backend, np):
+    out = shared_runs.get(name).out
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(np)]
     assert [r["rank"] for r in records] == list(range(np)) and all(r["backend"] == backend for r in records)
     return records
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def ranks(request, tmp_path_factory):
-    return _run(tmp_path_factory, request.param, request.param, 2, "horovodrun")
+def ranks(request, shared_runs):
+    return _records(shared_runs, f"zoo-{request.param}", request.param, 2)
 
 
 @pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory):
-    return _run(tmp_path_factory, "torch3", "torch", 3, "mpirun", "token,token_sparse")
+def three_ranks(shared_runs):
+    return _records(shared_runs, "zoo-torch3", "torch", 3)
 
 
 def scenario(ranks, name):

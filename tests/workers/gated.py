@@ -8,6 +8,9 @@ blocks once: not again in the same process, and never once ``release`` exists (a
 step is reached again). The step's callback runs before the trainer's commit of that step, so a
 gate on a multiple of --commit-every holds the workers just before that commit.
 
+``HVDKIT_GATE_STEP`` may list several steps (``28,57``): one job then stops at each in turn; each gate has a
+directory of its own, ``<gate dir>/step<N>``, holding its ``reached-*`` files and its ``release``.
+
 While a process waits at the gate it also reports host-set changes Horovod's driver notifies it of
 (only the coordinator, rank 0, is notified): ``hosts-updated-<pid>-<n>`` appears in the gate dir, so a
 test can release the gate knowing the resize happens at the very next commit.
@@ -32,8 +35,8 @@ GATE_AT = os.environ.get("HVDKIT_GATE_AT", "step")
 GIVE_UP_AFTER = float(os.environ.get("HVDKIT_GATE_TIMEOUT", "120"))
 
 
-def _touch(name: str) -> None:
-    path = os.path.join(GATE_DIR, name)
+def _touch(name: str, directory: str = None) -> None:
+    path = os.path.join(directory or GATE_DIR, name)
     with open(path + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(path + ".tmp", path)
@@ -50,10 +53,20 @@ class _HostsListener:
         _touch(f"hosts-updated-{os.getpid()}-{self.count}")
 
 
-def wait_for_release(where: str) -> None:
+def gate_steps() -> list:
+    return [int(s) for s in (GATE_STEP or "0").split(",")]
+
+
+def gate_dir(step: int) -> str:
+    """Where the gate of ``step`` keeps its files: the gate dir itself when there is one gate."""
+    return GATE_DIR if len(gate_steps()) == 1 else os.path.join(GATE_DIR, f"step{step}")
+
+
+def wait_for_release(where: str, directory: str = None) -> None:
     """Say this worker is at the gate, then block until the test releases it (or gives up)."""
-    release = os.path.join(GATE_DIR, "release")
-    _touch(f"reached-{os.environ.get('HOROVOD_HOSTNAME', 'localhost')}-{os.getpid()}")
+    directory = directory or GATE_DIR
+    release = os.path.join(directory, "release")
+    _touch(f"reached-{os.environ.get('HOROVOD_HOSTNAME', 'localhost')}-{os.getpid()}", directory)
     deadline = time.time() + GIVE_UP_AFTER
     while not os.path.exists(release):
         if time.time() > deadline:
@@ -66,14 +79,15 @@ def install_gate() -> None:
     from hvdkit.callbacks import Callback
     from hvdkit.trainer import Trainer
 
-    step = int(GATE_STEP or 0)
-    release = os.path.join(GATE_DIR, "release")
+    steps = gate_steps()
+    for step in steps:
+        os.makedirs(gate_dir(step), exist_ok=True)
 
     class Gate(Callback):
         all_ranks = True
 
         def __init__(self):
-            self.done = False
+            self.done = set()   # the gates (steps; 0 for end/exit) this process has held at
             self.listening = False
 
         def _listen(self):
@@ -87,19 +101,20 @@ def install_gate() -> None:
         def on_step_end(self, trainer, global_step, loss):
             if not self.listening and os.environ.get("HOROVOD_ELASTIC") == "1":
                 self._listen()  # inside Horovod's elastic loop by now: the manager is initialised
-            if GATE_AT == "step" and global_step == step:
-                self.hold(f"step {step}")
+            if GATE_AT == "step" and global_step in steps:
+                self.hold(f"step {global_step}", global_step)
 
         def on_train_end(self, trainer, result):
             if GATE_AT == "end" and not self.done:
                 _touch(f"rank{trainer.process.rank}-{os.getpid()}")  # which worker is rank 0 now
-                self.hold("on_train_end")
+                self.hold("on_train_end", 0)
 
-        def hold(self, where: str) -> None:
-            if self.done or os.path.exists(release):
+        def hold(self, where: str, step: int) -> None:
+            directory = gate_dir(step)
+            if step in self.done or os.path.exists(os.path.join(directory, "release")):
                 return
-            self.done = True
-            wait_for_release(where)
+            self.done.add(step)
+            wait_for_release(where, directory)
 
     original = Trainer.__init__
 
