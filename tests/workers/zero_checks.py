@@ -282,3 +282,15 @@ if __name__ == "__main__":
     else:
         torch.set_num_threads(1)
         main(*sys.argv[1:])
+
+
+def two_shard_manifest(checkpoints) -> dict:
+    """The index of the first checkpoint written by 2 sharded workers (a pathlib.Path directory), after checking
+    that it lists a shard per rank and that each rank's shard holds exactly half of every flat state vector."""
+    import json
+    manifest = json.loads((checkpoints / "ckpt-00000000.json").read_text())
+    assert [s["rank"] for s in manifest["shards"]] == [0, 1] and manifest["shard_index"]["world"] == 2
+    for name, padded in manifest["shard_index"]["flats"].items():   # each rank wrote its half, nothing more
+        assert [len(np.load(checkpoints / s["file"])[name]) for s in manifest["shards"]] == [padded // 2] * 2
+    return manifest
+
