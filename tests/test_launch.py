@@ -477,17 +477,20 @@ def test_bad_flag_ends_with_one_summary_line_naming_the_rank(tmp_path, launcher)
     assert result.returncode == 2, explain(result)   # the workers' own code for bad input, on both launchers
     lines = summaries(result)
     assert len(lines) == 1, explain(result)
-    # every rank's own line is still shown, tagged; the summary quotes the first failing rank's
+    # each rank's own line is still shown, tagged; the summary quotes the first failing rank's. A rank the
+    # launcher terminated before it got to validate its flags says nothing (a race CI hit), so not every rank
+    # is required to have spoken: only the one the summary names.
     said = dict(re.findall(r"^\[(?:\d+,)?(\d)\]<stderr>:(hvdkit: error: batch_size must be >= 1.*)$",
                            result.stderr, re.M))
-    assert sorted(said) == ["0", "1"], explain(result)
+    assert said and set(said) <= {"0", "1"}, explain(result)
     rank = re.match(r"hvdkit: error: rank (\d) failed first", lines[0]).group(1)
+    assert rank in said, explain(result)
     assert lines[0] == f"hvdkit: error: rank {rank} failed first (exit 2): {said[rank]}; full output: {log}"
     assert result.stderr.splitlines()[-1] == lines[0]
     terminal = result.stdout + result.stderr
     assert not [n for n in NOISE if n in terminal], explain(result)
     full = log.read_text()    # the log keeps everything, the launcher's report included
-    assert full.count("batch_size must be >= 1") == 2
+    assert full.count("batch_size must be >= 1") == len(said)   # the log holds what the terminal showed
     assert ("RuntimeError: Horovod detected" if launcher == "horovodrun" else "mpirun detected") in full
 
 
