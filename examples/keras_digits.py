@@ -6,8 +6,8 @@
 """
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
-from hvdkit.scripting import (MetricsFile, config_from_args, keras_learning_rate, main_guard, summary_line,
-                               limit_train, training_parser)
+from hvdkit.scripting import (MetricsFile, config_from_args, keras_optimizer, main_guard, summary_line,
+                               limit_train, optimizer_flag, training_parser)
 
 
 def make_model(keras):
@@ -24,6 +24,7 @@ def main():
                         help="fit: Keras model.fit; loop: hvdkit's GradientTape step in tf.function")
     parser.add_argument("--input", choices=["arrays", "tfdata"], default="arrays",
                         help="arrays: numpy arrays; tfdata: the same data as tf.data pipelines (hvdkit.keras.TFStream)")
+    optimizer_flag(parser)
     args = parser.parse_args()
     from hvdkit.keras import TFStream, make_adapter, use_precision  # imports TensorFlow quietly
     import keras
@@ -37,7 +38,7 @@ def main():
     keras.utils.set_random_seed(args.seed)
     use_precision(args.precision)  # bf16: Keras' mixed_bfloat16 policy, set before the model is built
     model = make_model(keras)
-    optimizer = keras.optimizers.SGD(keras_learning_rate(args), momentum=0.9)
+    optimizer = keras_optimizer(args)   # --optimizer: SGD with momentum by default
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     top3 = keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3")  # reported as eval_top3, exact
     adapter = make_adapter(model, optimizer, loss, mode=args.mode, compression=args.compression, metrics=[top3])

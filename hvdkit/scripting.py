@@ -81,12 +81,52 @@ def training_parser(description: str, epochs: int, batch_size: int, lr: float) -
     p.add_argument("--early-stopping-patience", type=int, default=0,
                    help="stop after N evaluations in a row without improvement of --monitor (0: never)")
     p.add_argument("--shard-optimizer", action="store_true",
-                   help="ZeRO stage 2 (torch): each rank keeps 1/N of the optimizer state and of the reduced "
-                        "gradients; same result, checkpoints unsharded")
+                   help="ZeRO stage 2 (torch and Keras): each rank keeps 1/N of the optimizer state and of the "
+                        "reduced gradients; same result; static checkpoints are written as one shard per rank")
     p.add_argument("--nonfinite", choices=["stop", "skip", "off"], default="stop",
                    help="a NaN/Inf loss or gradient norm: stop every rank at that step (exit non-zero), skip that "
                         "step's update on every rank, or off (no check)")
     return p
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+WEIGHT_DECAY = 0.01   # --optimizer adamw's (the default of torch's AdamW)
+
+
+def optimizer_flag(parser: argparse.ArgumentParser, default: str = "sgd") -> None:
+    """Add ``--optimizer`` to a script's parser; build it with :func:`torch_optimizer` or :func:`keras_optimizer`.
+
+    Example::
+
+        parser = training_parser("train digits", epochs=20, batch_size=32, lr=0.05)
+        optimizer_flag(parser)
+        args = parser.parse_args()
+        optimizer = torch_optimizer(args, model.parameters())
+    """
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=default,
+                        help=f"sgd (momentum 0.9), adam, or adamw (weight decay {WEIGHT_DECAY}); --lr is its LR for "
+                             "one worker (Adam wants a smaller one than SGD, e.g. 0.002)")
+
+
+def torch_optimizer(args: argparse.Namespace, params):
+    """The torch optimizer ``--optimizer --lr`` name (see :func:`optimizer_flag`)."""
+    import torch
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.lr)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
+    return torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+
+
+def keras_optimizer(args: argparse.Namespace):
+    """The Keras optimizer ``--optimizer --lr --lr-schedule`` name (see :func:`optimizer_flag`)."""
+    import keras
+    lr = keras_learning_rate(args)
+    if args.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    if args.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=WEIGHT_DECAY)
+    return keras.optimizers.SGD(lr, momentum=0.9)
 
 
 LR_SCHEDULES = ("none", "step", "cosine")

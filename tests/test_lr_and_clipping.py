@@ -297,6 +297,29 @@ def test_example_flags_build_the_documented_schedule(schedule):
     assert config_from_args(none).clip_grad_norm is None
 
 
+def test_optimizer_flag_builds_what_it_names_in_both_frameworks():
+    """--optimizer read back from the optimizers built: class, LR, momentum, weight decay; a bad name is one line."""
+    import keras
+    from hvdkit.scripting import keras_optimizer, optimizer_flag, torch_optimizer, training_parser
+
+    def parse(*argv):
+        parser = training_parser("t", epochs=1, batch_size=4, lr=0.2)
+        optimizer_flag(parser)
+        return parser.parse_args(list(argv))
+    params = list(torch.nn.Linear(2, 2).parameters())
+    built = {name: (torch_optimizer(parse("--optimizer", name, "--lr", "0.003"), params),
+                    keras_optimizer(parse("--optimizer", name, "--lr", "0.003"))) for name in ("sgd", "adam", "adamw")}
+    assert [type(t).__name__ for t, _ in built.values()] == ["SGD", "Adam", "AdamW"]
+    assert [type(k).__name__ for _, k in built.values()] == ["SGD", "Adam", "AdamW"]
+    assert all(t.param_groups[0]["lr"] == 0.003 and float(k.learning_rate) == pytest.approx(0.003)
+               for t, k in built.values())
+    assert built["sgd"][0].param_groups[0]["momentum"] == 0.9 and float(built["sgd"][1].momentum) == pytest.approx(0.9)
+    assert built["adamw"][0].param_groups[0]["weight_decay"] == 0.01 and built["adamw"][1].weight_decay == 0.01
+    assert type(torch_optimizer(parse(), params)).__name__ == "SGD"   # the examples' default is unchanged
+    with pytest.raises(SystemExit):
+        parse("--optimizer", "lamb")
+
+
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_examples_apply_the_schedule_flags(tmp_path, framework):
     """An example run with the flags (one process, no launcher) under the probe an elastic test can use too."""
