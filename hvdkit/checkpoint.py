@@ -111,6 +111,15 @@ class CheckpointStore:
         ensure_writable_dir(self.directory)
         existing = self.numbers()
         number = self.next_number() if number is None else number
+        bin_path = self._write(number, blob, meta, shards, shard_index)
+        for old in existing[:max(0, len(existing) + 1 - self.keep)]:
+            self._delete(old)
+        self._drop_orphan_shards()
+        return bin_path
+
+    def _write(self, number: int, blob: bytes, meta: Dict, shards: Optional[List[Dict]],
+               shard_index: Optional[Dict]) -> str:
+        """Checkpoint ``number``: its blob, then its manifest (the index of its shards, if any) last."""
         bin_path, json_path = self._paths(number)
         if shards is not None:
             check_index(self.directory, shards, int(shard_index["world"]))
@@ -120,13 +129,14 @@ class CheckpointStore:
         if shards is not None:
             manifest.update(shards=sorted(shards, key=lambda e: e["rank"]), shard_index=shard_index)
         atomic_write(json_path, json.dumps(manifest, sort_keys=True).encode())
-        for old in existing[:max(0, len(existing) + 1 - self.keep)]:
-            self._delete(old)
+        return bin_path
+
+    def _drop_orphan_shards(self) -> None:
+        """Shards no kept manifest lists: a save cut short, or a checkpoint deleted meanwhile."""
         kept = set(self.numbers())
-        for number_of, name in shard_files(self.directory):   # shards no kept manifest lists (a save cut short)
+        for number_of, name in shard_files(self.directory):
             if number_of not in kept:
                 os.unlink(os.path.join(self.directory, name))
-        return bin_path
 
     def _delete(self, number: int) -> None:
         """Checkpoint ``number``'s files, manifest first: a checkpoint without its manifest does not exist."""
@@ -241,7 +251,13 @@ class BestStore(CheckpointStore):
 
     def offer(self, blob: bytes, meta: Dict, monitor: str, value: float, mode: str) -> Optional[str]:
         """Keep this checkpoint if it is among the ``keep`` best; returns its path, or None if not kept."""
-        epoch = int(meta["epoch"])
+        number = self.place(int(meta["epoch"]), monitor, value, mode)
+        return None if number is None else self.write(number, blob, meta, monitor, value, mode)
+
+    def place(self, epoch: int, monitor: str, value: float, mode: str) -> Optional[int]:
+        """The number a checkpoint of ``epoch`` scoring ``value`` is written as, or None when it is not among the
+        ``keep`` best. Drops entries of a rolled-back timeline and of another monitor first. (A sharded best
+        checkpoint: rank 0 places it and tells every rank the number before they write their shards.)"""
         entries = self.ranked(mode)
         for _, old_epoch, number, manifest in entries:
             if old_epoch >= epoch:
@@ -257,14 +273,15 @@ class BestStore(CheckpointStore):
         if len(entries) >= self.keep and not _better(value, entries[self.keep - 1][0], mode):
             return None
         ensure_writable_dir(self.directory)
-        existing = self.numbers()
-        number = existing[-1] + 1 if existing else 0
-        bin_path, json_path = self._paths(number)
-        atomic_write(bin_path, blob)
-        manifest = dict(meta, monitor=monitor, monitor_value=float(value), monitor_mode=mode,
-                        sha256=hashlib.sha256(blob).hexdigest(), size=len(blob), file=os.path.basename(bin_path),
-                        saved_at=time.time())
-        atomic_write(json_path, json.dumps(manifest, sort_keys=True).encode())
+        return self.next_number()
+
+    def write(self, number: int, blob: bytes, meta: Dict, monitor: str, value: float, mode: str,
+              shards: Optional[List[Dict]] = None, shard_index: Optional[Dict] = None) -> str:
+        """Write the checkpoint :meth:`place` gave ``number`` (with its shards' index, when sharded), then delete
+        the worst beyond ``keep``; returns its path."""
+        meta = dict(meta, monitor=monitor, monitor_value=float(value), monitor_mode=mode)
+        bin_path = self._write(number, blob, meta, shards, shard_index)
         for _, _, old, _ in self.ranked(mode)[self.keep:]:
             self._delete(old)
+        self._drop_orphan_shards()
         return bin_path

@@ -56,8 +56,6 @@ class EpochLoop:
         t.agree_buffers()
         self.check_finite("")
         self.run_.progress["rng"] = t.process.allgather_object(t.adapter.rng_state())
-        if evaluated is not None and t.config.keep_best:
-            t.adapter.gather_state()   # every rank: a sharded optimizer's state, whole for a best checkpoint
         stop = self.watch(*evaluated) if evaluated is not None else False
         self._save()
         return stop
@@ -214,11 +212,8 @@ class EpochLoop:
         progress = run.progress
         record = update_record(progress.get("best"), cfg, metrics, epoch)  # raises alike on every rank
         progress["best"] = record = t.process.broadcast_object(record if t.process.rank == 0 else None)
-        if cfg.keep_best and t.process.rank == 0 and t.best_store is not None:
-            meta = {k: v for k, v in progress.items() if k != "rng"}
-            meta.update(world_size=t.process.size, framework=t.adapter.framework)
-            path = t.best_store.offer(t.adapter.state_to_bytes(progress), meta, cfg.monitor, record["last"],
-                                      record["mode"])
+        if cfg.keep_best and t.best_store is not None:   # every rank: a sharded state is written where it lives
+            path = t.offer_best(progress, record["last"], record["mode"])
             if path:
                 t.log.info(f"best checkpoint {path} ({cfg.monitor} {record['last']:.6g}, epoch {epoch}; "
                            f"the {cfg.keep_best} best are kept)")

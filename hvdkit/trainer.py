@@ -171,15 +171,8 @@ class Trainer:
         arrays, index = payload
         p = self.process
         number = p.broadcast_object(store.next_number() if p.rank == 0 else None)
-        try:
-            entry = write_shard(store.directory, number, p.rank, p.size, arrays)
-        except OSError as e:
-            entry = (f"rank {p.rank} could not write its optimizer shard into {store.directory} ({e.strerror}); "
-                     "free space there or pass another --checkpoint-dir")
-        entries = p.allgather_object(entry)
-        failed = next((e for e in entries if isinstance(e, str)), None)
-        if failed:
-            raise StoppedOnEveryRank(failed)
+        entries = self._write_shards(store.directory, number, arrays)
+
         def write_index():
             try:
                 return store.save(self.adapter.state_to_bytes(progress, sharded=True), self._meta(progress),
@@ -190,6 +183,51 @@ class Trainer:
         path = self._agree(write_index)
         if p.rank == 0:
             self._saved(path, progress)
+
+    def _write_shards(self, directory: str, number: int, arrays) -> List[Dict[str, Any]]:
+        """Every rank: its optimizer shard of checkpoint ``number``; every rank's entry for the index, or the same
+        one line on every rank when any rank could not write."""
+        p = self.process
+        try:
+            entry = write_shard(directory, number, p.rank, p.size, arrays)
+        except OSError as e:
+            entry = (f"rank {p.rank} could not write its optimizer shard into {directory} ({e.strerror}); "
+                     "free space there or pass another --checkpoint-dir")
+        entries = p.allgather_object(entry)
+        failed = next((e for e in entries if isinstance(e, str)), None)
+        if failed:
+            raise StoppedOnEveryRank(failed)
+        return entries
+
+    def offer_best(self, progress: Dict[str, Any], value: float, mode: str) -> Optional[str]:
+        """Every rank, after an evaluation with ``keep_best``: the state offered to the best checkpoints; rank 0's
+        path of the one written, else None. A sharded optimizer's state in a static job is written where it lives
+        (each rank its shard, as :meth:`commit_static` does, once rank 0 has found it among the best): nothing is
+        gathered. Otherwise the state is gathered and rank 0 writes one file."""
+        p, store, cfg = self.process, self.best_store, self.config
+        meta = {k: v for k, v in progress.items() if k != "rng"}
+        meta.update(world_size=p.size, framework=self.adapter.framework)
+        payload = None if self.elastic else self.adapter.shard_payload()
+        if payload is None:
+            self.adapter.gather_state()   # every rank: a sharded optimizer's state, whole for a best checkpoint
+            if p.rank != 0:
+                return None
+            return store.offer(self.adapter.state_to_bytes(progress), meta, cfg.monitor, value, mode)
+        arrays, index = payload
+        number = self._agree(lambda: store.place(int(meta["epoch"]), cfg.monitor, value, mode))
+        if number is None:
+            return None
+        entries = self._write_shards(store.directory, number, arrays)
+
+        def write_index():
+            try:
+                return store.write(number, self.adapter.state_to_bytes(progress, sharded=True), meta, cfg.monitor,
+                                   value, mode, shards=entries, shard_index=index)
+            except OSError as e:   # a full disk on rank 0: the same one line on every rank, as for a shard
+                raise HvdkitError(f"rank 0 could not write the best checkpoint's index into {store.directory} "
+                                  f"({e.strerror}); free space there or pass another --checkpoint-dir") from None
+        path = self._agree(write_index)
+        return path if p.rank == 0 else None
 
     def evaluate(self, data) -> Dict[str, float]:
         """Exact metrics over ``data``: each sample counted once (the ranks' shares are disjoint, unpadded).

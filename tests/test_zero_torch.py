@@ -192,18 +192,40 @@ def test_a_rollback_restores_the_sharded_state(tmp_path):
     assert np.abs(zc.flat(net) - zc.flat(whole)).max() == 0.0
 
 
-def test_best_checkpoints_hold_the_unsharded_state(tmp_path):
+def test_best_checkpoints_are_sharded_and_merge_into_the_unsharded_runs(tmp_path):
+    """keep_best with a sharded optimizer: the best checkpoints are written as shards (nothing gathered), each
+    merges (hvdkit checkpoint merge) into the same blob an unsharded run keeps as its best, to 1e-6."""
+    import glob
     from hvdkit.checkpoint import BestStore
-    _, sharded, result = local_fit("adam", True, batch_size=4, keep_best=2, monitor="loss",
-                                   checkpoint_dir=str(tmp_path))
-    best = BestStore(str(tmp_path / "best"), keep=2)
-    assert result.best is not None and best.numbers()
-    blob, _ = best.verify(best.numbers()[-1])
-    net = zc.model()
-    plain = TorchAdapter(net, zc.optimizer_for("adam", net), torch.nn.functional.cross_entropy)
-    plain.state_from_bytes(blob)   # an unsharded optimizer loads it as it is
-    assert len(plain.optimizer.state) == len(list(net.parameters()))
-    assert plain.optimizer.state[net.embed.weight]["exp_avg"].shape == net.embed.weight.shape
+    from hvdkit.merge import merge_checkpoint
+    kept = {}
+    for shard in (True, False):
+        directory = tmp_path / ("sharded" if shard else "plain")
+        _, _, result = local_fit("adam", shard, batch_size=4, keep_best=2, monitor="loss", checkpoint_dir=str(directory))
+        best = BestStore(str(directory / "best"), keep=2)
+        assert result.best is not None and len(best.numbers()) == 2
+        kept[shard] = [(value, epoch, number) for value, epoch, number, _ in best.ranked()]
+        shards = glob.glob(str(directory / "best" / "*.shard-*"))
+        assert len(shards) == (2 if shard else 0), shards   # one shard per kept checkpoint (1 worker)
+    assert [e for _, e, _ in kept[True]] == [e for _, e, _ in kept[False]]   # the same epochs ranked the same
+    for (_, epoch, sharded_number), (_, _, plain_number) in zip(kept[True], kept[False]):
+        said = merge_checkpoint(str(tmp_path / "sharded" / "best"), str(tmp_path / f"merged-{epoch}"),
+                                number=sharded_number)
+        merged = str(tmp_path / f"merged-{epoch}" / "ckpt-00000000.bin")
+        assert said.endswith(f"into {merged}"), said
+        nets = []
+        for path in (merged, str(tmp_path / "plain" / "best" / f"ckpt-{plain_number:08d}.bin")):
+            net = zc.model()
+            plain = TorchAdapter(net, zc.optimizer_for("adam", net), torch.nn.functional.cross_entropy)
+            with open(path, "rb") as f:
+                plain.state_from_bytes(f.read())   # an unsharded optimizer loads it as it is
+            nets.append((net, plain.optimizer))
+        (a, opt_a), (b, opt_b) = nets
+        assert np.abs(zc.flat(a) - zc.flat(b)).max() <= 1e-6
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert float((opt_a.state[pa][key] - opt_b.state[pb][key]).abs().max()) <= 1e-6, (epoch, key)
+            assert float(opt_a.state[pa]["step"]) == float(opt_b.state[pb]["step"]) > 0
 
 
 def test_misuse_is_refused_in_one_line():
