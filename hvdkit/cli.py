@@ -129,7 +129,7 @@ def _doctor_hosts(args: argparse.Namespace) -> int:
     if args.json:
         raise HvdkitError("doctor --hosts prints lines, not JSON; drop --json")
     from .doctor.hosts import run_hosts_doctor
-    return run_hosts_doctor(list(dict.fromkeys(hosts)), iface=args.network_interface, port=args.ssh_port,
+    return run_hosts_doctor(hosts, iface=args.network_interface, port=args.ssh_port,
                             key=args.ssh_identity_file)
 
 

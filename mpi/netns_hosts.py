@@ -13,6 +13,11 @@ working directory exist everywhere, as on a cluster with a shared home. Run as r
     python3 mpi/netns_hosts.py run --on hvdkit-h1 -- hostname    # a command on a worker host
     python3 mpi/netns_hosts.py down                # removes everything, also after a failed `up`
 
+``--prefix P`` names a separate set (``P-h1``, ``P-l``, bridge ``P-br0``, links ``P-v1``; its own ``--state``), so
+two sets can be up at once, e.g. a test's next to a user's. Each sshd listens on ports 22 and 2222 (``SSH_PORTS``)
+and logs each connection with the port it came in on (``sshd-<host>.log``), so a launch's ``--ssh-port`` can be
+checked.
+
 Nothing of the user's is touched: the ssh key, sshd host key, authorized_keys and known_hosts are throwaway files
 in the state directory (default /tmp/hvdkit-netns, ``--state DIR``). Name resolution and ssh client defaults
 come from ``/etc/netns/<namespace>/{hosts,ssh}``, which ``ip netns exec`` bind-mounts over ``/etc/hosts`` and
@@ -32,12 +37,10 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-PREFIX = "hvdkit"
-SUBNET = "10.213.0"                 # /24, only on the bridge
-BRIDGE = f"{PREFIX}-br0"
-LAUNCHER_NS = f"{PREFIX}-l"
-LAUNCHER_NAME = f"{PREFIX}-launcher"
+PREFIX = "hvdkit"                   # of every name made; --prefix chooses another (a separate set)
+SUBNET = "10.213.0"                 # /24, only on each set's bridge (sets do not see each other)
 LAUNCHER_IP = f"{SUBNET}.1"
+SSH_PORTS = (22, 2222)              # every sshd listens on both: tests use the second for --ssh-port
 DEFAULT_STATE = os.environ.get("HVDKIT_NETNS_STATE", "/tmp/hvdkit-netns")
 ETC_NETNS = "/etc/netns"
 SAFE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -48,23 +51,38 @@ class SetupError(Exception):
     """A problem with a fix: printed as one ``netns_hosts: error: ...`` line."""
 
 
-def host_name(i: int) -> str:
-    return f"{PREFIX}-h{i}"
+def check_prefix(prefix: str) -> None:
+    """Names are ``<prefix>-...``; Linux limits link names to 15 characters (``<prefix>-br0``, ``<prefix>-v50``)."""
+    if not (prefix[:1].isalpha() and prefix.isalnum() and prefix.islower() and len(prefix) <= 8):
+        raise SetupError(f"--prefix {prefix!r} must be 1-8 lowercase letters and digits, starting with a letter")
+
+
+def host_name(i: int, prefix: str = PREFIX) -> str:
+    return f"{prefix}-h{i}"
+
+
+def bridge_name(prefix: str = PREFIX) -> str:
+    return f"{prefix}-br0"
+
+
+def launcher_ns(prefix: str = PREFIX) -> str:
+    return f"{prefix}-l"
 
 
 def host_ip(i: int) -> str:
     return f"{SUBNET}.{10 + i}"
 
 
-def layout(n: int) -> List[Dict[str, str]]:
+def layout(n: int, prefix: str = PREFIX) -> List[Dict[str, str]]:
     """Namespace, hostname, address and root-side veth of the launcher and each worker.
 
-    >>> [h["name"] for h in layout(2)]
-    ['hvdkit-launcher', 'hvdkit-h1', 'hvdkit-h2']
+    >>> [(h["name"], h["veth"]) for h in layout(2)]
+    [('hvdkit-launcher', 'hvdkit-vl'), ('hvdkit-h1', 'hvdkit-v1'), ('hvdkit-h2', 'hvdkit-v2')]
     """
-    nodes = [dict(ns=LAUNCHER_NS, name=LAUNCHER_NAME, ip=LAUNCHER_IP, veth=f"{PREFIX[:3]}-l", role="launcher")]
+    nodes = [dict(ns=launcher_ns(prefix), name=f"{prefix}-launcher", ip=LAUNCHER_IP, veth=f"{prefix}-vl",
+                  role="launcher")]
     for i in range(1, n + 1):
-        nodes.append(dict(ns=host_name(i), name=host_name(i), ip=host_ip(i), veth=f"{PREFIX[:3]}-h{i}",
+        nodes.append(dict(ns=host_name(i, prefix), name=host_name(i, prefix), ip=host_ip(i), veth=f"{prefix}-v{i}",
                           role="worker"))
     return nodes
 
@@ -133,32 +151,35 @@ def healthy(state: dict) -> bool:
     return bool(state.get("ready"))
 
 
-def up(n: int, state_dir: str) -> dict:
+def up(n: int, state_dir: str, prefix: str = PREFIX) -> dict:
     """Create (or keep, when already up with ``n`` hosts) the namespaces, bridge, sshds, keys and name files."""
+    check_prefix(prefix)
     if n < 1:
         raise SetupError(f"--hosts must be >= 1 (got {n}); pass e.g. --hosts 2")
     if n > 50:
         raise SetupError(f"--hosts {n} is more than 50; the subnet plan holds 50 hosts")
     check_can_run()
     old = load_state(state_dir)
-    if old and old.get("hosts") == n and healthy(old):
+    if old and (old.get("hosts"), old.get("prefix"), old.get("ssh_ports")) == (n, prefix, list(SSH_PORTS)) \
+            and healthy(old):
         return old
-    down(state_dir, quiet=True)
+    down(state_dir, quiet=True, prefix=prefix)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    nodes = layout(n)
+    nodes = layout(n, prefix)
     # Recorded before anything exists, so `down` can undo a half-done `up`.
-    state = dict(hosts=n, state_dir=state_dir, nodes=nodes, bridge=BRIDGE, sshd_pids={}, ready=False,
+    state = dict(hosts=n, prefix=prefix, state_dir=state_dir, nodes=nodes, bridge=bridge_name(prefix),
+                 ssh_ports=list(SSH_PORTS), sshd_pids={}, ready=False,
                  made_etc_netns=not os.path.isdir(ETC_NETNS), made_run_sshd=not os.path.isdir("/run/sshd"),
                  key=os.path.join(state_dir, "id_ed25519"), hostfile=os.path.join(state_dir, "hostfile"))
     save_state(state_dir, state)
     _keys(state_dir)
-    _etc_files(nodes, state_dir)
-    _network(nodes)
+    _etc_files(nodes, state_dir, prefix)
+    _network(nodes, state["bridge"])
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # sshd's privilege separation directory
     for node in nodes[1:]:
         state["sshd_pids"][node["ns"]] = _start_sshd(node, state_dir)
         save_state(state_dir, state)
-    _wait_ready(nodes[1:], state["key"])
+    _wait_ready(nodes[0], nodes[1:], state["key"])
     with open(state["hostfile"], "w") as f:
         f.write("".join(f"{node['name']} slots=1\n" for node in nodes[1:]))
     state["ready"] = True
@@ -176,13 +197,13 @@ def _keys(state_dir: str) -> None:
     os.chmod(os.path.join(state_dir, "authorized_keys"), 0o600)
 
 
-def _etc_files(nodes: List[Dict[str, str]], state_dir: str) -> None:
+def _etc_files(nodes: List[Dict[str, str]], state_dir: str, prefix: str) -> None:
     """/etc/netns/<ns>/hosts (every hostname) and /etc/netns/<ns>/ssh (client defaults), per namespace."""
     with open("/etc/hosts") as f:
         base = f.read()
     names = "".join(f"{node['ip']}\t{node['name']}\n" for node in nodes)
     ours = (f"# hvdkit netns hosts: the key is given by the launcher (-i / --ssh-identity-file)\n"
-            f"Host {PREFIX}-* {SUBNET}.*\n"
+            f"Host {prefix}-* {SUBNET}.*\n"
             f"    UserKnownHostsFile {state_dir}/known_hosts\n"
             f"    StrictHostKeyChecking no\n"
             f"    LogLevel ERROR\n"
@@ -201,21 +222,21 @@ def _etc_files(nodes: List[Dict[str, str]], state_dir: str) -> None:
         etc = os.path.join(ETC_NETNS, node["ns"])
         os.makedirs(os.path.join(etc, "ssh"), exist_ok=True)
         with open(os.path.join(etc, "hosts"), "w") as f:
-            f.write(base.rstrip("\n") + f"\n# {PREFIX} netns hosts\n" + names)
+            f.write(base.rstrip("\n") + f"\n# {prefix} netns hosts\n" + names)
         # The first value ssh reads wins, so ours come before the system's (its Include finds nothing here).
         with open(os.path.join(etc, "ssh", "ssh_config"), "w") as f:
             f.write(ours + system_config)
 
 
-def _network(nodes: List[Dict[str, str]]) -> None:
-    sh("ip", "link", "add", BRIDGE, "type", "bridge")
-    sh("ip", "link", "set", BRIDGE, "up")
+def _network(nodes: List[Dict[str, str]], bridge: str) -> None:
+    sh("ip", "link", "add", bridge, "type", "bridge")
+    sh("ip", "link", "set", bridge, "up")
     for node in nodes:
         ns = node["ns"]
         sh("ip", "netns", "add", ns)
         # The namespace end is created inside it, already named eth0, as on a real host.
         sh("ip", "link", "add", node["veth"], "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "link", "set", node["veth"], "master", BRIDGE, "up")
+        sh("ip", "link", "set", node["veth"], "master", bridge, "up")
         sh("ip", "-n", ns, "addr", "add", f"{node['ip']}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -226,7 +247,9 @@ def _start_sshd(node: Dict[str, str], state_dir: str) -> int:
     conf = os.path.join(state_dir, f"sshd-{node['ns']}.conf")
     pidfile = os.path.join(state_dir, f"sshd-{node['ns']}.pid")
     with open(conf, "w") as f:
-        f.write(f"ListenAddress {node['ip']}\nPort 22\n"
+        f.write(f"ListenAddress {node['ip']}\n" + "".join(f"Port {port}\n" for port in SSH_PORTS) +
+                # VERBOSE logs "Connection from A port P on B port 2222": which port each login used
+                "LogLevel VERBOSE\n"
                 f"HostKey {state_dir}/ssh_host_ed25519_key\n"
                 f"AuthorizedKeysFile {state_dir}/authorized_keys\n"
                 f"PidFile {pidfile}\n"
@@ -251,17 +274,17 @@ def _start_sshd(node: Dict[str, str], state_dir: str) -> int:
     raise SetupError(f"sshd in {node['ns']} did not start; see {state_dir}/sshd-{node['ns']}.log")
 
 
-def _wait_ready(workers: List[Dict[str, str]], key: str) -> None:
+def _wait_ready(launcher: Dict[str, str], workers: List[Dict[str, str]], key: str) -> None:
     """Log in to every worker from the launcher namespace by name: checks routes, names, keys and hostnames."""
     deadline = time.monotonic() + READY_TIMEOUT
     for node in workers:
         while True:
-            res = sh(*in_namespace(LAUNCHER_NS, LAUNCHER_NAME, ["ssh", "-i", key, "-o", "BatchMode=yes",
-                                                              node["name"], "hostname"]), check=False)
+            res = sh(*in_namespace(launcher["ns"], launcher["name"], ["ssh", "-i", key, "-o", "BatchMode=yes",
+                                                                      node["name"], "hostname"]), check=False)
             if res.returncode == 0 and res.stdout.strip() == node["name"]:
                 break
             if time.monotonic() > deadline:
-                raise SetupError(f"cannot ssh to {node['name']} from {LAUNCHER_NS}: "
+                raise SetupError(f"cannot ssh to {node['name']} from {launcher['ns']}: "
                                  f"{(res.stderr or res.stdout).strip()}")
             time.sleep(0.1)
 
@@ -285,7 +308,7 @@ def run_argv(state_dir: str, cmd: List[str], on: Optional[str] = None) -> List[s
     if not cmd:
         raise SetupError("run needs a command after --, e.g. run -- hostname")
     nodes = {node["name"]: node for node in state["nodes"]}
-    node = nodes.get(on or LAUNCHER_NAME)
+    node = nodes.get(on or state["nodes"][0]["name"])     # the launcher's by default
     if node is None:
         raise SetupError(f"no host {on!r}; choose one of {', '.join(nodes)}")
     return in_namespace(node["ns"], node["name"], cmd)
@@ -293,13 +316,15 @@ def run_argv(state_dir: str, cmd: List[str], on: Optional[str] = None) -> List[s
 
 # ---- down --------------------------------------------------------------------------------------------------
 
-def down(state_dir: str, quiet: bool = False) -> None:
-    """Remove everything `up` made (from the state file, else by the fixed names): processes in the namespaces,
+def down(state_dir: str, quiet: bool = False, prefix: str = PREFIX) -> None:
+    """Remove everything `up` made (from the state file, else by the prefix's names): processes in the namespaces,
     namespaces, bridge and veths, /etc/netns files, the state directory with its keys. Safe to repeat."""
     state = load_state(state_dir) or {}
+    prefix = state.get("prefix", prefix)
     listed = set(sh("ip", "netns", "list", check=False).stdout.split())
     ours = {node["ns"] for node in state.get("nodes", [])}
-    ours |= {ns for ns in listed if ns == LAUNCHER_NS or (ns.startswith(f"{PREFIX}-h") and ns[len(PREFIX) + 2:].isdigit())}
+    ours |= {ns for ns in listed if ns == launcher_ns(prefix) or
+             (ns.startswith(f"{prefix}-h") and ns[len(prefix) + 2:].isdigit())}
     for pid in state.get("sshd_pids", {}).values():
         _kill(pid)
     for ns in sorted(ours):
@@ -315,12 +340,12 @@ def down(state_dir: str, quiet: bool = False) -> None:
         shutil.rmtree(os.path.join(ETC_NETNS, ns), ignore_errors=True)
     for node in state.get("nodes", []):
         sh("ip", "link", "del", node["veth"], check=False)
-    sh("ip", "link", "del", BRIDGE, check=False)
+    sh("ip", "link", "del", bridge_name(prefix), check=False)
     if state.get("made_etc_netns"):
         _rmdir(ETC_NETNS)
     if state.get("made_run_sshd"):
         _rmdir("/run/sshd")
-    if os.path.isdir(state_dir) and (state or os.path.basename(state_dir.rstrip("/")).startswith(f"{PREFIX}-netns")):
+    if os.path.isdir(state_dir) and (state or os.path.basename(state_dir.rstrip("/")).startswith(f"{prefix}-netns")):
         shutil.rmtree(state_dir, ignore_errors=True)
     if not quiet:
         print(f"netns_hosts: down (namespaces {', '.join(sorted(ours)) or 'none'} removed)")
@@ -346,19 +371,21 @@ def describe(state: dict) -> str:
     me = os.path.relpath(os.path.abspath(__file__))
     workers = [node for node in state["nodes"] if node["role"] == "worker"]
     lines = ["netns_hosts: up: " + ", ".join(f"{node['name']} ({node['ip']})" for node in workers)
-             + f"; launcher {LAUNCHER_NAME} ({LAUNCHER_IP}); interface eth0",
+             + f"; launcher {state['nodes'][0]['name']} ({LAUNCHER_IP}); interface eth0; "
+             f"ssh ports {', '.join(map(str, state.get('ssh_ports', SSH_PORTS)))}",
              f"  key:      {state['key']}",
              f"  hostfile: {state['hostfile']}",
              f"  try:      python3 {me} run -- ssh -i {state['key']} {workers[0]['name']} hostname",
              f"  launch:   python3 {me} run -- .venv/bin/hvdkit launch --hostfile {state['hostfile']} "
              f"--network-interface eth0 --ssh-identity-file {state['key']} examples/torch_digits.py --epochs 3",
-             f"  remove:   python3 {me} down"]
+             f"  remove:   python3 {me} --state {state['state_dir']} down"]
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="netns_hosts.py", description=__doc__.splitlines()[0])
     parser.add_argument("--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE})")
+    parser.add_argument("--prefix", default=PREFIX, help=f"of every name made: a separate set (default {PREFIX})")
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="create N worker hosts and the launcher namespace (idempotent)")
     p_up.add_argument("--hosts", type=int, default=2)
@@ -372,12 +399,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     state_dir = os.path.abspath(args.state)
     try:
         if args.command == "up":
-            state = up(args.hosts, state_dir)
+            state = up(args.hosts, state_dir, args.prefix)
             print(json.dumps(state) if args.json else describe(state), flush=True)
         elif args.command == "down":
             if os.geteuid() != 0:
                 raise SetupError("must run as root; re-run with sudo")
-            down(state_dir)
+            down(state_dir, prefix=args.prefix)
         elif args.command == "status":
             state = load_state(state_dir)
             if not state or not healthy(state):
@@ -391,12 +418,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SetupError as e:
         print(f"netns_hosts: error: {e}", file=sys.stderr)
         if args.command == "up":     # leave nothing half-made behind
-            down(state_dir, quiet=True)
+            down(state_dir, quiet=True, prefix=args.prefix)
         return 2
     except subprocess.TimeoutExpired as e:
         print(f"netns_hosts: error: {' '.join(e.cmd)} timed out; check the machine and re-run", file=sys.stderr)
         if args.command == "up":
-            down(state_dir, quiet=True)
+            down(state_dir, quiet=True, prefix=args.prefix)
         return 2
     return 0
 

@@ -9,10 +9,12 @@ Use it from a test module::
         result = netns_hosts.run(["ssh", "-i", netns_hosts.key, "hvdkit-h1", "hostname"], timeout=30)
         assert result.stdout.strip() == "hvdkit-h1"
 
-The fixture skips the module with one reason when it cannot run here (not root, no ``ip netns``, no sshd), and
-removes everything it made (processes, namespaces, links, keys, /etc/netns files) in a finally, also when a test
-or the setup fails. Commands run in the launcher namespace through :func:`proc.run`: their own session, a
-timeout, the group and every marked worker (remote ones too: the launchers forward HVDKIT_*) killed after.
+Its hosts are hvdkit-h1, hvdkit-h2, ...; ``hosts_fixture(prefix="x")`` makes a fixture of a separate set (x-h1, ...:
+its own namespaces, bridge, links and state) that can be up at the same time. A fixture skips the module with one
+reason when it cannot run here (not root, no ``ip netns``, no sshd), and removes everything it made (processes,
+namespaces, links, keys, /etc/netns files) in a finally, also when a test or the setup fails. Commands run in the
+launcher namespace through :func:`proc.run`: their own session, a timeout, the group and every marked worker (remote
+ones too: the launchers forward HVDKIT_*) killed after.
 """
 from __future__ import annotations
 
@@ -74,6 +76,16 @@ class NetnsHosts:
     def hostfile(self) -> str:
         return self.state["hostfile"]
 
+    @property
+    def ssh_ports(self) -> List[int]:
+        """The ports every sshd listens on (22 and another, for ``--ssh-port``)."""
+        return self.state["ssh_ports"]
+
+    def sshd_log(self, name: str) -> str:
+        """Host ``name``'s sshd log (LogLevel VERBOSE: ``Connection from A port P on B port N`` per login)."""
+        ns = next(node["ns"] for node in self.state["nodes"] if node["name"] == name)
+        return os.path.join(self.state["state_dir"], f"sshd-{ns}.log")
+
     def veth(self, name: str) -> str:
         """The root-namespace end of host ``name``'s link: ``ip link set VETH down`` cuts the host off the network
         (its processes keep running)."""
@@ -89,24 +101,31 @@ class NetnsHosts:
         return run(self.argv(cmd, on), timeout=timeout, env=env)
 
 
-def _down(state_dir: str) -> None:
-    subprocess.run(["python3", SCRIPT, "--state", state_dir, "down"], stdout=subprocess.DEVNULL,
+def _down(state_dir: str, prefix: str) -> None:
+    subprocess.run(["python3", SCRIPT, "--state", state_dir, "--prefix", prefix, "down"], stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=UP_TIMEOUT)
 
 
-@pytest.fixture(scope="module")
-def netns_hosts(tmp_path_factory):
-    """:class:`NetnsHosts` with ``HOSTS`` workers, up for the whole module, removed after it."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    state_dir = str(tmp_path_factory.mktemp("netns") / "hvdkit-netns")
-    netns = _netns_module()
-    try:
-        up = subprocess.run(["python3", SCRIPT, "--state", state_dir, "up", "--hosts", str(HOSTS), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=UP_TIMEOUT)
-        if up.returncode != 0:
-            pytest.fail(f"netns_hosts.py up failed: {up.stderr.strip()}", pytrace=False)
-        yield NetnsHosts(netns.load_state(state_dir), netns)
-    finally:
-        _down(state_dir)
+def hosts_fixture(prefix: str = "hvdkit", hosts: int = HOSTS, scope: str = "module"):
+    """A fixture of :class:`NetnsHosts`: ``hosts`` workers named ``<prefix>-h1``..., up for ``scope``, then removed
+    (also when the test or the setup fails). Distinct prefixes are distinct sets that can be up at once."""
+    @pytest.fixture(scope=scope)
+    def fixture(tmp_path_factory):
+        reason = skip_reason()
+        if reason:
+            pytest.skip(reason)
+        state_dir = str(tmp_path_factory.mktemp("netns") / f"{prefix}-netns")
+        netns = _netns_module()
+        try:
+            up = subprocess.run(["python3", SCRIPT, "--state", state_dir, "--prefix", prefix, "up", "--hosts",
+                                 str(hosts), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                timeout=UP_TIMEOUT)
+            if up.returncode != 0:
+                pytest.fail(f"netns_hosts.py up failed: {up.stderr.strip()}", pytrace=False)
+            yield NetnsHosts(netns.load_state(state_dir), netns)
+        finally:
+            _down(state_dir, prefix)
+    return fixture
+
+
+netns_hosts = hosts_fixture()   # hvdkit-h1..h3, once per module that uses it

@@ -2,7 +2,8 @@
 namespace hosts (tests/multihost.py: hvdkit-h1, hvdkit-h2, each with sshd and eth0; the launcher in a namespace
 of its own): the torch and Keras digits examples with horovodrun (Gloo and MPI controllers) and mpirun, 2 hosts x 1
 or 2 slots, compared with the same run on localhost; elastic jobs across the hosts (a third host joining, a host cut
-off the network and re-admitted); hvdkit doctor --hosts; the sbatch script and MPIJob manifest under mpi/
+off the network and re-admitted); the launcher's environment and --ssh-port reaching remote ranks; the harness's
+teardown leaving nothing behind; hvdkit doctor --hosts; the sbatch script and MPIJob manifest under mpi/
 (docs/cluster.md), checked with --print."""
 import json
 import os
@@ -346,6 +347,69 @@ def test_keras_digits_across_two_hosts(netns_hosts, tmp_path, keras_local, launc
     digits_across_two_hosts(netns_hosts, tmp_path, "keras", launcher, slots, fmt, keras_local)
 
 
+# ---------------------------------------------------------------- environment and ssh port on remote ranks
+
+ENV_REPORT = os.path.join(REPO, "tests", "workers", "env_report.py")
+CONNECTION = re.compile(r"^Connection from \S+ port \d+ on \S+ port (\d+)", re.M)
+
+
+def _log_sizes(hosts, names):
+    return {name: os.path.getsize(hosts.sshd_log(name)) for name in names}
+
+
+def ports_logged_since(hosts, sizes):
+    """host -> the ports of the ssh logins its sshd logged after ``sizes`` (offsets from :func:`_log_sizes`)."""
+    found = {}
+    for name, offset in sizes.items():
+        with open(hosts.sshd_log(name)) as f:
+            f.seek(offset)
+            found[name] = [int(port) for port in CONNECTION.findall(f.read())]
+    return found
+
+
+def remote_ranks(out_dir, count):
+    """rank -> what :mod:`tests/workers/env_report.py` wrote on that rank."""
+    found = {}
+    for rank in range(count):
+        with open(os.path.join(out_dir, f"rank-{rank}.json")) as f:
+            found[rank] = json.load(f)
+    return found
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
+def test_env_and_ssh_port_reach_remote_ranks(netns_hosts, tmp_path, launcher):
+    """One rank on each of hvdkit-h1 and hvdkit-h2 over ssh port 2222 (every sshd also listens on 22): each rank,
+    started by the remote sshd with a clean environment, sees the launcher's HOROVOD_*, HVDKIT_*, OMP_* and
+    PYTHONPATH values and the variable named with ``-x`` (a space in its value); under mpirun a variable not named
+    stays behind (the ranks really are remote). Every login the sshds logged during the launch came in on 2222."""
+    started = time.monotonic()
+    names = netns_hosts.names[:2]
+    port = netns_hosts.ssh_ports[1]
+    out_dir = tmp_path / "ranks"
+    out_dir.mkdir()
+    (tmp_path / "hostfile").write_text(hostfile_lines(names, 1, "openmpi"))
+    token = os.urandom(4).hex()
+    sent = {"HOROVOD_CYCLE_TIME": "3.5", "HVDKIT_ENV_PROBE": f"hvdkit {token}", "OMP_NUM_THREADS": "3",
+            "PYTHONPATH": str(tmp_path / f"pythonpath-{token}"), "NAMED_WITH_X": f"named {token}"}
+    env = dict(sent, NOT_NAMED=f"stays {token}")
+    sizes = _log_sizes(netns_hosts, names)
+    cmd = [*HVDKIT, "launch", "--hostfile", str(tmp_path / "hostfile"), "--network-interface", "eth0",
+           "--ssh-identity-file", netns_hosts.key, "--ssh-port", str(port), "-x", "NAMED_WITH_X",
+           *LAUNCHERS[launcher], ENV_REPORT, str(out_dir), *sent, "NOT_NAMED"]
+    result = netns_hosts.run(cmd, timeout=120, env=env)
+    assert result.returncode == 0, explain(result)
+    ranks = remote_ranks(str(out_dir), 2)
+    for rank, report in ranks.items():
+        assert report["hostname"] == names[rank], (rank, report)
+        seen = report["env"]
+        assert {k: seen.get(k) for k in sent} == sent, (rank, seen)
+        if launcher == "mpirun":
+            assert seen["NOT_NAMED"] is None, (rank, seen)    # so the values above came over by -x
+    logins = ports_logged_since(netns_hosts, sizes)
+    assert all(logins[name] and set(logins[name]) == {port} for name in names), logins
+    print(f"{launcher}: env on 2 remote ranks, ssh logins {logins}; {time.monotonic() - started:.1f} s wall")
+
+
 # ---------------------------------------------------------------- elastic across hosts
 
 ELASTIC_EPOCHS = 3
@@ -472,6 +536,154 @@ def test_host_cut_off_mid_epoch_is_noticed_blacklisted_and_readmitted(netns_host
     assert detected <= GLOO_TIMEOUT + 30, detected
 
 
+# ---------------------------------------------------------------- the harness leaves nothing behind
+
+# Run by a pytest of its own: two sets of 2 hosts under their own prefixes (not the module's hvdkit-h*), each test
+# leaving processes running in its namespaces (a command over ssh on h1, one on h2, one in the launcher's), the
+# second test failing. What was made is recorded for the outer test to check after the fixtures' teardown.
+TEARDOWN_MODULE = """
+import json, os, subprocess, time
+import multihost
+
+RECORD = {record!r}
+netns_pass = multihost.hosts_fixture(prefix="tdpass", hosts=2, scope="function")
+netns_fail = multihost.hosts_fixture(prefix="tdfail", hosts=2, scope="function")
+
+
+def start_time(pid):
+    try:
+        with open(f"/proc/{{pid}}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{{pid}}/cmdline") as f:
+            return f.read()
+    except OSError:   # gone meanwhile
+        return ""
+
+
+def in_namespaces(hosts):   # pid -> start time of every process in the set's namespaces, and its sshds
+    pids = [int(p) for node in hosts.state["nodes"] for p in subprocess.run(
+        ["ip", "netns", "pids", node["ns"]], stdout=subprocess.PIPE, text=True, timeout=10).stdout.split()]
+    return {{pid: start_time(pid) for pid in [*hosts.state["sshd_pids"].values(), *pids]}}
+
+
+def leave_processes(hosts):
+    h1, h2 = hosts.names
+    token = hosts.state["state_dir"]   # in each leftover's command line
+    for argv in (hosts.argv(["ssh", "-i", hosts.key, h1, "exec sh -c 'sleep 300' " + token]),
+                 hosts.argv(["sh", "-c", "sleep 300", token], on=h2), hosts.argv(["sh", "-c", "sleep 300", token])):
+        subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:   # all three sleeping, the first on h1 under its sshd
+        starts = in_namespaces(hosts)
+        sleeping = [p for p in starts if cmdline(p).startswith("sleep")]
+        if len(sleeping) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    with open(RECORD + "-" + hosts.state["prefix"], "w") as f:
+        json.dump(dict(state=hosts.state, starts=starts, sleeping=len(sleeping)), f)
+
+
+def test_passes(netns_pass):
+    leave_processes(netns_pass)
+
+
+def test_fails(netns_fail):
+    leave_processes(netns_fail)
+    raise RuntimeError("the test body fails")
+"""
+
+
+def _start_time(pid):
+    """A live process's start time (clock ticks since boot), None when it is gone or a zombie: the start time tells
+    the original process from another given its pid since."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def _tree_digest(path):
+    """Names and contents of the files under ``path`` (None when absent): changed if the harness wrote there."""
+    if not os.path.exists(path):
+        return None
+    found = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                found[full] = f.read()
+    return found
+
+
+def _outside_traces():
+    """What the harness may touch outside its own names: the hosts file, root's ssh files, shared directories."""
+    return {"/etc/hosts": _tree_digest("/etc/hosts"), "~/.ssh": _tree_digest(os.path.expanduser("~/.ssh")),
+            "/etc/netns exists": os.path.isdir("/etc/netns"), "/run/sshd exists": os.path.isdir("/run/sshd")}
+
+
+def leftovers(record):
+    """Everything of one recorded set still there: processes, namespaces, links, /etc/netns files, state, keys."""
+    state, found = record["state"], []
+    found += [f"process {pid} ({_cmdlines().get(int(pid))})" for pid, start in record["starts"].items()
+              if _start_time(int(pid)) == start]
+    found += [f"process {pid} ({cmd})" for pid, cmd in _cmdlines().items() if state["state_dir"] in cmd]
+    listed = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, text=True, timeout=10).stdout.split()
+    links = re.findall(r"^\d+: ([^:@]+)", subprocess.run(["ip", "-o", "link"], stdout=subprocess.PIPE, text=True,
+                                                         timeout=10).stdout, re.M)
+    found += [f"namespace {ns}" for ns in listed if ns.startswith(state["prefix"] + "-")]
+    found += [f"link {link}" for link in links if link.startswith(state["prefix"] + "-")]
+    found += [f"file {path}" for path in (state["state_dir"], state["key"], *(f"/etc/netns/{node['ns']}"
+                                                                              for node in state["nodes"]))
+              if os.path.exists(path)]
+    return found
+
+
+def _cmdlines():
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return found
+
+
+def test_harness_teardown_leaves_nothing_behind(netns_hosts, tmp_path):
+    """Two fixtures of their own prefixes (tdpass-*, tdfail-*), the second's test failing, both with processes left
+    running in their namespaces: after their teardown no process, namespace, link, /etc/netns file, state directory
+    or key of either is left; /etc/hosts and ~/.ssh are as before; the module's own hosts still answer."""
+    started = time.monotonic()
+    before = _outside_traces()
+    record = str(tmp_path / "record")
+    (tmp_path / "test_inner.py").write_text(TEARDOWN_MODULE.format(record=record))
+    inner = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                 "--basetemp", str(tmp_path / "tmp"), str(tmp_path / "test_inner.py")], timeout=120,
+                env={"PYTHONPATH": os.path.join(REPO, "tests"), "PYTHONDONTWRITEBYTECODE": "1"})
+    assert "1 failed, 1 passed" in inner.stdout and "RuntimeError: the test body fails" in inner.stdout, \
+        explain(inner)
+    for prefix in ("tdpass", "tdfail"):
+        with open(f"{record}-{prefix}") as f:
+            found = json.load(f)
+        # 2 sshds, 3 sleepers and their shells, the ssh client and sshd's session for it
+        assert found["sleeping"] == 3 and len(found["starts"]) >= 8, found
+        assert leftovers(found) == [], (prefix, explain(inner))
+    assert _outside_traces() == before
+    h1 = netns_hosts.names[0]
+    alive = netns_hosts.run(["ssh", "-i", netns_hosts.key, h1, "hostname"], timeout=30)
+    assert alive.stdout.strip() == h1, explain(alive)
+    print(f"harness teardown (2 sets up and down, one test failing): {time.monotonic() - started:.1f} s wall")
+
+
 # ---------------------------------------------------------------- hvdkit doctor --hosts
 
 def test_doctor_hosts_all_alike(netns_hosts):
@@ -486,15 +698,22 @@ def test_doctor_hosts_all_alike(netns_hosts):
 
 
 def test_doctor_hosts_names_each_problem(netns_hosts):
+    """h1 given twice, an unknown host, h1 again by its address (one machine under two names) and an interface no
+    host has: one problem line each, over ssh port 2222."""
     h1 = netns_hosts.names[0]
-    result = netns_hosts.run([*HVDKIT, "doctor", "--hosts", f"{h1},hvdkit-h9", "--ssh-identity-file",
-                              netns_hosts.key, "--network-interface", "eth9"], timeout=120)
+    ip1 = next(node["ip"] for node in netns_hosts.state["nodes"] if node["name"] == h1)
+    result = netns_hosts.run([*HVDKIT, "doctor", "--hosts", f"{h1},hvdkit-h9,{h1}:2,{ip1}", "--ssh-identity-file",
+                              netns_hosts.key, "--ssh-port", str(netns_hosts.ssh_ports[1]), "--network-interface",
+                              "eth9"], timeout=120)
     assert result.returncode == 1, explain(result)
     problems = [l for l in result.stdout.splitlines() if l.startswith("problem: ")]
-    assert all("; fix: " in p for p in problems) and len(problems) == 2, result.stdout
-    assert problems[0].startswith("problem: cannot ssh to hvdkit-h9 (ssh: Could not resolve hostname"), problems
-    assert problems[1].startswith(f"problem: {h1} has no interface eth9 (it has eth0, lo)"), problems
-    assert result.stdout.splitlines()[-1] == "doctor: 2 problem(s)"
+    assert all("; fix: " in p for p in problems) and len(problems) == 5, result.stdout
+    assert problems[0].startswith(f"problem: {h1} is given 2 times in --hosts; fix: list each host once"), problems
+    assert problems[1].startswith("problem: cannot ssh to hvdkit-h9 (ssh: Could not resolve hostname"), problems
+    assert problems[2].startswith(f"problem: {h1} and {ip1} answer with the same hostname {h1}; fix: "), problems
+    assert problems[3].startswith(f"problem: {h1} has no interface eth9 (it has eth0, lo)"), problems
+    assert problems[4].startswith(f"problem: {ip1} has no interface eth9 (it has eth0, lo)"), problems
+    assert result.stdout.splitlines()[-1] == "doctor: 5 problem(s)"
 
 
 def test_doctor_hosts_compares_environments():
@@ -505,9 +724,19 @@ def test_doctor_hosts_compares_environments():
              "c": dict(ok, python="3.10.12", horovod=None), "d": {"error": "No such file or directory", "kind": "python"}}
     found = problems_of(facts, "/venv/bin/python", None)
     assert found[0].startswith("d cannot run /venv/bin/python (No such file or directory); fix: install"), found
+    assert not any("same hostname" in p for p in found), found
     assert any(p.startswith("b has Horovod's build frameworks=torch,bytes=5, a has frameworks=tensorflow,torch")
                for p in found), found
     assert any(p.startswith("c has Python 3.10.12, a has 3.11.7") for p in found), found
     assert any(p.startswith("c has no Horovod for /venv/bin/python; fix: install Horovod") for p in found), found
     assert found[-1].startswith("no interface name is on every host (a: eth0, lo; b: ens3, lo; c: eth0, lo)"), found
     assert all("; fix: " in p for p in found), found
+    named = {h: dict(ok, hostname=name, hvdkit=v) for h, name, v in (("a", "n1", "0.3"), ("b", "n2", "0.3"),
+                                                                     ("c", "n1", "0.2"), ("d", "n2", "0.3"))}
+    assert problems_of(named, "/py", None) == [
+        "a and c answer with the same hostname n1; fix: if they are one machine, list it once; if not, give each its "
+        "own hostname (hostnamectl set-hostname NAME): Horovod tells hosts apart by it",
+        "b and d answer with the same hostname n2; fix: if they are one machine, list it once; if not, give each its "
+        "own hostname (hostnamectl set-hostname NAME): Horovod tells hosts apart by it",
+        "c has hvdkit 0.2, a has 0.3; fix: install the same environment on every host (the same path, e.g. a shared "
+        "filesystem or one image)"]

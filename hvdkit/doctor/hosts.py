@@ -2,9 +2,10 @@
 
 Over ssh (the same key, port and ``BatchMode`` a launcher would need: no password prompt), on every host at once:
 is it reachable, is this Python (the same path: a shared filesystem or the same image) there, and are its Python,
-Horovod (version, and build: its framework extensions), torch and TensorFlow the same as on the first host, and does the
-interface the ranks will use exist on every host under the same name. One line per host, then one
-``problem: <what>; fix: <how>`` line per problem; exit code 1 when there is any.
+Horovod (version, and build: its framework extensions), hvdkit, torch and TensorFlow the same as on the first host,
+does the interface the ranks will use exist on every host under the same name, and is every host listed once and
+under a hostname of its own (two entries answering with one hostname are one machine, or machines Gloo cannot tell
+apart). One line per host, then one ``problem: <what>; fix: <how>`` line per problem; exit code 1 when there is any.
 
 Example::
 
@@ -51,8 +52,8 @@ print("HVDKIT-DOCTOR " + json.dumps({"hostname": socket.gethostname(), "python":
       "torch": version("torch"), "tensorflow": version("tensorflow", "tensorflow-cpu"), "interfaces": ifaces}))
 """
 
-SAME = (("python", "Python"), ("horovod", "Horovod"), ("build", "Horovod's build"), ("torch", "torch"),
-        ("tensorflow", "TensorFlow"))
+SAME = (("python", "Python"), ("horovod", "Horovod"), ("build", "Horovod's build"), ("hvdkit", "hvdkit"),
+        ("torch", "torch"), ("tensorflow", "TensorFlow"))
 
 
 def ssh_argv(host: str, cmd: Sequence[str], port: Optional[int] = None, key: Optional[str] = None) -> List[str]:
@@ -106,6 +107,7 @@ def problems_of(facts: Dict[str, Dict], python: str, iface: Optional[str], port:
     good = {h: f for h, f in facts.items() if "error" not in f}
     if not good:
         return found
+    found += _same_hostname(good)
     first, ref = next(iter(good.items()))
     for host, f in list(good.items())[1:]:
         for key_, what in SAME:
@@ -130,6 +132,29 @@ def problems_of(facts: Dict[str, Dict], python: str, iface: Optional[str], port:
     return found
 
 
+def listed_twice(hosts: Sequence[str]) -> List[str]:
+    """Problems for hosts given more than once, in order of first mention.
+
+    >>> listed_twice(["a", "b", "a"])
+    ["a is given 2 times in --hosts; fix: list each host once (a launch gives a host several slots with host:N or 'host slots=N', not by repeating it)"]
+    """
+    counts = {host: hosts.count(host) for host in dict.fromkeys(hosts)}
+    return [f"{host} is given {n} times in --hosts; fix: list each host once (a launch gives a host several slots "
+            "with host:N or 'host slots=N', not by repeating it)" for host, n in counts.items() if n > 1]
+
+
+def _same_hostname(good: Dict[str, Dict]) -> List[str]:
+    """One problem per hostname that several listed hosts answer with (one machine under two names, e.g. a name
+    and its address, or cloned machines): a launch would start twice the ranks there, or Gloo mix the hosts up."""
+    by_name: Dict[str, List[str]] = {}
+    for host, f in good.items():
+        if f.get("hostname"):
+            by_name.setdefault(f["hostname"], []).append(host)
+    return [f"{' and '.join(hosts)} answer with the same hostname {name}; fix: if they are one machine, list it once; "
+            "if not, give each its own hostname (hostnamectl set-hostname NAME): Horovod tells hosts apart by it"
+            for name, hosts in by_name.items() if len(hosts) > 1]
+
+
 def _show(value) -> str:
     if value is None:
         return "none"
@@ -140,8 +165,9 @@ def _show(value) -> str:
 
 def run_hosts_doctor(hosts: Sequence[str], iface: Optional[str] = None, port: Optional[int] = None,
                      key: Optional[str] = None, python: Optional[str] = None) -> int:
-    """Probe ``hosts`` in parallel, print one line per host and one per problem; return 0 (none) or 1."""
+    """Probe ``hosts`` (each once) in parallel, print one line per host and one per problem; return 0 (none) or 1."""
     python = python or sys.executable
+    twice, hosts = listed_twice(hosts), list(dict.fromkeys(hosts))
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         facts = dict(zip(hosts, pool.map(lambda h: probe(h, python, port, key), hosts)))
     for host, f in facts.items():
@@ -151,7 +177,7 @@ def run_hosts_doctor(hosts: Sequence[str], iface: Optional[str] = None, port: Op
             print(f"host {host}: hostname {f['hostname']}, Python {f['python']}, Horovod {_show(f['horovod'])} "
                   f"({_show(f['build'])}), torch {_show(f['torch'])}, TensorFlow {_show(f['tensorflow'])}, "
                   f"interfaces {', '.join(f['interfaces'])}")
-    found = problems_of(facts, python, iface, port, key)
+    found = twice + problems_of(facts, python, iface, port, key)
     for problem in found:
         print(f"problem: {problem}")
     print("doctor: OK" if not found else f"doctor: {len(found)} problem(s)", flush=True)
