@@ -10,13 +10,16 @@ OUT_DIR/rank{r}.json with
 - ``equal``: for Adam and SGD+momentum, the largest parameter difference between a sharded and an unsharded run
   from the same seeds (the SGD one with clipping, accumulation 2 and a step LR schedule), and the per-rank
   optimizer state bytes of both;
+- ``fp16``: the Adam run of ``equal`` with gradients compressed to fp16 on the wire, sharded and unsharded: their
+  largest parameter difference, and each one's from its float32 run (:func:`compression_record`);
 - ``checkpoint``: a sharded Adam run on the global batch of :data:`GLOBAL_BATCH` samples (any world size trains
   the same steps) written to CHECKPOINT_DIR after :data:`STOP_AT` steps; with RESUME_DIR, that run resumed from
   RESUME_DIR (written at another world size) to the end instead; its final parameters.
 
-As a script with ``keras`` first (argv: keras OUT_DIR CHECKPOINT_DIR): the same for Keras (:data:`KERAS_EQUAL_RUNS`,
-loop and fit adapters); the checkpoint run writes CHECKPOINT_DIR and is then ``resumed`` at the same world size from a
-copy of it, to the end.
+As a script with ``keras`` first (argv: keras OUT_DIR CHECKPOINT_DIR [RESUME_DIR]): the same for Keras
+(:data:`KERAS_EQUAL_RUNS`, loop and fit adapters; ``fp16`` on the loop's Adam run); without RESUME_DIR a NaN loss on
+rank 1 (``nonfinite``), and the checkpoint run writes CHECKPOINT_DIR and is then ``resumed`` at the same world size
+from a copy of it; with RESUME_DIR it is only ``resumed`` from there, to the end.
 """
 import importlib
 import json
@@ -35,6 +38,14 @@ N = 96                  # samples: every step below is full at 1, 2 and 3 worker
 GLOBAL_BATCH = 12       # samples per optimizer step at every world size (1, 2, 3 workers: batch 12, 6, 4)
 STOP_AT = 5             # the checkpoint run stops (and writes) here, in its first epoch
 QUIET = dict(progress_bar=False, seed=3, epochs=2, check_divergence=True)
+# fp16 gradients on the wire, sharded against unsharded (the Adam run of EQUAL_RUNS / KERAS_EQUAL_RUNS), by world
+# size. At 2 workers each element's sum is one a+b, which fp16 rounds alike in either order and the average halves
+# exactly, so the two paths agree as in float32 (measured 0.0 in both frameworks). At 3 workers Horovod's
+# allreduce and its reducescatter round a sum of three fp16 values (its order, its scaling by 1/3) differently: an
+# fp16 rounding (2^-11 relative) of some gradients apart; measured 5.9e-5 (torch), 7.6e-5 (Keras) after 8 steps.
+# Compression applied is proven apart from these: an fp16 run differs from its float32 run (the same code path, 0.0
+# apart if the compression were dropped) by more than the float32 tolerance 1e-5.
+FP16_TOLERANCE = {2: 1e-5, 3: 1.5e-4}
 # 4 samples per backward pass at least: BatchNorm over 2 samples outputs only their signs, so the gradients
 # before it are rounding noise (which Adam turns into full steps, differently in any two implementations)
 EQUAL_RUNS = {"adam": dict(batch_size=4, scheduler=True),
@@ -97,12 +108,14 @@ def flat(net: torch.nn.Module) -> np.ndarray:
     return np.concatenate([p.detach().numpy().ravel() for p in net.parameters()])
 
 
-def fit(name: str, shard: bool, process=None, batchnorm: bool = True, scheduler: bool = False, **config):
+def fit(name: str, shard: bool, process=None, batchnorm: bool = True, scheduler: bool = False,
+        compression: str = "none", **config):
     """One run from fixed seeds: (model, adapter, FitResult)."""
     net = model(batchnorm=batchnorm)
     optimizer = optimizer_for(name, net)
     steplr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.7) if scheduler else None
-    adapter = TorchAdapter(net, optimizer, torch.nn.functional.cross_entropy, scheduler=steplr)
+    adapter = TorchAdapter(net, optimizer, torch.nn.functional.cross_entropy, scheduler=steplr,
+                           compression=compression)
     cfg = TrainConfig(**dict(QUIET, **config), shard_optimizer=shard)
     result = Trainer(adapter, cfg, process=process).fit(data())
     return net, adapter, result
@@ -115,18 +128,37 @@ def checkpoint_run(size: int, checkpoint_dir: str, process=None, stop: bool = Tr
                checkpoint_dir=checkpoint_dir, stop_after_steps=STOP_AT if stop else None)
 
 
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def compression_record(run_fp16, fp32) -> dict:
+    """fp16 gradients on the wire against float32 ones: ``run_fp16(shard)`` trains the configuration of ``fp32``
+    ({shard: the flat parameters of its float32 run}) with compression="fp16" and returns its flat parameters. The
+    largest parameter difference of the sharded fp16 run from the unsharded fp16 run, and of each from float32."""
+    fp16 = {shard: run_fp16(shard) for shard in (False, True)}
+    return {"sharded_vs_unsharded": max_diff(fp16[True], fp16[False]),
+            "sharded_vs_fp32": max_diff(fp16[True], fp32[True]),
+            "unsharded_vs_fp32": max_diff(fp16[False], fp32[False])}
+
+
 def main(out_dir: str, checkpoint_dir: str, resume_dir: str = None) -> None:
     record = {"equal": {}}
     size = rank = None
+    finals = {}   # (name, shard): flat parameters
     for name, extra in EQUAL_RUNS.items():
         plain_net, plain, _ = fit(name, False, **extra)
         sharded_net, sharded, result = fit(name, True, **extra)
         size, rank = sharded.process.size, sharded.process.rank
+        finals[name, False], finals[name, True] = flat(plain_net), flat(sharded_net)
         record["equal"][name] = {
-            "max_diff": float(np.abs(flat(plain_net) - flat(sharded_net)).max()),
+            "max_diff": max_diff(finals[name, False], finals[name, True]),
             "unsharded_bytes": plain.optimizer_state_bytes(), "sharded_bytes": sharded.optimizer_state_bytes(),
             "result_bytes": result.optimizer_state_bytes, "steps": result.global_step,
             "params": int(sum(p.numel() for p in sharded_net.parameters()))}
+    record["fp16"] = compression_record(
+        lambda shard: flat(fit("adam", shard, compression="fp16", **EQUAL_RUNS["adam"])[0]),
+        {shard: finals["adam", shard] for shard in (False, True)})
     if resume_dir is None:
         net, _, result = checkpoint_run(size, checkpoint_dir)
     else:
@@ -148,8 +180,8 @@ KERAS_EQUAL_RUNS = {"loop_adam": dict(mode="loop", name="adam", batch_size=4, sc
 
 
 def keras_model(seed: int = 0, batchnorm: bool = True):
-    """Keras' :class:`Tiny`: an Embedding of 85 elements (larger than a shard at 2 workers; one row never used)
-    indexed by the signs of 4 inputs, LayerNormalization, optional BatchNormalization; 153 trainable parameters
+    """Keras' :class:`Tiny`: an Embedding of 85 elements (larger than a shard at 2 and 3 workers; one row never
+    used) indexed by the signs of 4 inputs, LayerNormalization, optional BatchNormalization; 153 trainable parameters
     with BatchNormalization, 143 without (both odd)."""
     import keras
     keras.utils.set_random_seed(seed)
@@ -184,13 +216,13 @@ def keras_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def keras_adapter(mode: str, model, optimizer, loss=None):
+def keras_adapter(mode: str, model, optimizer, loss=None, compression: str = "none"):
     from hvdkit.keras import KerasAdapter, KerasFitAdapter
     loss = loss or keras_loss()
     if mode == "fit":
         model.compile(optimizer=optimizer, loss=loss)
-        return KerasFitAdapter(model)
-    return KerasAdapter(model, optimizer, loss)
+        return KerasFitAdapter(model, compression=compression)
+    return KerasAdapter(model, optimizer, loss, compression=compression)
 
 
 class KerasNanInStep(Callback):
@@ -222,10 +254,11 @@ def keras_flat(model) -> np.ndarray:
 
 
 def keras_fit(name: str, shard: bool, mode: str = "loop", process=None, batchnorm: bool = True,
-              schedule: bool = False, callbacks=(), loss=None, **config):
+              schedule: bool = False, callbacks=(), loss=None, compression: str = "none", **config):
     """One Keras run from fixed seeds: (model, adapter, FitResult)."""
     model = keras_model(batchnorm=batchnorm)
-    adapter = keras_adapter(mode, model, keras_optimizer_for(name, schedule=schedule), loss=loss)
+    adapter = keras_adapter(mode, model, keras_optimizer_for(name, schedule=schedule), loss=loss,
+                            compression=compression)
     cfg = TrainConfig(**dict(QUIET, **config), shard_optimizer=shard)
     result = Trainer(adapter, cfg, list(callbacks), process=process).fit(data())
     return model, adapter, result
@@ -238,21 +271,27 @@ def keras_checkpoint_run(size: int, checkpoint_dir: str, shard: bool = True, pro
                      stop_after_steps=STOP_AT if stop else None)
 
 
-def keras_main(out_dir: str, checkpoint_dir: str) -> None:
-    record = {"equal": {}}
+def keras_equal(record: dict) -> dict:
+    """``record["equal"]`` for every run of KERAS_EQUAL_RUNS; returns {(key, shard): flat parameters}."""
+    finals = {}
     for key, run in KERAS_EQUAL_RUNS.items():
         extra = {k: v for k, v in run.items() if k != "name"}
         plain_model, plain, _ = keras_fit(run["name"], False, **extra)
         sharded_model, sharded, result = keras_fit(run["name"], True, **extra)
+        finals[key, False], finals[key, True] = keras_flat(plain_model), keras_flat(sharded_model)
         record["equal"][key] = {
-            "max_diff": float(np.abs(keras_flat(plain_model) - keras_flat(sharded_model)).max()),
+            "max_diff": max_diff(finals[key, False], finals[key, True]),
             "unsharded_bytes": plain.optimizer_state_bytes(), "sharded_bytes": sharded.optimizer_state_bytes(),
             "result_bytes": result.optimizer_state_bytes, "steps": result.global_step,
             "iterations": int(sharded.optimizer.iterations.numpy()),
             "user_optimizer_variables": len(sharded.optimizer.variables),
             "params": int(keras_flat(sharded_model).size)}
         record.update(rank=result.rank, size=result.world_size)
-    # a NaN loss on rank 1 alone in step 3, skipped on every rank
+    return finals
+
+
+def keras_nonfinite() -> dict:
+    """A NaN loss on rank 1 alone in step 3, skipped on every rank, sharded and not."""
     finals, skipped = [], []
     for shard in (False, True):
         nan_in_step = KerasNanInStep(3, rank=1)
@@ -260,17 +299,35 @@ def keras_main(out_dir: str, checkpoint_dir: str) -> None:
                                      callbacks=[nan_in_step])
         finals.append(keras_flat(model))
         skipped.append(result.skipped_steps)
-    record["nonfinite"] = {"skipped": skipped, "max_diff": float(np.abs(finals[0] - finals[1]).max()),
-                           "finite": bool(np.isfinite(finals[1]).all())}
-    model, _, result = keras_checkpoint_run(record["size"], checkpoint_dir)
-    record["checkpoint"] = {"params": keras_flat(model).tolist(), "steps": result.global_step}
-    # resumed here, at this world size, from a copy (rank 0 reads checkpoints; the others get its state broadcast)
-    resume_dir = checkpoint_dir.rstrip("/") + "_resumed"
-    if record["rank"] == 0:
-        shutil.copytree(checkpoint_dir, resume_dir, dirs_exist_ok=True)
-    model, _, result = keras_checkpoint_run(record["size"], resume_dir, stop=False)
-    record["resumed"] = {"params": keras_flat(model).tolist(), "steps": result.global_step,
-                         "from_step": result.resumed_from["global_step"] if result.resumed_from else None}
+    return {"skipped": skipped, "max_diff": max_diff(finals[0], finals[1]),
+            "finite": bool(np.isfinite(finals[1]).all())}
+
+
+def keras_resumed(size: int, resume_dir: str) -> dict:
+    model, _, result = keras_checkpoint_run(size, resume_dir, stop=False)
+    return {"params": keras_flat(model).tolist(), "steps": result.global_step,
+            "from_step": result.resumed_from["global_step"] if result.resumed_from else None,
+            "from_world": result.resumed_from["saved_world_size"] if result.resumed_from else None}
+
+
+def keras_main(out_dir: str, checkpoint_dir: str, resume_dir: str = None) -> None:
+    """Without ``resume_dir``: the checkpoint run writes ``checkpoint_dir`` and is resumed at this world size from a
+    copy of it. With it: only resumed from ``resume_dir`` (written at another world size), and no NaN run."""
+    record = {"equal": {}}
+    finals = keras_equal(record)
+    run = {k: v for k, v in KERAS_EQUAL_RUNS["loop_adam"].items() if k != "name"}
+    record["fp16"] = compression_record(
+        lambda shard: keras_flat(keras_fit("adam", shard, compression="fp16", **run)[0]),
+        {shard: finals["loop_adam", shard] for shard in (False, True)})
+    if resume_dir is None:
+        record["nonfinite"] = keras_nonfinite()
+        model, _, result = keras_checkpoint_run(record["size"], checkpoint_dir)
+        record["checkpoint"] = {"params": keras_flat(model).tolist(), "steps": result.global_step}
+        # resumed here, at this world size, from a copy (rank 0 reads checkpoints; the others get its state broadcast)
+        resume_dir = checkpoint_dir.rstrip("/") + "_resumed"
+        if record["rank"] == 0:
+            shutil.copytree(checkpoint_dir, resume_dir, dirs_exist_ok=True)
+    record["resumed"] = keras_resumed(record["size"], resume_dir)
     with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)
 
