@@ -142,6 +142,30 @@ def test_checkpoints_cross_between_sharded_and_unsharded(tmp_path, written, resu
 
 
 @pytest.mark.parametrize("mode", ["loop", "fit"])
+def test_best_checkpoints_are_sharded_and_merge_into_the_unsharded_runs(tmp_path, mode):
+    """keep_best with a sharded optimizer: the best checkpoints are one shard plus rank 0's file, and each merges
+    (hvdkit checkpoint merge) into the arrays the unsharded run keeps as its best: model and optimizer variables."""
+    from hvdkit.checkpoint import BestStore
+    kept = {}
+    for shard in (True, False):
+        directory = tmp_path / ("sharded" if shard else "plain")
+        local_fit("adam", shard, mode=mode, batch_size=4, epochs=3, keep_best=2, monitor="loss",
+                  checkpoint_dir=str(directory))
+        kept[shard] = [(epoch, number) for _, epoch, number, _ in BestStore(str(directory / "best")).ranked()]
+        assert len(kept[shard]) == 2
+        assert len(list((directory / "best").glob("*.shard-*"))) == (2 if shard else 0)
+    assert [e for e, _ in kept[True]] == [e for e, _ in kept[False]]
+    for (epoch, sharded_number), (_, plain_number) in zip(kept[True], kept[False]):
+        assert main(["checkpoint", "merge", str(tmp_path / "sharded" / "best"), str(tmp_path / f"merged-{epoch}"),
+                     "--number", str(sharded_number)]) == 0
+        merged = np.load(tmp_path / f"merged-{epoch}" / "ckpt-00000000.bin")
+        plain = np.load(tmp_path / "plain" / "best" / f"ckpt-{plain_number:08d}.bin")
+        arrays = [k for k in plain.files if k.startswith(("model/", "optimizer/"))]
+        assert any(k.startswith("optimizer/") for k in arrays) and set(arrays) <= set(merged.files)
+        assert max(max_diff(merged[k], plain[k]) for k in arrays) <= 1e-5, epoch
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
 def test_a_rollback_restores_the_sharded_state(tmp_path, mode):
     from horovod.common.exceptions import HorovodInternalError
     whole, _, _ = local_fit("adam", True, mode=mode, batch_size=4)

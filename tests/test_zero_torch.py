@@ -318,6 +318,30 @@ def test_launched_fp16_compression_applies_to_the_reduce_scatter(launched):
         assert fp16["sharded_vs_fp32"] > 1e-5 and fp16["unsharded_vs_fp32"] > 1e-5, fp16
 
 
+def test_launched_best_checkpoints_are_sharded_without_a_gather(two_workers, tmp_path):
+    """keep_best at 2 workers: no epoch gathered the state on any rank (each still holds 1/2 of it), each kept best
+    checkpoint is one shard per rank plus rank 0's file and index, and the newest merges into a loadable file."""
+    import re
+    from hvdkit.merge import merge_checkpoint
+    records, directory = two_workers
+    best = str(directory).rstrip("/") + "_best/best"
+    for record in records:
+        assert record["best"]["gathered"] == [False, False, False], record["best"]
+    files = records[0]["best"]["files"]
+    numbers = sorted({int(re.match(r"ckpt-(\d+)", f).group(1)) for f in files})
+    assert len(numbers) == 2, files
+    for n in numbers:
+        assert sorted(f for f in files if f.startswith(f"ckpt-{n:08d}")) == sorted(
+            [f"ckpt-{n:08d}.bin", f"ckpt-{n:08d}.json"] + [f"ckpt-{n:08d}.shard-{r:05d}-of-00002.npz" for r in (0, 1)])
+    merge_checkpoint(best, str(tmp_path / "merged"), number=numbers[-1])
+    net = zc.model(batchnorm=False)
+    plain = TorchAdapter(net, zc.optimizer_for("adam", net), torch.nn.functional.cross_entropy)
+    plain.state_from_bytes((tmp_path / "merged" / "ckpt-00000000.bin").read_bytes())
+    assert len(plain.optimizer.state) == len(list(net.parameters()))
+    assert sum(v.numel() for s in plain.optimizer.state.values() for k, v in s.items() if k == "exp_avg") == \
+        sum(p.numel() for p in net.parameters())
+
+
 def test_a_checkpoint_written_at_two_workers_resumes_at_three_and_at_one(two_workers, three_workers, tmp_path):
     reference = uninterrupted_reference()
     for record in three_workers[0]:

@@ -128,6 +128,33 @@ def checkpoint_run(size: int, checkpoint_dir: str, process=None, stop: bool = Tr
                checkpoint_dir=checkpoint_dir, stop_after_steps=STOP_AT if stop else None)
 
 
+class GatherWatch(Callback):
+    """After each epoch's commit (its best checkpoint written): whether the sharded optimizer holds a gathered
+    (unsharded) copy of its state for the current step."""
+    all_ranks = True
+
+    def __init__(self):
+        self.gathered = []
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        zero = trainer.adapter._sharded
+        self.gathered.append(zero._gathered is not None and zero._gathered[0] == zero.version)
+
+
+def best_run(directory: str) -> dict:
+    """A sharded Adam run keeping its 2 best checkpoints (by the training loss) in ``directory``/best, 3 epochs:
+    whether any epoch gathered the state, and each kept checkpoint's shard files."""
+    net = model(batchnorm=False)
+    adapter = TorchAdapter(net, optimizer_for("adam", net), torch.nn.functional.cross_entropy)
+    watch = GatherWatch()
+    cfg = TrainConfig(**dict(QUIET, epochs=3), batch_size=4, shard_optimizer=True, checkpoint_dir=directory,
+                      keep_best=2, monitor="loss")
+    result = Trainer(adapter, cfg, [watch]).fit(data())
+    best = os.path.join(directory, "best")
+    return {"gathered": watch.gathered, "best_epoch": result.best["epoch"] if result.best else None,
+            "files": sorted(os.listdir(best)), "state_bytes": adapter.optimizer_state_bytes()}
+
+
 def max_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
@@ -160,6 +187,7 @@ def main(out_dir: str, checkpoint_dir: str, resume_dir: str = None) -> None:
         lambda shard: flat(fit("adam", shard, compression="fp16", **EQUAL_RUNS["adam"])[0]),
         {shard: finals["adam", shard] for shard in (False, True)})
     if resume_dir is None:
+        record["best"] = best_run(checkpoint_dir.rstrip("/") + "_best")
         net, _, result = checkpoint_run(size, checkpoint_dir)
     else:
         net, _, result = checkpoint_run(size, resume_dir, stop=False)
