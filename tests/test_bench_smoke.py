@@ -72,7 +72,9 @@ def test_allreduce_bench_smallest_size(tmp_path):
 
 
 def test_train_bench_smallest_size(tmp_path):
-    modes = ["hvdkit-torch", "hvdkit-keras"]    # the kit's two frameworks; the baselines' arithmetic: below
+    # the kit's two frameworks, and torch under horovodrun (Gloo: `hvdkit launch`'s default); the baselines'
+    # arithmetic: below
+    modes = ["hvdkit-torch", "hvdkit-torch-gloo", "hvdkit-keras"]
     result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
                    "--workers", "1,2", "--out", str(tmp_path))
     assert result.returncode == 0, explain(result)
@@ -87,12 +89,17 @@ def test_train_bench_smallest_size(tmp_path):
             assert threads["framework"] == ("tensorflow" if "keras" in mode else "torch"), (mode, ran)
             assert (threads["intra_op"], threads["inter_op"]) == (1, 1), (mode, world, ran)   # the shell said 2
             assert ran["busy_threads"] >= 1 and ran["cpu_cores_used"] > 0, (mode, world, ran)
+            if mode == "hvdkit-torch-gloo":   # horovodrun --gloo: Gloo controller, and Gloo ops set by horovodrun
+                assert collectives(ran) == ("gloo", "gloo"), (mode, world, ran)
+                continue
             assert collectives(ran) == ("mpi", "mpi"), (mode, world, ran)     # the shell said Gloo ops
             assert ran["collectives"]["cpu_ops_from"].startswith("Horovod's default"), (mode, world, ran)
             assert "cpu_ops_timeline" not in ran["collectives"], (mode, world, ran)   # no timeline while measuring
         assert report["scaling_efficiency"][mode]["2"]["median"] > 0, mode
     md = (tmp_path / "train.md").read_text()
     assert "| hvdkit-torch |" in md and "scaling 1->2" in md
+    assert report["launcher"] == {"hvdkit-torch": "mpirun", "hvdkit-torch-gloo": "horovodrun", "hvdkit-keras": "mpirun"}
+    assert "horovodrun: hvdkit-torch-gloo" in md and "mpirun: hvdkit-torch, hvdkit-keras" in md
     assert "| hvdkit-keras | 2 | TF 1/1 |" in md
     assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -31,7 +31,7 @@ from ..launch import launch_command
 from .models import BUSY_SHARE
 
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
-TORCH_MODES = ["hvdkit-torch", "raw-horovod-torch", "torch-ddp"]
+TORCH_MODES = ["hvdkit-torch", "hvdkit-torch-gloo", "raw-horovod-torch", "torch-ddp"]
 KERAS_MODES = ["hvdkit-keras", "hvdkit-keras-loop", "raw-horovod-tf", "tf-mwms"]  # hvdkit-keras: model.fit
 ZERO_VARIANTS = ["hvdkit", "hvdkit-sharded", "torch-zero"]
 
@@ -48,8 +48,11 @@ ALLREDUCE_ROWS = {
     "hvdkit (mpirun)": ("mpirun", {}, HOROVOD_MPI),            # Horovod's build default under mpirun: MPI ops
     "hvdkit (horovodrun)": ("horovodrun", {}, HOROVOD_GLOO),   # what `hvdkit launch` starts: Gloo throughout
 }
-# bench train: every mode under mpirun, nothing asked beyond one compute thread (the kit's modes: its own defaults)
-TRAIN_EXPECT = {"hvdkit-torch": HOROVOD_MPI, "raw-horovod-torch": HOROVOD_MPI,
+# bench train: every mode under mpirun, nothing asked beyond one compute thread (the kit's modes: its own defaults),
+# except hvdkit-torch-gloo: the same worker as hvdkit-torch under horovodrun, what `hvdkit launch` starts by default
+# (Gloo controller and Gloo tensor ops), so the table shows what that default costs against MPI ops
+TRAIN_LAUNCHER = {"hvdkit-torch-gloo": "horovodrun"}
+TRAIN_EXPECT = {"hvdkit-torch": HOROVOD_MPI, "hvdkit-torch-gloo": HOROVOD_GLOO, "raw-horovod-torch": HOROVOD_MPI,
                 "torch-ddp": {"threads": 1, "backend": "torch.distributed gloo"},
                 "hvdkit-keras": HOROVOD_MPI, "hvdkit-keras-loop": HOROVOD_MPI, "raw-horovod-tf": HOROVOD_MPI,
                 "tf-mwms": {"threads": 1, "backend": "tf.distribute collective ops"}}
@@ -307,7 +310,7 @@ def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, 
             _progress(i, total, f"train {mode} on {world} worker(s), round {r + 1}/{rounds}")
             out = os.path.join(tmp, f"{mode}-{world}-{r}.json")
             _run_row(["hvdkit.bench.train_worker", mode, out, str(steps), str(batch)], world, base_env, out,
-                     timeout, launcher="mpirun", settings=PROBE if probe_ops else None)
+                     timeout, launcher=TRAIN_LAUNCHER.get(mode, "mpirun"), settings=PROBE if probe_ops else None)
             with open(out) as f:
                 found[(mode, world)].append(json.load(f))
     report = dict(_train_report(found, workers, steps, batch, rounds), probe_ops=probe_ops)
@@ -337,8 +340,8 @@ def _train_report(found: Dict[tuple, List[Dict]], workers: List[int], steps: int
     scaling = {m: {str(w): _spread([b * base / (w * a) for a, b in zip(results[m][str(base)]["runs"],
                                                                         results[m][str(w)]["runs"])])
                    for w in workers if w != base} for m in modes}
-    return {"steps": steps, "batch_per_worker": batch, "rounds": rounds, "workers": workers, "launcher": "mpirun",
-            "results": results, "ratios": ratios, "scaling_efficiency": scaling, "mismatches": mismatches}
+    return {"steps": steps, "batch_per_worker": batch, "rounds": rounds, "workers": workers,
+            "launcher": {m: TRAIN_LAUNCHER.get(m, "mpirun") for m in modes}, "results": results, "ratios": ratios, "scaling_efficiency": scaling, "mismatches": mismatches}
 
 
 def _train_markdown(r: Dict) -> str:
@@ -356,7 +359,9 @@ def _train_markdown(r: Dict) -> str:
                  f"median of {r['rounds']} interleaved round(s) (min-max); scaling: samples/s at N workers / (N x at "
                  f"{base}), per round. Ratios (per round, then the median; min-max):")
     lines += [f"- {k}: {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})" for k, v in r["ratios"].items()]
-    lines += ["", f"What each row ran with (its own {r['launcher']} job and fresh environment; read back in rank 0; "
+    launchers = ", ".join(sorted({f"{launcher}: {', '.join(m for m, l in r['launcher'].items() if l == launcher)}"
+                                  for launcher in r["launcher"].values()}))
+    lines += ["", f"What each row ran with (its own job, {launchers}, and a fresh environment; read back in rank 0; "
                   f"busy threads: those holding at least {int(100 * BUSY_SHARE)}% of the process's CPU time while "
                   "training; cores used: the process's CPU time / wall time):", "",
               "| mode | workers | threads (intra/inter) | busy threads | cores used | collectives |",
