@@ -51,6 +51,8 @@ def test_zero_bench_smallest_size(tmp_path):
     assert sharded["grad_bytes_after_step"] == 0
     assert sharded["grad_bytes_at_step"] == 4 * -(-params // 2)
     assert variants["hvdkit-sharded"]["1"]["grad_bytes_at_step"] == 4 * params
+    # the sharded run's float32 parameter slice, held all run (reported beside the state, not hidden in it)
+    assert sharded["master_bytes"] == 4 * -(-params // 2) and plain["master_bytes"] == zero["master_bytes"] == 0
 
     table = (tmp_path / "zero.md").read_text()
     assert "| hvdkit-sharded | 2 |" in table and "| torch-zero | 1 |" in table

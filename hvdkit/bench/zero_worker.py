@@ -122,7 +122,8 @@ def hvdkit_variant(out: str, sharded: bool, steps: int, batch: int, kind: str, w
                     self.record = meter.record(state_tensors(adapter.optimizer.state))
                 else:
                     gathered = state_tensors(zero._gathered[1]) if zero._gathered is not None else []
-                    self.record = meter.record(state_tensors(zero.inner.state) + gathered, zero.masters)
+                    self.record = dict(meter.record(state_tensors(zero.inner.state) + gathered, zero.masters),
+                                       master_bytes=unique_bytes(zero.masters))
                 # the peak here, as the torch variant's after its last step: the end of fit gathers the sharded
                 # state once more (for a next fit), which is not the training's footprint
                 self.record = finish(self.record)
