@@ -202,8 +202,9 @@ def _static_hosts(args: argparse.Namespace):
         raise HvdkitError(f"{' and '.join(given)} both say where to run; keep one "
                           "(--hosts-file is for elastic jobs, --hostfile and -H for static ones)")
     if given and not args.hostfile:
-        if args.hosts and args.np is not None and args.np > total_slots(args.hosts):
-            raise HvdkitError(f"-np {args.np} is more than the {total_slots(args.hosts)} slot(s) in -H {args.hosts}; "
+        slots = total_slots(args.hosts) if args.hosts else None   # also refuses a bad item (-H a:x)
+        if slots is not None and args.np is not None and args.np > slots:
+            raise HvdkitError(f"-np {args.np} is more than the {slots} slot(s) in -H {args.hosts}; "
                               "lower -np or add slots (-H host:slots)")
         return args.hosts, None
     if args.hostfile:

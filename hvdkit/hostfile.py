@@ -72,15 +72,19 @@ def hosts_arg(hosts: List[Tuple[str, int]]) -> str:
 
 
 def total_slots(hosts_value: str) -> int:
-    """Slots in a ``-H`` value (a host without ``:N`` counts 1).
+    """Slots in a ``-H`` value (a host without ``:N`` counts 1); a bad item is one :class:`HvdkitError` line (both
+    launchers would otherwise get ``-np 1`` and fail later, or start ranks on a host named ``a:x``).
 
     >>> total_slots("a:2,b")
     3
     """
     total = 0
     for item in hosts_value.split(","):
-        _, _, slots = item.strip().partition(":")
-        total += int(slots) if slots.isdigit() else 1
+        host, colon, slots = item.strip().partition(":")
+        if not host or colon and not (slots.isdigit() and int(slots) >= 1):
+            raise HvdkitError(f"-H {hosts_value}: {item.strip()!r} is not 'host' or 'host:N' with N a whole number "
+                              ">= 1; fix it, e.g. -H node1:2,node2:2")
+        total += int(slots) if colon else 1
     return total
 
 
@@ -152,12 +156,23 @@ def slurm_hosts(env: Dict[str, str]) -> Optional[List[Tuple[str, int]]]:
     return list(zip(nodes, counts))
 
 
+def _injected_hosts(path: str) -> List[Tuple[str, int]]:
+    """:func:`read` the injected hostfile; a problem names the variable, which may be left over from another job
+    (an exported shell setting, a reused container), so the user knows what to unset."""
+    try:
+        return read(path)
+    except HvdkitError as e:
+        problem = str(e).split("; ")[0]
+        raise HvdkitError(f"OMPI_MCA_orte_default_hostfile={path}: {problem}; unset OMPI_MCA_orte_default_hostfile "
+                          "if it is left over, or say where to run with --hostfile FILE or -H host:N") from None
+
+
 def scheduler_hosts(env: Dict[str, str]) -> Optional[Tuple[List[Tuple[str, int]], str]]:
     """Hosts given by the environment and where they came from, or None: an OpenMPI hostfile injected by
     Kubernetes' MPI Operator (OMPI_MCA_orte_default_hostfile), else a SLURM allocation."""
     injected = env.get("OMPI_MCA_orte_default_hostfile")
     if injected:
-        return read(injected), f"OMPI_MCA_orte_default_hostfile={injected}"
+        return _injected_hosts(injected), f"OMPI_MCA_orte_default_hostfile={injected}"
     hosts = slurm_hosts(env)
     if hosts:
         return hosts, "the SLURM allocation (SLURM_JOB_NODELIST)"

@@ -13,16 +13,16 @@ working directory exist everywhere, as on a cluster with a shared home. Run as r
     python3 mpi/netns_hosts.py run --on hvdkit-h1 -- hostname    # a command on a worker host
     python3 mpi/netns_hosts.py down                # removes everything, also after a failed `up`
 
-``--prefix P`` names a separate set (``P-h1``, ``P-l``, bridge ``P-br0``, links ``P-v1``; its own ``--state``), so
-two sets can be up at once, e.g. a test's next to a user's. Each sshd listens on ports 22 and 2222 (``SSH_PORTS``)
-and logs each connection with the port it came in on (``sshd-<host>.log``), so a launch's ``--ssh-port`` can be
-checked.
+``--prefix P`` names a separate set (``P-h1``, ``P-l``, bridge ``P-br0``, links ``P-v1``) with a state directory
+of its own (default /tmp/P-netns), so two sets can be up at once, e.g. a test's next to a user's, and one's
+``up``/``down`` never reads the other's state. Each sshd listens on ports 22 and 2222 (``SSH_PORTS``) and logs each
+connection with the port it came in on (``sshd-<host>.log``), so a launch's ``--ssh-port`` can be checked.
 
 Nothing of the user's is touched: the ssh key, sshd host key, authorized_keys and known_hosts are throwaway files
-in the state directory (default /tmp/hvdkit-netns, ``--state DIR``). Name resolution and ssh client defaults
-come from ``/etc/netns/<namespace>/{hosts,ssh}``, which ``ip netns exec`` bind-mounts over ``/etc/hosts`` and
-``/etc/ssh`` inside that namespace only; /etc/hosts and ~/.ssh stay as they are. The ssh client config there
-sets known_hosts and host-key checking for these hosts but no identity: launchers must be given the key
+in the state directory (default /tmp/hvdkit-netns, or $HVDKIT_NETNS_STATE; ``--state DIR``). Name resolution and
+ssh client defaults come from ``/etc/netns/<namespace>/{hosts,ssh}``, which ``ip netns exec`` bind-mounts over
+``/etc/hosts`` and ``/etc/ssh`` inside that namespace only; /etc/hosts and ~/.ssh stay as they are. The ssh client
+config there sets known_hosts and host-key checking for these hosts but no identity: launchers must be given the key
 (``--ssh-identity-file``), as on a real cluster with a dedicated key.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ PREFIX = "hvdkit"                   # of every name made; --prefix chooses anoth
 SUBNET = "10.213.0"                 # /24, only on each set's bridge (sets do not see each other)
 LAUNCHER_IP = f"{SUBNET}.1"
 SSH_PORTS = (22, 2222)              # every sshd listens on both: tests use the second for --ssh-port
-DEFAULT_STATE = os.environ.get("HVDKIT_NETNS_STATE", "/tmp/hvdkit-netns")
+STATE_ENV = "HVDKIT_NETNS_STATE"    # the default set's state directory (default /tmp/hvdkit-netns)
 ETC_NETNS = "/etc/netns"
 SAFE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 READY_TIMEOUT = 15.0                # seconds for every sshd to accept a login
@@ -49,6 +49,20 @@ READY_TIMEOUT = 15.0                # seconds for every sshd to accept a login
 
 class SetupError(Exception):
     """A problem with a fix: printed as one ``netns_hosts: error: ...`` line."""
+
+
+class StateInUse(SetupError):
+    """The state directory holds another prefix's set: refused before anything is touched (nothing to undo)."""
+
+
+def default_state(prefix: str = PREFIX) -> str:
+    """Each prefix's own state directory, so a set never reads (and tears down) another's state.
+
+    >>> default_state("x") == os.path.join(os.path.dirname(default_state()), "x-netns")
+    True
+    """
+    base = os.environ.get(STATE_ENV, "/tmp/hvdkit-netns")
+    return base if prefix == PREFIX else os.path.join(os.path.dirname(os.path.abspath(base)), f"{prefix}-netns")
 
 
 def check_prefix(prefix: str) -> None:
@@ -143,10 +157,8 @@ def healthy(state: dict) -> bool:
     for node in state.get("nodes", []):
         if node["ns"] not in names:
             return False
-    for pid in state.get("sshd_pids", {}).values():
-        try:
-            os.kill(pid, 0)
-        except OSError:
+    for ns, pid in state.get("sshd_pids", {}).items():
+        if not is_our_sshd(pid, sshd_conf(state.get("state_dir", ""), ns)):
             return False
     return bool(state.get("ready"))
 
@@ -160,6 +172,9 @@ def up(n: int, state_dir: str, prefix: str = PREFIX) -> dict:
         raise SetupError(f"--hosts {n} is more than 50; the subnet plan holds 50 hosts")
     check_can_run()
     old = load_state(state_dir)
+    if old and old.get("prefix", prefix) != prefix:
+        raise StateInUse(f"--state {state_dir} holds the set {old['prefix']!r}; give --prefix {prefix} a state "
+                         f"directory of its own (default {default_state(prefix)})")
     if old and (old.get("hosts"), old.get("prefix"), old.get("ssh_ports")) == (n, prefix, list(SSH_PORTS)) \
             and healthy(old):
         return old
@@ -242,9 +257,26 @@ def _network(nodes: List[Dict[str, str]], bridge: str) -> None:
         sh("ip", "-n", ns, "link", "set", "lo", "up")
 
 
+def sshd_conf(state_dir: str, ns: str) -> str:
+    return os.path.join(state_dir, f"sshd-{ns}.conf")
+
+
+def is_our_sshd(pid: int, conf: str) -> bool:
+    """Is ``pid`` still the sshd started with ``conf``? A pid from an old state file may since name another process.
+
+    sshd's listener rewrites its title but keeps its arguments in it ("sshd: /usr/sbin/sshd -f CONF ... [listener]").
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().replace(b"\0", b" ").decode(errors="replace").split()
+    except (OSError, TypeError, ValueError):
+        return False
+    return any(os.path.basename(w).startswith("sshd") for w in words[:2]) and conf in words
+
+
 def _start_sshd(node: Dict[str, str], state_dir: str) -> int:
     """sshd in the worker's namespace under its own hostname; returns its pid (it daemonizes)."""
-    conf = os.path.join(state_dir, f"sshd-{node['ns']}.conf")
+    conf = sshd_conf(state_dir, node["ns"])
     pidfile = os.path.join(state_dir, f"sshd-{node['ns']}.pid")
     with open(conf, "w") as f:
         f.write(f"ListenAddress {node['ip']}\n" + "".join(f"Port {port}\n" for port in SSH_PORTS) +
@@ -325,8 +357,9 @@ def down(state_dir: str, quiet: bool = False, prefix: str = PREFIX) -> None:
     ours = {node["ns"] for node in state.get("nodes", [])}
     ours |= {ns for ns in listed if ns == launcher_ns(prefix) or
              (ns.startswith(f"{prefix}-h") and ns[len(prefix) + 2:].isdigit())}
-    for pid in state.get("sshd_pids", {}).values():
-        _kill(pid)
+    for ns, pid in state.get("sshd_pids", {}).items():
+        if is_our_sshd(pid, sshd_conf(state.get("state_dir", state_dir), ns)):   # else gone, its pid maybe reused
+            _kill(pid)
     for ns in sorted(ours):
         if ns in listed:
             for _ in range(3):     # processes may fork while being killed (a launch in progress)
@@ -384,7 +417,8 @@ def describe(state: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="netns_hosts.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE})")
+    parser.add_argument("--state", default=None, help="state directory (default /tmp/<prefix>-netns: "
+                        f"/tmp/hvdkit-netns for the default prefix, or ${STATE_ENV})")
     parser.add_argument("--prefix", default=PREFIX, help=f"of every name made: a separate set (default {PREFIX})")
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="create N worker hosts and the launcher namespace (idempotent)")
@@ -396,7 +430,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_run.add_argument("--on", default=None, help="a worker's hostname, e.g. hvdkit-h1")
     p_run.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    state_dir = os.path.abspath(args.state)
+    try:
+        check_prefix(args.prefix)    # before it names a state directory (a prefix "../x" must name none)
+    except SetupError as e:
+        print(f"netns_hosts: error: {e}", file=sys.stderr)
+        return 2
+    state_dir = os.path.abspath(args.state or default_state(args.prefix))
     try:
         if args.command == "up":
             state = up(args.hosts, state_dir, args.prefix)
@@ -417,7 +456,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.execvp(argv_[0], argv_)
     except SetupError as e:
         print(f"netns_hosts: error: {e}", file=sys.stderr)
-        if args.command == "up":     # leave nothing half-made behind
+        if args.command == "up" and not isinstance(e, StateInUse):     # leave nothing half-made behind
             down(state_dir, quiet=True, prefix=args.prefix)
         return 2
     except subprocess.TimeoutExpired as e:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,9 @@ def test_print_mpirun_with_hostfile_forwards_env(tmp_path, capsys, no_scheduler)
     (["--launcher", "mpirun", "--controller", "mpi"], "--controller mpi applies to static horovodrun"),
     (["-x", "NOT_SET_ANYWHERE_4711"], "NOT_SET_ANYWHERE_4711 is not set here"),
     (["-H", "a:1,b:2", "-np", "4"], "-np 4 is more than the 3 slot(s) in -H a:1,b:2"),
+    (["-H", "a:x"], "-H a:x: 'a:x' is not 'host' or 'host:N' with N a whole number >= 1; fix it"),
+    (["-H", "a:1,b:0", "-np", "1"], "'b:0' is not 'host' or 'host:N'"),
+    (["-H", "a:2,,b"], "'' is not 'host' or 'host:N'"),
     (["--launcher", "mpirun", "--hostfile", "HF", "--ssh-identity-file", "/my keys/id"],
      "has whitespace in its path"),
 ])
@@ -151,6 +155,17 @@ def no_scheduler(monkeypatch):
     return monkeypatch
 
 
+def test_stale_injected_hostfile_names_the_variable(tmp_path, capsys, no_scheduler):
+    """OMPI_MCA_orte_default_hostfile left over from another job: one line naming it and the ways out, which work."""
+    no_scheduler.setenv("OMPI_MCA_orte_default_hostfile", "/nonexist")
+    assert cli_main(["launch", "--print", "train.py"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("hvdkit: error: OMPI_MCA_orte_default_hostfile=/nonexist: hostfile /nonexist not found; unset "
+                   "OMPI_MCA_orte_default_hostfile if it is left over, or say where to run with --hostfile FILE or "
+                   "-H host:N"), err
+    assert "-np 2 -H n1:2 " in " ".join(print_launch(capsys, "-H", "n1:2"))
+
+
 def test_nodelist_expansion():
     assert hostfile.expand_nodelist("a[1-2]-b[08-09],c") == ["a1-b08", "a1-b09", "a2-b08", "a2-b09", "c"]
     with pytest.raises(Exception, match="bad range"):
@@ -172,6 +187,65 @@ def test_print_uses_an_injected_openmpi_hostfile(tmp_path, capsys, no_scheduler)
     no_scheduler.setenv("OMPI_MCA_orte_default_hostfile", str(tmp_path / "hostfile"))
     no_scheduler.setenv("SLURM_JOB_NODELIST", "ignored[1-2]")
     assert "-np 2 -H job-worker-0:1,job-worker-1:1 " in " ".join(print_launch(capsys))
+
+
+# ---------------------------------------------------------------- the harness script's state (no hosts brought up)
+
+def netns_script(*args, env=None):
+    """``python3 mpi/netns_hosts.py ARGS`` (as root, needs ``ip``): a subprocess with a timeout."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("mpi/netns_hosts.py needs root and ip (iproute2)")
+    return subprocess.run(["python3", multihost.SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=60, env=env)
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that is not an sshd of any set: what an old state file's pid may name today."""
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def write_state(state_dir, prefix, sshd_pid):
+    """A leftover state.json of ``prefix``'s set, its sshd's pid now ``sshd_pid``, nothing of it left but that."""
+    os.makedirs(state_dir)
+    state = dict(hosts=1, prefix=prefix, state_dir=str(state_dir), nodes=[], bridge=f"{prefix}-br0", ssh_ports=[22],
+                 sshd_pids={f"{prefix}-h1": sshd_pid}, ready=True, made_etc_netns=False, made_run_sshd=False)
+    with open(os.path.join(state_dir, "state.json"), "w") as f:
+        json.dump(state, f)
+
+
+def test_down_kills_no_process_that_reused_an_sshd_pid(tmp_path, sleeper):
+    state_dir = tmp_path / "tzstale-netns"
+    write_state(state_dir, "tzstale", sleeper.pid)
+    done = netns_script("--state", str(state_dir), "--prefix", "tzstale", "down")
+    assert done.returncode == 0, done.stderr
+    assert sleeper.poll() is None, "down killed a process that is not its sshd"
+    assert not state_dir.exists()
+
+
+def test_each_prefix_has_its_own_state(tmp_path, sleeper):
+    """``--prefix P`` without ``--state`` uses P's own directory: it neither reads nor removes the default set's;
+    and a ``--state`` holding another prefix's set is refused before anything is torn down."""
+    default = tmp_path / "hvdkit-netns"
+    write_state(default, "tzdefault", sleeper.pid)
+    env = dict(os.environ, HVDKIT_NETNS_STATE=str(default))
+    status = netns_script("--prefix", "tzmine", "status", env=env)
+    assert status.returncode == 1 and f"state {tmp_path / 'tzmine-netns'}" in status.stdout, status.stdout
+    done = netns_script("--prefix", "tzmine", "down", env=env)
+    assert done.returncode == 0 and (default / "state.json").exists(), done.stdout + done.stderr
+    if multihost.skip_reason():
+        return
+    try:
+        up = netns_script("--state", str(default), "--prefix", "tzmine", "up", "--hosts", "1", env=env)
+        assert up.returncode == 2 and "holds the set 'tzdefault'" in up.stderr, up.stdout + up.stderr
+        assert (default / "state.json").exists()
+    finally:   # should the refusal fail, take down what it brought up
+        if not (default / "state.json").exists():
+            netns_script("--state", str(default), "--prefix", "tzmine", "down")
+    assert sleeper.poll() is None
 
 
 # ---------------------------------------------------------------- the sbatch script and the MPIJob manifest
@@ -200,9 +274,10 @@ def test_sbatch_script_commands(tmp_path):
     assert line.endswith("examples/torch_digits.py --epochs 3 --metrics-json metrics-42.json"), line
 
 
-def _manifest_command(text):
-    """The launcher container's command list, read without a YAML library (the manifest keeps it one item a line)."""
-    block = text.split("command:", 1)[1]
+def _manifest_command(text, key="command:"):
+    """The first ``key`` list in ``text`` (the launcher container's command), read without a YAML library (the
+    manifest keeps it one item a line)."""
+    block = text.split(key, 1)[1]
     items = []
     for line in block.splitlines()[1:]:
         stripped = line.strip()
@@ -230,9 +305,16 @@ def test_mpijob_manifest(tmp_path, capsys, no_scheduler):
         assert launcher["command"] == command
         workers, slots = spec["mpiReplicaSpecs"]["Worker"]["replicas"], spec["slotsPerWorker"]
         assert spec["mpiImplementation"] == "OpenMPI"
+        worker = spec["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+        worker_argv = [*worker.get("command", []), *worker.get("args", [])]
     else:
         workers = int(re.search(r"Worker:\s+replicas: (\d+)", text).group(1))
         slots = int(re.search(r"slotsPerWorker: (\d+)", text).group(1))
+        worker_text = text.split("    Worker:", 1)[1]
+        worker_argv = _manifest_command(worker_text) + _manifest_command(worker_text, "args:")
+    # the operator starts no sshd: the worker container must run it, in the foreground (else the pod exits)
+    assert worker_argv[:1] == ["/usr/sbin/sshd"], worker_argv
+    assert any(re.fullmatch(r"-\w*D\w*", arg) for arg in worker_argv[1:]), worker_argv
     assert command[:2] == ["hvdkit", "launch"], command
     name = re.search(r"^  name: (\S+)", text, re.M).group(1)
     hosts = [f"{name}-worker-{i}.{name}.default.svc" for i in range(workers)]
@@ -242,6 +324,21 @@ def test_mpijob_manifest(tmp_path, capsys, no_scheduler):
     line = " ".join(shlex.split(capsys.readouterr().out))
     assert "mpirun -np 2 -H " + ",".join(f"{h}:{slots}" for h in hosts) + " " in line, line
     assert "--mca btl_tcp_if_include eth0" in line and line.endswith("examples/torch_digits.py --epochs 3"), line
+
+
+def test_readme_cluster_section_links_the_details():
+    """README "On a cluster" names firewall ports and timeouts, and its links into docs/cluster.md land on headings."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = re.search(r"^#+ On a cluster\n(.*?)^#+ ", readme, re.M | re.S)
+    assert section, "README has no section 'On a cluster'"
+    text = section.group(1)
+    assert "Firewall ports" in text and "Timeouts" in text, text[:300]
+    with open(os.path.join(REPO, "docs", "cluster.md"), encoding="utf-8") as f:
+        slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-")
+                 for h in re.findall(r"^#+ (.+)$", f.read(), re.M)}   # GitHub's heading anchors
+    anchors = re.findall(r"\(docs/cluster\.md#([\w-]+)\)", text)
+    assert len(anchors) >= 2 and set(anchors) <= slugs, (anchors, slugs)
 
 
 # ---------------------------------------------------------------- over ssh, on namespace hosts
@@ -714,6 +811,19 @@ def test_doctor_hosts_names_each_problem(netns_hosts):
     assert problems[3].startswith(f"problem: {h1} has no interface eth9 (it has eth0, lo)"), problems
     assert problems[4].startswith(f"problem: {ip1} has no interface eth9 (it has eth0, lo)"), problems
     assert result.stdout.splitlines()[-1] == "doctor: 5 problem(s)"
+
+
+def test_doctor_hosts_sshes_as_horovodrun_does():
+    """The same ssh options, port and key as horovodrun's own ssh (no host-key check): a host not yet in known_hosts
+    is reachable for horovodrun, so doctor must not report it as unreachable."""
+    from horovod.runner.util.remote import get_ssh_command
+    from hvdkit.doctor.hosts import ssh_argv
+    ours = ssh_argv("n1", ["true"], port=2222, key="/k")
+    theirs = shlex.split(get_ssh_command("true", "n1", port=2222, identity_file="/k"))
+    options = lambda argv: {argv[i + 1] for i, arg in enumerate(argv) if arg == "-o"}
+    assert options(theirs) and options(theirs) <= options(ours), (ours, theirs)
+    assert "StrictHostKeyChecking=no" in options(ours)
+    assert " -p 2222 -i /k n1 true" in " ".join(ours), ours
 
 
 def test_doctor_hosts_compares_environments():

@@ -1,11 +1,12 @@
 """``hvdkit doctor --hosts h1,h2``: can a job run across these hosts?
 
-Over ssh (the same key, port and ``BatchMode`` a launcher would need: no password prompt), on every host at once:
-is it reachable, is this Python (the same path: a shared filesystem or the same image) there, and are its Python,
-Horovod (version, and build: its framework extensions), hvdkit, torch and TensorFlow the same as on the first host,
-does the interface the ranks will use exist on every host under the same name, and is every host listed once and
-under a hostname of its own (two entries answering with one hostname are one machine, or machines Gloo cannot tell
-apart). One line per host, then one ``problem: <what>; fix: <how>`` line per problem; exit code 1 when there is any.
+Over ssh as horovodrun runs it (the same key, port and options: no host-key check, no password prompt), on every
+host at once: is it reachable, is this Python (the same path: a shared filesystem or the same image) there, and are
+its Python, Horovod (version, and build: its framework extensions), hvdkit, torch and TensorFlow the same as on the
+first host, does the interface the ranks will use exist on every host under the same name, and is every host listed
+once and under a hostname of its own (two entries answering with one hostname are one machine, or machines Gloo
+cannot tell apart). One line per host, then one ``problem: <what>; fix: <how>`` line per problem; exit code 1 when
+there is any.
 
 Example::
 
@@ -56,14 +57,22 @@ SAME = (("python", "Python"), ("horovod", "Horovod"), ("build", "Horovod's build
         ("torch", "torch"), ("tensorflow", "TensorFlow"))
 
 
-def ssh_argv(host: str, cmd: Sequence[str], port: Optional[int] = None, key: Optional[str] = None) -> List[str]:
-    """ssh that fails instead of prompting (a launcher cannot answer a prompt either).
+# horovodrun's own ssh options (horovod.runner.util.remote.SSH_COMMAND_PREFIX): no host-key check, so a host missing
+# from known_hosts is not reported here as unreachable when horovodrun would reach it.
+HOROVODRUN_SSH_OPTIONS = ("PasswordAuthentication=no", "StrictHostKeyChecking=no")
 
-    >>> ssh_argv("n1", ["true"], port=2222, key="/k")
-    ['ssh', '-o', 'BatchMode=yes', '-o', 'ConnectTimeout=10', '-p', '2222', '-i', '/k', 'n1', 'true']
+
+def ssh_argv(host: str, cmd: Sequence[str], port: Optional[int] = None, key: Optional[str] = None) -> List[str]:
+    """ssh as horovodrun runs it (its options, ``-p``, ``-i``), failing instead of prompting (BatchMode: a launcher
+    cannot answer a prompt either, e.g. for a key's passphrase).
+
+    >>> ssh_argv("n1", ["true"], port=2222, key="/k")  # doctest: +NORMALIZE_WHITESPACE
+    ['ssh', '-o', 'PasswordAuthentication=no', '-o', 'StrictHostKeyChecking=no', '-o', 'BatchMode=yes',
+     '-o', 'ConnectTimeout=10', '-p', '2222', '-i', '/k', 'n1', 'true']
     """
-    return ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *(["-p", str(port)] if port else []),
-            *(["-i", key] if key else []), host, *cmd]
+    options = [arg for option in (*HOROVODRUN_SSH_OPTIONS, "BatchMode=yes", "ConnectTimeout=10")
+               for arg in ("-o", option)]
+    return ["ssh", *options, *(["-p", str(port)] if port else []), *(["-i", key] if key else []), host, *cmd]
 
 
 def probe(host: str, python: str, port: Optional[int] = None, key: Optional[str] = None) -> Dict:
