@@ -132,6 +132,23 @@ def reap_leaks(owner: str, baseline: Set[int] = frozenset(), grace: float = 5.0)
     return leaked
 
 
+def file_contents(path: str) -> Optional[Dict[str, bytes]]:
+    """Path -> bytes of ``path`` itself (a file) or of every file under it (a directory); None when absent. Two
+    readings compare equal only if nothing was written, added or removed there."""
+    if not os.path.exists(path):
+        return None
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return {path: f.read()}
+    found = {}
+    for directory, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(directory, name)
+            with open(full, "rb") as f:
+                found[full] = f.read()
+    return found
+
+
 def run(cmd: Sequence[str], timeout: float = 180, env: Optional[Dict[str, str]] = None,
         cwd: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own session; on timeout kill the whole group and fail with its output."""

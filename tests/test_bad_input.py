@@ -28,7 +28,7 @@ from typing import Dict, List, NamedTuple
 
 import pytest
 
-from proc import REPO, explain, run
+from proc import REPO, explain, file_contents, run
 
 README = os.path.join(REPO, "README.md")
 SECTION = "## Bad input: what you see"
@@ -202,16 +202,6 @@ def _shell(command: str) -> None:
     assert done.returncode == 0, f"set-up {command!r} failed: {done.stderr}"
 
 
-def _files(root: str) -> Dict[str, bytes]:
-    found = {}
-    for directory, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                found[path] = f.read()
-    return found
-
-
 def _shown(stderr: str, expected: str, code: int):
     """The line the row is about: see the module docstring."""
     lines = [l for l in stderr.splitlines() if l.strip()]
@@ -252,7 +242,7 @@ def test_row(row, tmp_path, monkeypatch, request):
     for step in row.setup:
         assert _split(step)[1] == "shell", f"set-up steps are shell commands: {step}"
         _shell(_fill(step, places))
-    before = _files(str(tmp_path))
+    before = file_contents(str(tmp_path))
 
     env, kind, argv = _split(_fill(row.command, places))
     if row.in_process:
@@ -269,6 +259,6 @@ def test_row(row, tmp_path, monkeypatch, request):
         assert len([l for l in err.splitlines() if l.startswith("hvdkit: error:")]) <= 1, context
     if not row.traceback_kept:
         assert "Traceback" not in err, context
-    after = _files(str(tmp_path))
+    after = file_contents(str(tmp_path))
     changed = sorted(p for p, data in before.items() if after.get(p) != data)
     assert not changed, f"files changed or removed by bad input: {changed}\n{context}"

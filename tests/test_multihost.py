@@ -18,7 +18,7 @@ import pytest
 
 import multihost
 from elastic_harness import GATED, ElasticJob
-from proc import REPO, explain, run
+from proc import REPO, explain, file_contents, run
 
 from hvdkit import hostfile
 from hvdkit.audit import check, load as audit_load
@@ -707,22 +707,9 @@ def _start_time(pid):
     return None if fields[0] in "ZX" else fields[19]
 
 
-def _tree_digest(path):
-    """Names and contents of the files under ``path`` (None when absent): changed if the harness wrote there."""
-    if not os.path.exists(path):
-        return None
-    found = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            with open(full, "rb") as f:
-                found[full] = f.read()
-    return found
-
-
 def _outside_traces():
     """What the harness may touch outside its own names: the hosts file, root's ssh files, shared directories."""
-    return {"/etc/hosts": _tree_digest("/etc/hosts"), "~/.ssh": _tree_digest(os.path.expanduser("~/.ssh")),
+    return {"/etc/hosts": file_contents("/etc/hosts"), "~/.ssh": file_contents(os.path.expanduser("~/.ssh")),
             "/etc/netns exists": os.path.isdir("/etc/netns"), "/run/sshd exists": os.path.isdir("/run/sshd")}
 
 
