@@ -107,6 +107,7 @@ class KerasFitAdapter(KerasAdapter):
 
     def _before_update(self) -> None:
         # inside model.fit: its traced step holds the shard variables, placed by _fit before it started
+        self._verdict = None
         if self._sharded is not None:
             if self._sharded.needs_reshard():
                 raise HvdkitError("internal error: the sharded optimizer's shards changed during model.fit; "
