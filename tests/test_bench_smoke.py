@@ -74,12 +74,24 @@ def test_allreduce_bench_smallest_size(tmp_path):
 def test_train_bench_smallest_size(tmp_path):
     # the kit's two frameworks, and torch under horovodrun (Gloo: `hvdkit launch`'s default); the baselines'
     # arithmetic: below
+    # arithmetic: below. The wide MLP (the CNN's builders are checked without processes) and one lever row: the kit's
+    # torch worker with another cycle time, which Horovod's C++ side must see (the shell sets nothing of it)
     modes = ["hvdkit-torch", "hvdkit-torch-gloo", "hvdkit-keras"]
     result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
-                   "--workers", "1,2", "--out", str(tmp_path))
+                   "--workers", "1,2", "--model", "mlp", "--variant", "hvdkit-torch:HOROVOD_CYCLE_TIME=5",
+                   "--out", str(tmp_path))
     assert result.returncode == 0, explain(result)
     report = json.loads((tmp_path / "train.json").read_text())
-    assert list(report["results"]) == modes and report["mismatches"] == []
+    lever = "hvdkit-torch HOROVOD_CYCLE_TIME=5"
+    assert list(report["results"]) == modes + [lever] and report["mismatches"] == [] and report["model"] == "mlp"
+    assert report["variants"] == {lever: {"HOROVOD_CYCLE_TIME": "5"}}
+    for world in ("1", "2"):
+        assert report["results"][lever][world]["ran_with"][0]["collectives"]["knobs"]["HOROVOD_CYCLE_TIME"] == "5"
+        assert report["results"]["hvdkit-torch"][world]["ran_with"][0]["collectives"]["knobs"] == {
+            "HOROVOD_CYCLE_TIME": "2", "HOROVOD_FUSION_THRESHOLD": None, "HOROVOD_CACHE_CAPACITY": None,
+            "OMPI_MCA_mpi_yield_when_idle": "1"}     # the kit's defaults (hvdkit/tuning.py)
+        assert report["ratios"][f"{lever} / hvdkit-torch @{world}"]["median"] > 0
+    modes = modes + [lever]
     for mode, by_workers in report["results"].items():
         assert set(by_workers) == {"1", "2"}, mode
         for world, row in by_workers.items():
@@ -97,9 +109,10 @@ def test_train_bench_smallest_size(tmp_path):
             assert "cpu_ops_timeline" not in ran["collectives"], (mode, world, ran)   # no timeline while measuring
         assert report["scaling_efficiency"][mode]["2"]["median"] > 0, mode
     md = (tmp_path / "train.md").read_text()
-    assert "| hvdkit-torch |" in md and "scaling 1->2" in md
-    assert report["launcher"] == {"hvdkit-torch": "mpirun", "hvdkit-torch-gloo": "horovodrun", "hvdkit-keras": "mpirun"}
-    assert "horovodrun: hvdkit-torch-gloo" in md and "mpirun: hvdkit-torch, hvdkit-keras" in md
+    assert "| hvdkit-torch |" in md and "scaling 1->2" in md and "wide MLP (784-2048-2048-10" in md
+    assert report["launcher"] == {"hvdkit-torch": "mpirun", "hvdkit-torch-gloo": "horovodrun", "hvdkit-keras": "mpirun",
+                                  lever: "mpirun"}
+    assert "horovodrun: hvdkit-torch-gloo" in md and f"mpirun: hvdkit-torch, hvdkit-keras, {lever}" in md
     assert "| hvdkit-keras | 2 | TF 1/1 |" in md
     assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -133,6 +146,32 @@ def test_train_report_medians_ratios_scaling_and_mismatches():
     assert "- hvdkit-torch / torch-ddp @2: 1.00x (0.90-1.20)" in md
     assert "| torch-ddp | 1 | torch 1/1 | 1 | 1.00 | torch.distributed gloo |" in md
     assert "**Read back differs from what the row asked:**" in md and "- hvdkit-keras @1: Horovod cpu_ops gloo" in md
+
+
+def test_train_report_compares_a_lever_row_with_its_mode_and_checks_its_settings():
+    lever = "hvdkit-torch HOROVOD_CACHE_CAPACITY=0"
+    knobs = {lever: {"HOROVOD_CACHE_CAPACITY": "0"}, "hvdkit-torch": {"HOROVOD_CACHE_CAPACITY": None}}
+    speeds = {("hvdkit-torch", 2): [100, 200], (lever, 2): [90, 240]}
+    found = {row: [{"samples_per_sec": v, "ran_with": {**_ran(), "collectives": {
+        "controller": "mpi", "cpu_ops": "mpi", "knobs": knobs[row[0]]}}} for v in runs] for row, runs in speeds.items()}
+    variants = {lever: ("hvdkit-torch", {"HOROVOD_CACHE_CAPACITY": "0"})}
+    r = bench_run._train_report(found, [2], steps=2, batch=8, rounds=2, variants=variants)
+    ratio = r["ratios"][f"{lever} / hvdkit-torch @2"]     # per round: 0.9, 1.2
+    assert (round(ratio["min"], 6), round(ratio["max"], 6)) == (0.9, 1.2) and r["mismatches"] == []
+    knobs[lever]["HOROVOD_CACHE_CAPACITY"] = "1024"   # Horovod saw something else: flagged
+    r = bench_run._train_report(found, [2], steps=2, batch=8, rounds=2, variants=variants)
+    assert r["mismatches"] == [f"{lever} @2: HOROVOD_CACHE_CAPACITY=1024, asked 0"]
+
+
+def test_both_bench_models_have_the_advertised_size_in_both_frameworks():
+    import keras
+    from hvdkit.bench.models import TRAIN_MODELS
+    sizes = {}
+    for name, (torch_model, keras_model) in TRAIN_MODELS.items():
+        sizes[name] = (sum(p.numel() for p in torch_model().parameters()), keras_model(keras).count_params())
+    assert sizes["mlp"] == (784 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 10 + 10,) * 2
+    assert sizes["cnn"][0] == sizes["cnn"][1] and sizes["cnn"][0] == 206922
+    assert round(sizes["mlp"][0] / 1e6, 1) == 5.8
 
 
 def test_allreduce_report_bandwidth_ratios_and_mismatches():

@@ -30,6 +30,28 @@ def torch_cnn():
     return SmallCNN()
 
 
+def torch_mlp(width: int = 2048, depth: int = 1):
+    """Flatten, 784 -> ``width``, ``depth`` x ``width`` -> ``width``, -> 10, ReLU between: few large gradients
+    (the default: 5.8M parameters, 23 MB of float32 gradients), where the CNN has many small ones."""
+    from torch import nn
+    layers = [nn.Flatten(), nn.Linear(28 * 28, width), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def keras_mlp(keras, width: int = 2048, depth: int = 1):
+    """:func:`torch_mlp` in Keras."""
+    layers = keras.layers
+    return keras.Sequential([keras.Input(shape=(28, 28, 1)), layers.Flatten(),
+                             *[layers.Dense(width, activation="relu") for _ in range(depth + 1)], layers.Dense(10)])
+
+
+#: bench train's models by name: (torch builder, Keras builder taking the keras module)
+TRAIN_MODELS = {"cnn": (lambda: torch_cnn(), lambda keras: keras_cnn(keras)),
+                "mlp": (lambda: torch_mlp(), lambda keras: keras_mlp(keras))}
+
+
 def keras_cnn(keras):
     layers = keras.layers
     return keras.Sequential([
@@ -118,6 +140,11 @@ def _c_getenv(name: str):
     return value.decode() if value is not None else None
 
 
+#: Horovod's tuning knobs as its C++ side reads them, reported by every Horovod row (bench train --variant checks them)
+HOROVOD_KNOBS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY",
+                 "OMPI_MCA_mpi_yield_when_idle")
+
+
 def horovod_collectives(hvd, reduce_once=None, rank: int = 0) -> dict:
     """Horovod's controller, as Horovod reports it (``hvd.mpi_enabled()`` / ``gloo_enabled()``), and the CPU tensor
     operations this process runs: what Horovod's parser (``ParseCPUOpsFromEnv`` in horovod/common/utils/
@@ -135,7 +162,7 @@ def horovod_collectives(hvd, reduce_once=None, rank: int = 0) -> dict:
     else:
         ops, source = ("ccl" if hvd.ccl_built() else "mpi"), "Horovod's default (HOROVOD_CPU_OPERATIONS unset)"
     out = {"controller": "mpi" if hvd.mpi_enabled() else "gloo" if hvd.gloo_enabled() else "unknown",
-           "cpu_ops": ops, "cpu_ops_from": source}
+           "cpu_ops": ops, "cpu_ops_from": source, "knobs": {k: _c_getenv(k) for k in HOROVOD_KNOBS}}
     if reduce_once is None or _c_getenv("HOROVOD_TIMELINE") != "DYNAMIC":
         return out
     out["cpu_ops_timeline"] = "not seen"

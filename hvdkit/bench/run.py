@@ -52,6 +52,8 @@ ALLREDUCE_ROWS = {
 # except hvdkit-torch-gloo: the same worker as hvdkit-torch under horovodrun, what `hvdkit launch` starts by default
 # (Gloo controller and Gloo tensor ops), so the table shows what that default costs against MPI ops
 TRAIN_LAUNCHER = {"hvdkit-torch-gloo": "horovodrun"}
+MODEL_TITLES = {"cnn": "small CNN (2 conv + 2 fc, 0.21M parameters)",
+                "mlp": "wide MLP (784-2048-2048-10, 5.8M parameters)"}
 TRAIN_EXPECT = {"hvdkit-torch": HOROVOD_MPI, "hvdkit-torch-gloo": HOROVOD_GLOO, "raw-horovod-torch": HOROVOD_MPI,
                 "torch-ddp": {"threads": 1, "backend": "torch.distributed gloo"},
                 "hvdkit-keras": HOROVOD_MPI, "hvdkit-keras-loop": HOROVOD_MPI, "raw-horovod-tf": HOROVOD_MPI,
@@ -143,6 +145,9 @@ def _mismatches(what: str, expect: Dict, ran: Dict) -> List[str]:
         want = expect.get("cpu_ops" if key == "cpu_ops_timeline" else key)
         if want is not None and (key in coll or key != "cpu_ops_timeline") and coll.get(key) != want:
             bad.append(f"{what}: Horovod {key} {coll.get(key)}, asked {want}")
+    for key, want in expect.get("knobs", {}).items():   # a --variant's settings, as Horovod's C++ side sees them
+        if (coll.get("knobs") or {}).get(key, "(not read back)") != want:
+            bad.append(f"{what}: {key}={(coll.get('knobs') or {}).get(key, '(not read back)')}, asked {want}")
     if "backend" in expect and not str(coll.get("backend", "")).startswith(expect["backend"]):
         bad.append(f"{what}: backend {coll.get('backend')}, asked {expect['backend']}")
     return bad
@@ -297,51 +302,88 @@ def _allreduce_plot(r: Dict, ax) -> None:
 
 # ---- hvdkit bench train --------------------------------------------------------------------------------------
 def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, batch: int, rounds: int,
-                probe_ops: bool = False, timeout: float = 900) -> Dict:
+                probe_ops: bool = False, timeout: float = 900, model: str = "cnn",
+                variants: Dict[str, tuple] = None) -> Dict:
     """Samples/s of each mode at each worker count, every (mode, workers) row its own mpirun job in a fresh
-    environment, ``rounds`` interleaved rounds; medians, ranges, per-round ratios and scaling efficiency."""
+    environment, ``rounds`` interleaved rounds; medians, ranges, per-round ratios and scaling efficiency.
+
+    variants: ``{name: (mode, {setting: value})}``, extra rows running ``mode`` with those settings (a lever to
+    measure: ``{"hvdkit-torch HOROVOD_CACHE_CAPACITY=0": ("hvdkit-torch", {"HOROVOD_CACHE_CAPACITY": "0"})}``),
+    interleaved with the others and compared with their mode's row round by round."""
     os.makedirs(out_dir, exist_ok=True)
     base_env = _clean_env()
-    rows = [(m, w) for w in workers for m in modes]
+    variants = dict(variants or {})
+    base = {**{m: (m, {}) for m in modes}, **variants}   # row name -> (mode, settings)
+    rows = [(name, w) for w in workers for name in base]
     found: Dict[tuple, List[Dict]] = {row: [] for row in rows}
     total = len(rows) * rounds
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (r, (mode, world)) in enumerate(_rounds(rows, rounds), start=1):
-            _progress(i, total, f"train {mode} on {world} worker(s), round {r + 1}/{rounds}")
-            out = os.path.join(tmp, f"{mode}-{world}-{r}.json")
-            _run_row(["hvdkit.bench.train_worker", mode, out, str(steps), str(batch)], world, base_env, out,
-                     timeout, launcher=TRAIN_LAUNCHER.get(mode, "mpirun"), settings=PROBE if probe_ops else None)
+        for i, (r, (name, world)) in enumerate(_rounds(rows, rounds), start=1):
+            mode, settings = base[name]
+            _progress(i, total, f"train {name} ({model}) on {world} worker(s), round {r + 1}/{rounds}")
+            out = os.path.join(tmp, f"row{rows.index((name, world))}-round{r}.json")
+            _run_row(["hvdkit.bench.train_worker", mode, out, str(steps), str(batch), model], world, base_env, out,
+                     timeout, launcher=TRAIN_LAUNCHER.get(mode, "mpirun"),
+                     settings={**(PROBE if probe_ops else {}), **settings})
             with open(out) as f:
-                found[(mode, world)].append(json.load(f))
-    report = dict(_train_report(found, workers, steps, batch, rounds), probe_ops=probe_ops)
+                found[(name, world)].append(json.load(f))
+    report = dict(_train_report(found, workers, steps, batch, rounds, variants), probe_ops=probe_ops, model=model)
     _warn(report["mismatches"])
     _write(out_dir, "train", report, _train_markdown(report), _train_plot)
     return report
 
 
-def _train_report(found: Dict[tuple, List[Dict]], workers: List[int], steps: int, batch: int, rounds: int) -> Dict:
-    """The report from each (mode, workers) row's worker outputs (one per round, in round order)."""
-    modes = list(dict.fromkeys(mode for mode, _ in found))
+def parse_variant(text: str) -> tuple:
+    """``"MODE:KEY=VALUE[,KEY=VALUE]"`` -> (row name, (mode, settings)), or one clear error.
+
+        >>> parse_variant("hvdkit-torch:HOROVOD_CYCLE_TIME=5")
+        ('hvdkit-torch HOROVOD_CYCLE_TIME=5', ('hvdkit-torch', {'HOROVOD_CYCLE_TIME': '5'}))
+    """
+    mode, _, rest = text.partition(":")
+    pairs = [p.strip() for p in rest.split(",") if p.strip()]
+    if mode not in TORCH_MODES + KERAS_MODES or not pairs or not all("=" in p and p.split("=")[0] for p in pairs):
+        raise HvdkitError(f"bad --variant {text!r}; pass MODE:KEY=VALUE[,KEY=VALUE], MODE one of "
+                          f"{', '.join(TORCH_MODES + KERAS_MODES)}, e.g. hvdkit-torch:HOROVOD_CYCLE_TIME=5")
+    settings = dict(p.split("=", 1) for p in pairs)
+    return f"{mode} " + " ".join(f"{k}={v}" for k, v in settings.items()), (mode, settings)
+
+
+def _train_report(found: Dict[tuple, List[Dict]], workers: List[int], steps: int, batch: int, rounds: int,
+                  variants: Dict[str, tuple] = None) -> Dict:
+    """The report from each (row, workers) row's worker outputs (one per round, in round order)."""
+    variants = variants or {}
+    names = list(dict.fromkeys(name for name, _ in found))
+    mode_of = {n: variants[n][0] if n in variants else n for n in names}
     results, mismatches = {}, []
-    for (mode, world), runs in found.items():
-        bad = [m for run in runs for m in _mismatches(f"{mode} @{world}", TRAIN_EXPECT[mode], run["ran_with"])]
+    for (name, world), runs in found.items():
+        expect = {**TRAIN_EXPECT[mode_of[name]], "knobs": variants[name][1] if name in variants else {}}
+        bad = [m for run in runs for m in _mismatches(f"{name} @{world}", expect, run["ran_with"])]
         mismatches += list(dict.fromkeys(bad))
-        results.setdefault(mode, {})[str(world)] = {**_spread([run["samples_per_sec"] for run in runs]),
+        results.setdefault(name, {})[str(world)] = {**_spread([run["samples_per_sec"] for run in runs]),
                                                     "ran_with": [run["ran_with"] for run in runs]}
+
+    def per_round(a, b, w):   # per round: the rows of one round ran close together
+        return _spread([x / y for x, y in zip(results[a][w]["runs"], results[b][w]["runs"])])
+
     ratios = {}
     for family in (TORCH_MODES, KERAS_MODES):
-        present = [m for m in family if m in results]
-        for ours in (m for m in present if m.startswith("hvdkit")):
-            for other in (m for m in present if not m.startswith("hvdkit")):
-                for w in map(str, workers):   # per round: the rows of one round ran close together
-                    ratios[f"{ours} / {other} @{w}"] = _spread(
-                        [a / b for a, b in zip(results[ours][w]["runs"], results[other][w]["runs"])])
+        present = [n for n in names if mode_of[n] in family]
+        for ours in (n for n in present if n.startswith("hvdkit")):
+            for other in (n for n in present if not n.startswith("hvdkit")):
+                for w in map(str, workers):
+                    ratios[f"{ours} / {other} @{w}"] = per_round(ours, other, w)
+    for name, (mode, _) in variants.items():   # a lever against the same mode without it
+        if mode in results:
+            for w in map(str, workers):
+                ratios[f"{name} / {mode} @{w}"] = per_round(name, mode, w)
     base = min(workers)
     scaling = {m: {str(w): _spread([b * base / (w * a) for a, b in zip(results[m][str(base)]["runs"],
                                                                         results[m][str(w)]["runs"])])
-                   for w in workers if w != base} for m in modes}
+                   for w in workers if w != base} for m in names}
     return {"steps": steps, "batch_per_worker": batch, "rounds": rounds, "workers": workers,
-            "launcher": {m: TRAIN_LAUNCHER.get(m, "mpirun") for m in modes}, "results": results, "ratios": ratios, "scaling_efficiency": scaling, "mismatches": mismatches}
+            "launcher": {n: TRAIN_LAUNCHER.get(mode_of[n], "mpirun") for n in names},
+            "variants": {n: variants[n][1] for n in names if n in variants},
+            "results": results, "ratios": ratios, "scaling_efficiency": scaling, "mismatches": mismatches}
 
 
 def _train_markdown(r: Dict) -> str:
@@ -355,7 +397,7 @@ def _train_markdown(r: Dict) -> str:
                   for e in (r["scaling_efficiency"][mode][str(w)] for w in more)]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Batch {r['batch_per_worker']} per worker, {r['steps']} timed steps after as many warm-up steps, "
+    lines.append(f"Model: {MODEL_TITLES[r.get('model', 'cnn')]}. Batch {r['batch_per_worker']} per worker, {r['steps']} timed steps after as many warm-up steps, "
                  f"median of {r['rounds']} interleaved round(s) (min-max); scaling: samples/s at N workers / (N x at "
                  f"{base}), per round. Ratios (per round, then the median; min-max):")
     lines += [f"- {k}: {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})" for k, v in r["ratios"].items()]
@@ -389,7 +431,8 @@ def _train_plot(r: Dict, ax) -> None:
     ax.set_xticks([i + width * (len(ws) - 1) / 2 for i in range(len(modes))])
     ax.set_xticklabels(modes, rotation=20, fontsize=8)
     ax.set_ylabel("samples/s (median, min-max)")
-    ax.set_title(f"small CNN, batch {r['batch_per_worker']} per worker, {r['rounds']} round(s)")
+    ax.set_title(f"{MODEL_TITLES[r.get('model', 'cnn')]}, batch {r['batch_per_worker']} per worker, "
+                 f"{r['rounds']} round(s)")
     ax.legend(fontsize=8)
 
 
@@ -529,6 +572,11 @@ def main(argv=None) -> int:
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=3,
                    help="every (mode, workers) row once per round; the median is reported")
+    t.add_argument("--model", choices=sorted(MODEL_TITLES), default="cnn", help="; ".join(
+        f"{k}: {v}" for k, v in sorted(MODEL_TITLES.items())))
+    t.add_argument("--variant", action="append", default=[], metavar="MODE:KEY=VALUE[,KEY=VALUE]",
+                   help="an extra row: MODE with these settings, compared with MODE's row round by round "
+                        "(repeatable), e.g. hvdkit-torch:HOROVOD_CYCLE_TIME=5")
     t.add_argument("--probe-ops", action="store_true", help=PROBE_HELP)
     t.add_argument("--out", default="results/bench")
     z = sub.add_parser("zero", help="Adam state, gradients and peak RSS per rank, samples/s: hvdkit unsharded, "
@@ -564,7 +612,8 @@ def main(argv=None) -> int:
         modes = _csv_choices(args.modes, TORCH_MODES + KERAS_MODES, "bench modes")
         if args.rounds < 1 or args.steps < 1 or args.batch < 1:
             raise HvdkitError("bench train needs --rounds, --steps and --batch >= 1")
+        variants = dict(parse_variant(v) for v in args.variant)
         bench_train(args.out, modes, sorted({int(w) for w in args.workers.split(",")}), args.steps, args.batch,
-                    args.rounds, args.probe_ops)
+                    args.rounds, args.probe_ops, model=args.model, variants=variants)
     print(f"bench: done in {time.time() - started:.0f} s", file=sys.stderr)
     return 0

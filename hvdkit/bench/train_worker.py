@@ -1,8 +1,8 @@
-"""One rank of ``hvdkit bench train`` (run under mpirun): one way of training the same small CNN.
+"""One rank of ``hvdkit bench train`` (run under mpirun): one way of training the same model.
 
-argv: MODE OUT_JSON STEPS BATCH, MODE one of hvdkit-torch, raw-horovod-torch, torch-ddp,
-hvdkit-keras, raw-horovod-tf, tf-mwms. Every mode trains on synthetic 28x28 images with batch
-BATCH per worker, one compute thread per worker, for one warm-up pass of STEPS steps and one timed
+argv: MODE OUT_JSON STEPS BATCH [MODEL]; MODE one of hvdkit-torch, raw-horovod-torch, torch-ddp,
+hvdkit-keras, raw-horovod-tf, tf-mwms; MODEL ``cnn`` (default: the small CNN) or ``mlp`` (a wide MLP).
+Every mode trains on synthetic 28x28 images with batch BATCH per worker, one compute thread per worker, for one warm-up pass of STEPS steps and one timed
 pass of STEPS steps; rank 0 writes {"samples_per_sec": ..., "ran_with": ...} for the timed pass, ``ran_with``
 read back from the frameworks at the end (``hvdkit.bench.models.ran_with``): their thread counts, the threads that
 were busy while training, and the collectives (Horovod's controller and CPU tensor operations, and with
@@ -14,10 +14,11 @@ import os
 import sys
 import time
 
-from hvdkit.bench.models import CpuThreads, horovod_collectives, keras_cnn, pin_torch_threads, ran_with, torch_cnn
+from hvdkit.bench.models import TRAIN_MODELS, CpuThreads, horovod_collectives, pin_torch_threads, ran_with
 from hvdkit.datasets import synthetic_images
 
 MODE, OUT, STEPS, BATCH = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch_model, keras_model = TRAIN_MODELS[sys.argv[5] if len(sys.argv) > 5 else "cnn"]
 RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", 0)))
 WORLD = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("HOROVOD_SIZE", 1)))
 LR = 0.01
@@ -71,7 +72,7 @@ def hvdkit_torch():
     from hvdkit.torch import TorchAdapter
     x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
     torch.manual_seed(0)
-    model = torch_cnn()
+    model = torch_model()
     adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), torch.nn.functional.cross_entropy)
     cpu = CpuThreads()
     result = Trainer(adapter, TrainConfig(epochs=2, batch_size=BATCH, progress_bar=False)).fit((x, y))
@@ -84,7 +85,7 @@ def raw_horovod_torch():
     hvd.init()
     pin_torch_threads(1)
     torch.manual_seed(0)
-    model = torch_cnn()
+    model = torch_model()
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR * hvd.size(), momentum=0.9),
                                    named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -100,7 +101,7 @@ def torch_ddp():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ.get('HVDKIT_BENCH_PORT', '29534')}",
                             rank=RANK, world_size=WORLD)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(torch_cnn())
+    model = torch.nn.parallel.DistributedDataParallel(torch_model())
     opt = torch.optim.SGD(model.parameters(), lr=LR * WORLD, momentum=0.9)
     cpu = CpuThreads()
     speed = timed_torch_loop(model, opt, *shard())
@@ -114,7 +115,7 @@ def hvdkit_keras(mode="fit"):
     import keras
     x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
     keras.utils.set_random_seed(0)
-    model = keras_cnn(keras)
+    model = keras_model(keras)
     adapter = make_adapter(model, keras.optimizers.SGD(LR, momentum=0.9),
                            keras.losses.SparseCategoricalCrossentropy(from_logits=True), mode=mode)
     cpu = CpuThreads()
@@ -131,7 +132,7 @@ def raw_horovod_tf():
     tf.config.threading.set_inter_op_parallelism_threads(1)
     hvd.init()
     keras.utils.set_random_seed(0)
-    model = keras_cnn(keras)
+    model = keras_model(keras)
     opt = keras.optimizers.SGD(LR * hvd.size(), momentum=0.9)
     opt.build(model.trainable_variables)
     hvd.broadcast_variables([v.value for v in model.variables + opt.variables], root_rank=0)
@@ -169,7 +170,7 @@ def tf_mwms():
     tf.config.threading.set_inter_op_parallelism_threads(1)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = keras_cnn(tf_keras)
+        model = keras_model(tf_keras)
         model.compile(optimizer=tf_keras.optimizers.SGD(LR * WORLD, momentum=0.9),
                       loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)

@@ -33,14 +33,8 @@ LR = 1e-3
 
 
 def build_model(kind: str, width: int, depth: int):
-    from torch import nn
-    if kind == "cnn":
-        from hvdkit.bench.models import torch_cnn
-        return torch_cnn()
-    layers = [nn.Flatten(), nn.Linear(28 * 28, width), nn.ReLU()]
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
+    from hvdkit.bench.models import torch_cnn, torch_mlp
+    return torch_cnn() if kind == "cnn" else torch_mlp(width, depth)
 
 
 def unique_bytes(tensors) -> int:
