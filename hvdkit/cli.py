@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("-H", "--hosts", default=None, help="host1:slots,host2:slots (default localhost:NP)")
     launch.add_argument("--hostfile", default=None, metavar="FILE",
                         help="hosts for a static job: 'host slots=N' (OpenMPI), 'host:N' or 'host' lines")
-    launch.add_argument("--controller", choices=CONTROLLERS, default="gloo",
-                        help="horovodrun's controller (default gloo; mpi: horovodrun runs mpirun)")
+    launch.add_argument("--controller", choices=CONTROLLERS, default=None,
+                        help="horovodrun's controller: static jobs mpi (default: horovodrun runs mpirun; MPI tensor "
+                             "ops, faster here) or gloo; elastic jobs gloo only")
     launch.add_argument("--network-interface", default=None,
                         help='the NIC ranks talk over, e.g. eth0 (elastic on one machine: "lo")')
     launch.add_argument("--ssh-port", type=int, default=None, help="ssh port of the remote hosts")
@@ -230,8 +231,11 @@ def _check_remote_options(args: argparse.Namespace) -> None:
                           "ssh arguments cannot carry; move or link the key to a path without spaces")
     if args.ssh_identity_file and not args.print and not os.path.isfile(args.ssh_identity_file):
         raise HvdkitError(f"--ssh-identity-file {args.ssh_identity_file} not found; pass the private key's path")
-    if args.controller != "gloo" and (args.launcher != "horovodrun" or args.hosts_file):
+    if args.controller == "mpi" and (args.launcher != "horovodrun" or args.hosts_file):
         raise HvdkitError("--controller mpi applies to static horovodrun launches only; drop it")
+    if args.controller == "gloo" and args.launcher != "horovodrun":
+        raise HvdkitError("--controller gloo applies to horovodrun only; drop it (mpirun runs MPI) or pass "
+                          "--launcher horovodrun")
 
 
 def _writable_log(path):

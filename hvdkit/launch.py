@@ -3,7 +3,8 @@
 Example::
 
     >>> launch_command(["train.py", "--epochs", "1"], np=2, launcher="horovodrun", python="python")
-    ['horovodrun', '-np', '2', '-H', 'localhost:2', '--gloo', 'python', 'train.py', '--epochs', '1']
+    ['env', 'OMPI_MCA_btl_vader_single_copy_mechanism=none', 'horovodrun', '-np', '2', '-H', 'localhost:2', '--mpi',
+     'python', 'train.py', '--epochs', '1']
 """
 from __future__ import annotations
 
@@ -89,10 +90,12 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
                    env: Optional[Dict[str, str]] = None, extra: Sequence[str] = (),
                    elastic: Optional[Elastic] = None, network_interface: Optional[str] = None,
                    ssh_port: Optional[int] = None, ssh_identity_file: Optional[str] = None,
-                   forward: Sequence[str] = (), controller: str = "gloo") -> List[str]:
+                   forward: Sequence[str] = (), controller: Optional[str] = None) -> List[str]:
     """argv that runs ``python script...`` on ``np`` workers.
 
-    horovodrun: Gloo controller (``--gloo``), the mode elastic training also needs.
+    horovodrun: static jobs on the MPI controller and MPI tensor ops (``--mpi``: horovodrun runs mpirun; 1.19x the
+    Gloo samples/s on the bench CNN at 2 workers, README "Tuned defaults"), elastic jobs on Gloo (``--gloo``, which
+    elastic needs).
     mpirun (OpenMPI): no core binding, ranks tagged in the output (``--tag-output``), ``--allow-run-as-root``
     when root, ``--oversubscribe`` when ``np`` exceeds the cores (on this machine only), environment forwarded with ``-x``.
     hosts: ``"host1:2,host2:2"``; default ``localhost:np``. ``env`` adds variables for every rank.
@@ -101,7 +104,8 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     ``ssh_port``/``ssh_identity_file`` for the ssh logins (mpirun: ``--mca plm_rsh_args``); ``forward``:
     ``NAME`` or ``NAME=VALUE`` for every rank (mpirun ``-x``; horovodrun forwards its environment itself).
     mpirun with a remote host also forwards HOROVOD_*, HVDKIT_*, OMP_* and PYTHONUNBUFFERED.
-    controller: horovodrun's ``gloo`` (default; elastic needs it) or ``mpi`` (horovodrun runs mpirun).
+    controller: horovodrun's ``mpi`` (the default for static jobs) or ``gloo`` (the default, and the only choice,
+    for elastic ones).
     """
     if launcher not in LAUNCHERS:
         raise HvdkitError(f"unknown launcher {launcher!r}; use one of {', '.join(LAUNCHERS)}")
@@ -112,11 +116,14 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     env = dict(env or {})
     if elastic is not None and launcher != "horovodrun":
         raise HvdkitError("elastic training runs under horovodrun (Gloo) only; mpirun launches are static")
-    if controller not in CONTROLLERS:
+    if controller is not None and controller not in CONTROLLERS:
         raise HvdkitError(f"unknown controller {controller!r}; use one of {', '.join(CONTROLLERS)}")
-    if controller != "gloo" and (launcher != "horovodrun" or elastic is not None):
+    if controller == "mpi" and (launcher != "horovodrun" or elastic is not None):
         raise HvdkitError("--controller mpi is horovodrun's static mode; drop it (mpirun is MPI already, "
                           "elastic needs Gloo)")
+    if controller == "gloo" and launcher != "horovodrun":
+        raise HvdkitError("--controller gloo applies to horovodrun only; drop it (mpirun runs MPI) or pass "
+                          "--launcher horovodrun")
     names, values = _split_forward(forward)
     env.update(values)
     if launcher == "horovodrun":
@@ -129,6 +136,10 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
             where += ["--ssh-port", str(ssh_port)]
         if ssh_identity_file:
             where += ["--ssh-identity-file", ssh_identity_file]
+        controller = controller or ("gloo" if elastic is not None else "mpi")
+        if controller == "mpi":   # as hvdkit's own mpirun command does (below)
+            env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism",
+                           os.environ.get("OMPI_MCA_btl_vader_single_copy_mechanism", "none"))
         cmd = [_tool("horovodrun", python), "-np", str(np), *where, f"--{controller}", *extra]
         # horovodrun passes its own environment to the workers; set extra variables with `env`.
         if env:

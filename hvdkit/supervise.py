@@ -488,6 +488,14 @@ def _pump(pipe, output: _Output, tracker: FailureTracker, verbose: bool) -> None
     show(noise.flush())
 
 
+def _launcher_name(cmd: Sequence[str]) -> str:
+    """``horovodrun`` for ``[".../horovodrun", ...]`` and for ``["env", "A=1", ".../horovodrun", ...]``."""
+    args = list(cmd)
+    if args and os.path.basename(args[0]) == "env":
+        args = [a for a in args[1:] if "=" not in a] or args
+    return os.path.basename(args[0])
+
+
 def supervise(cmd: Sequence[str], log_path: Optional[str] = None, verbose: bool = False,
               keep_log: bool = True, env: Optional[Dict[str, str]] = None,
               out: TextIO = None, err: TextIO = None) -> int:
@@ -529,7 +537,7 @@ def supervise(cmd: Sequence[str], log_path: Optional[str] = None, verbose: bool 
                     proc.wait()
                 _kill_leftovers(proc.pid)   # after the launcher was waited for: _reap must not take its status
         reader.join(DRAIN)
-    line, code = summary(tracker, os.path.basename(cmd[0]), returncode, log_path, got[0] if got else None)
+    line, code = summary(tracker, _launcher_name(cmd), returncode, log_path, got[0] if got else None)
     if line:
         print(line, file=err, flush=True)
     elif not keep_log:

@@ -174,9 +174,13 @@ def run(cmd: Sequence[str], timeout: float = 180, env: Optional[Dict[str, str]] 
 
 def launch(script: str, args: Sequence[str] = (), np: int = 2, launcher: str = "horovodrun",
            timeout: float = 180, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Run a script under a launcher exactly as a user would (through hvdkit.launch_command)."""
+    """Run a script under a launcher exactly as a user would (through hvdkit.launch_command). ``launcher``:
+    ``horovodrun`` (a static job: its MPI controller, the default), ``horovodrun-gloo`` (``--controller gloo``) or
+    ``mpirun``."""
     path = script if os.path.isabs(script) else os.path.join(REPO, script)
-    cmd = launch_command([path, *args], np=np, launcher=launcher, python=sys.executable, env=env)
+    controller = "gloo" if launcher == "horovodrun-gloo" else None
+    cmd = launch_command([path, *args], np=np, launcher=launcher.replace("-gloo", ""), python=sys.executable,
+                         env=env, controller=controller)
     return run(cmd, timeout=timeout, env=env)
 
 

@@ -1,4 +1,5 @@
-"""A real 2-process allreduce of a torch and a TF tensor, under horovodrun (Gloo) and mpirun (OpenMPI).
+"""A real 2-process allreduce of a torch and a TF tensor, under horovodrun (a static job: its MPI controller),
+horovodrun --controller gloo (what elastic jobs run) and mpirun (OpenMPI).
 
 Each is the first run of its framework's shared launch under that launcher (tests/conftest.py, ``shared_runs``):
 it runs before anything else in those workers, so a broken launcher or controller shows here first.
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-FRAMEWORKS, LAUNCHERS = ["torch", "tensorflow"], ["horovodrun", "mpirun"]
+FRAMEWORKS, LAUNCHERS = ["torch", "tensorflow"], ["horovodrun", "horovodrun-gloo", "mpirun"]
 SHARED_RUNS = {f"allreduce-{framework}-{launcher}": dict(
     framework=framework, launcher=launcher, np=2, order=0, script="tests/workers/allreduce.py",
     args=[framework, "{out}"], timeout=150) for framework in FRAMEWORKS for launcher in LAUNCHERS}
@@ -24,5 +25,5 @@ def test_two_process_allreduce(shared_runs, launcher, framework):
         assert record["sum"] == [0.0, 3.0, 6.0, 9.0]
         assert record["average"] == [0.0, 1.5, 3.0, 4.5]
         # the controller is the one the launcher asked for
-        assert record["gloo"] == (launcher == "horovodrun")
-        assert record["mpi"] == (launcher == "mpirun")
+        assert record["gloo"] == (launcher == "horovodrun-gloo")
+        assert record["mpi"] == (launcher != "horovodrun-gloo")

@@ -7,15 +7,18 @@ Definitions (README, "The end of a job"):
   rank 0 of the new world writes the outputs: exit 0, every output present, one final checkpoint.
 - static: a worker lost before the outputs are written fails the job (non-zero exit); never exit 0 without them.
 - a worker killed after the job completed (every rank past the final collective, outputs written): horovodrun
-  still exits 1 (any worker's non-zero exit is its rule); ``hvdkit launch`` sees rank 0's "training complete" line
+  still exits non-zero (any worker's non-zero exit is its rule; mpirun's under a static job); ``hvdkit launch`` sees rank 0's "training complete" line
   and that the lost workers were killed by a signal, and exits 0 with one warning line.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from hvdkit.launch import launch_command
 from proc import REPO, WORKERS, kill_marked
@@ -54,7 +57,7 @@ def test_elastic_rank0_killed_before_its_final_side_effects_the_new_rank0_writes
     assert max(r["step"] for r in steps) == finals[0]["global_step"]  # no step after the last commit
 
 
-def _static(tmp_path, gate_at, through_hvdkit=False):
+def _static(tmp_path, gate_at, through_hvdkit=False, controller=None):
     gate = tmp_path / "gate"
     gate.mkdir()
     metrics = tmp_path / "metrics.json"
@@ -63,7 +66,7 @@ def _static(tmp_path, gate_at, through_hvdkit=False):
     if through_hvdkit:
         cmd = [os.path.join(os.path.dirname(sys.executable), "hvdkit"), "launch", "-np", "2", *script]
     else:
-        cmd = launch_command(script, np=2, python=sys.executable)
+        cmd = launch_command(script, np=2, python=sys.executable, controller=controller)
     marker = f"static-end-{os.getpid()}-{tmp_path.name}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", HVDKIT_TEST_JOB=marker, HVDKIT_GATE_DIR=str(gate),
                HVDKIT_GATE_AT=gate_at)
@@ -93,8 +96,9 @@ def _finish(proc, marker, log, timeout=120):
         log.close()
 
 
-def test_static_rank0_killed_before_its_outputs_fails_the_job(tmp_path):
-    proc, gate, metrics, marker, log = _static(tmp_path, "end")
+@pytest.mark.parametrize("controller", ["mpi", "gloo"])
+def test_static_rank0_killed_before_its_outputs_fails_the_job(tmp_path, controller):
+    proc, gate, metrics, marker, log = _static(tmp_path, "end", controller=controller)
     try:
         _wait(lambda: len(_rank_pids(gate)) == 2, proc)
         os.kill(_rank_pids(gate)[0], signal.SIGKILL)
@@ -105,7 +109,8 @@ def test_static_rank0_killed_before_its_outputs_fails_the_job(tmp_path):
     output = (tmp_path / "out.txt").read_text()
     assert code != 0, output[-3000:]
     assert not metrics.exists()
-    assert "another rank failed or left the job" in output   # rank 1 stopped at the final collective, said why
+    if controller == "gloo":   # rank 1 stopped at the final collective, said why (under MPI mpirun ends it at once)
+        assert "another rank failed or left the job" in output
 
 
 def test_worker_killed_after_the_job_completed_is_success_under_hvdkit_launch(tmp_path):
@@ -121,8 +126,9 @@ def test_worker_killed_after_the_job_completed_is_success_under_hvdkit_launch(tm
     finally:
         kill_marked(marker)
     output = (tmp_path / "out.txt").read_text()
-    # horovodrun exits 1 (any worker's non-zero exit fails its job); hvdkit launch knows training had completed
+    # horovodrun (mpirun under it, for a static job) exits non-zero: any worker's non-zero exit fails its job;
+    # hvdkit launch knows training had completed
     assert code == 0, output[-3000:]
     assert "hvdkit: warning: training completed and its outputs were written; rank" in output
-    assert "killed by signal" in output and "so horovodrun exited 1: treated as success" in output
+    assert "killed by signal 9" in output and re.search(r"so horovodrun exited \d+: treated as success", output)
     assert json.loads(metrics.read_text())["epochs"] == 1

@@ -28,7 +28,13 @@ SCRIPT = ["train.py", "--epochs", "1"]
 # ---------------------------------------------------------------- helpers
 
 def tool_name(cmd):
+    """The launcher's name, past an ``env K=V ...`` prefix."""
+    while cmd[0] == "env" or "=" in cmd[0]:
+        cmd = cmd[1:]
     return os.path.basename(cmd[0])
+
+
+SINGLE_COPY = "OMPI_MCA_btl_vader_single_copy_mechanism"
 
 
 def value_after(cmd, flag):
@@ -53,10 +59,27 @@ def clean_env(monkeypatch):
 
 # ---------------------------------------------------------------- horovodrun
 
-def test_horovodrun_default_command():
+def test_horovodrun_default_command_is_a_static_job_on_mpi(monkeypatch):
+    # MPI controller and tensor ops: 1.19x Gloo's samples/s on the bench CNN at 2 workers (README "Tuned defaults");
+    # horovodrun then runs mpirun, with the single-copy setting hvdkit's own mpirun command has
+    monkeypatch.delenv(SINGLE_COPY, raising=False)
     cmd = launch_command(SCRIPT, np=2, launcher="horovodrun", python="python")
-    assert tool_name(cmd) == "horovodrun"
-    assert cmd[1:] == ["-np", "2", "-H", "localhost:2", "--gloo", "python", "train.py", "--epochs", "1"]
+    assert cmd[:2] == ["env", f"{SINGLE_COPY}=none"] and tool_name(cmd) == "horovodrun"
+    assert cmd[3:] == ["-np", "2", "-H", "localhost:2", "--mpi", "python", "train.py", "--epochs", "1"]
+    monkeypatch.setenv(SINGLE_COPY, "cma")    # the user's setting is kept
+    assert launch_command(SCRIPT, np=2, python="python")[1] == f"{SINGLE_COPY}=cma"
+
+
+def test_horovodrun_runs_gloo_when_asked_and_for_elastic_jobs():
+    from hvdkit.launch import Elastic
+    cmd = launch_command(SCRIPT, np=2, python="python", controller="gloo")
+    assert cmd == ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "python", "train.py", "--epochs", "1"]
+    cmd = launch_command(SCRIPT, np=2, python="python", elastic=Elastic("discover"))
+    assert "--gloo" in cmd and "--mpi" not in cmd and not any(SINGLE_COPY in c for c in cmd)
+    with pytest.raises(HvdkitError, match="--controller mpi is horovodrun's static mode"):
+        launch_command(SCRIPT, np=2, python="python", elastic=Elastic("discover"), controller="mpi")
+    with pytest.raises(HvdkitError, match="--controller gloo applies to horovodrun only"):
+        launch_command(SCRIPT, np=2, python="python", launcher="mpirun", controller="gloo")
 
 
 def test_horovodrun_is_the_default_launcher_and_np_default_is_2():
@@ -74,10 +97,10 @@ def test_horovodrun_hosts_passed_through():
 def test_horovodrun_extra_goes_before_python_and_env_is_a_prefix():
     cmd = launch_command(SCRIPT, np=3, python="python", env={"B": "2", "A": "1"},
                          extra=["--verbose"])
-    assert cmd[:3] == ["env", "A=1", "B=2"]
-    rest = cmd[3:]
+    assert cmd[:4] == ["env", "A=1", "B=2", f"{SINGLE_COPY}=none"]
+    rest = cmd[4:]
     assert tool_name(rest) == "horovodrun"
-    assert rest[1:] == ["-np", "3", "-H", "localhost:3", "--gloo", "--verbose",
+    assert rest[1:] == ["-np", "3", "-H", "localhost:3", "--mpi", "--verbose",
                         "python", "train.py", "--epochs", "1"]
 
 
@@ -93,7 +116,7 @@ def test_tool_next_to_python_is_preferred(tmp_path):
         path.write_text("#!/bin/sh\n")
         path.chmod(0o755)
     cmd = launch_command(SCRIPT, np=1, python=str(python))
-    assert cmd[0] == str(horovodrun)
+    assert cmd[2] == str(horovodrun)
     assert cmd[-4:] == [str(python), *SCRIPT]
 
 
@@ -469,11 +492,14 @@ def test_bench_subcommand_help_lists_its_flags(tmp_path):
 
 # ---------------------------------------------------------------- hvdkit launch: real jobs
 
-@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+@pytest.mark.parametrize("launcher", ["horovodrun", "horovodrun-gloo", "mpirun"])
 def test_bad_flag_ends_with_one_summary_line_naming_the_rank(tmp_path, launcher):
+    # horovodrun: the static default, MPI underneath (mpirun's report); horovodrun-gloo: Horovod's own report
     log = tmp_path / "launch.log"
-    result = hvdkit(tmp_path, "launch", "--launcher", launcher, "-np", "2", "--log", str(log),
-                    DIGITS, "--batch-size", "0", timeout=180)
+    how = ["--launcher", "horovodrun", "--controller", "gloo"] if launcher == "horovodrun-gloo" else \
+        ["--launcher", launcher]
+    result = hvdkit(tmp_path, "launch", *how, "-np", "2", "--log", str(log), DIGITS, "--batch-size", "0",
+                    timeout=180)
     assert result.returncode == 2, explain(result)   # the workers' own code for bad input, on both launchers
     lines = summaries(result)
     assert len(lines) == 1, explain(result)
@@ -491,7 +517,7 @@ def test_bad_flag_ends_with_one_summary_line_naming_the_rank(tmp_path, launcher)
     assert not [n for n in NOISE if n in terminal], explain(result)
     full = log.read_text()    # the log keeps everything, the launcher's report included
     assert full.count("batch_size must be >= 1") == len(said)   # the log holds what the terminal showed
-    assert ("RuntimeError: Horovod detected" if launcher == "horovodrun" else "mpirun detected") in full
+    assert ("RuntimeError: Horovod detected" if launcher == "horovodrun-gloo" else "mpirun detected") in full
 
 
 def test_elastic_failure_names_the_rank_and_keeps_a_default_log(tmp_path):
@@ -519,7 +545,8 @@ def test_verbose_streams_the_launchers_own_report(tmp_path):
 def test_successful_launch_exits_0_shows_the_output_and_removes_the_default_log(tmp_path):
     result = hvdkit(tmp_path, "launch", "-np", "2", DIGITS, "--epochs", "1", "--no-progress", timeout=240)
     assert result.returncode == 0, explain(result)
-    assert re.search(r"^\[0\]<stdout>:test accuracy 0\.\d+ on 360 samples", result.stdout, re.M), explain(result)
+    # the static default runs mpirun under horovodrun: mpirun's [jobid,rank] tags
+    assert re.search(r"^\[\d+,0\]<stdout>:test accuracy 0\.\d+ on 360 samples", result.stdout, re.M), explain(result)
     assert summaries(result) == [] and logs_in(tmp_path) == []
 
 

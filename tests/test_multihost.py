@@ -45,7 +45,7 @@ ACCURACY_TOLERANCE = 0.01
 LOSS_TOLERANCE = 0.01  # relative
 TIMEOUT = 300          # one 3-epoch launch took 20-77 s here, the 2 cores shared with other jobs
 netns_hosts = multihost.netns_hosts   # the module-scoped fixture: hosts up once for this module
-LAUNCHERS = {"horovodrun-gloo": ["--launcher", "horovodrun"],
+LAUNCHERS = {"horovodrun-gloo": ["--launcher", "horovodrun", "--controller", "gloo"],
              "horovodrun-mpi": ["--launcher", "horovodrun", "--controller", "mpi"],
              "mpirun": ["--launcher", "mpirun"]}
 
@@ -72,7 +72,7 @@ def test_print_horovodrun_with_hostfile(tmp_path, capsys, no_scheduler):
     cmd = print_launch(capsys, "--hostfile", str(tmp_path / "hf"), "--network-interface", "eth0",
                        "--ssh-port", "2222", "--ssh-identity-file", "/k")
     line = " ".join(cmd)
-    assert "-np 4 -H n1:2,n2:2 --network-interface eth0 --ssh-port 2222 --ssh-identity-file /k --gloo" in line
+    assert "-np 4 -H n1:2,n2:2 --network-interface eth0 --ssh-port 2222 --ssh-identity-file /k --mpi" in line
 
 
 def test_print_mpirun_with_hostfile_forwards_env(tmp_path, capsys, no_scheduler):
@@ -270,7 +270,7 @@ def test_sbatch_script_commands(tmp_path):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     line = " ".join(shlex.split(result.stdout))
-    assert " -np 2 -H cn01:1,cn02:1 --network-interface eth0 --gloo " in line, line
+    assert " -np 2 -H cn01:1,cn02:1 --network-interface eth0 --mpi " in line, line
     assert line.endswith("examples/torch_digits.py --epochs 3 --metrics-json metrics-42.json"), line
 
 

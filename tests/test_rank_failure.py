@@ -33,7 +33,7 @@ def fault_to_exit(output: str, ended: float) -> float:
     ("horovodrun", "examples/torch_digits.py", [], "step:1:5", "on_step_end at step 5", r"at epoch 1, step 5"),
     ("mpirun", "examples/keras_digits.py", ["--mode", "loop"], "data:0:4", "data loading (batch 4)",
      r"at epoch 1, step \d+"),
-    ("horovodrun", "examples/torch_digits.py", [], "begin:1", "on_train_begin", r"before training"),
+    ("horovodrun-gloo", "examples/torch_digits.py", [], "begin:1", "on_train_begin", r"before training"),
     ("horovodrun", "examples/torch_digits.py", [], "end:0", "on_train_end", r"after training \(step \d+\)"),
 ])
 def test_static_job_ends_on_every_rank_with_the_failing_ranks_line(tmp_path, launcher, script, flags, fault, failing,

@@ -6,9 +6,9 @@ Launched (tests/workers/stall.py, 2 torch workers): rank 1 sleeps outside any co
 Horovod names it in its warning, then shuts down and the job ends non-zero long before the sleep would have.
 
 Horovod 0.28.1's stall check, as shipped, works only under the MPI controller (``mpirun``): its Gloo controller
-(``horovodrun --gloo``, every elastic job) fills its rank list with ``reserve`` instead of ``resize``, so the list
+(``horovodrun --gloo``: every elastic job, and static ones with ``--controller gloo``) fills its rank list with ``reserve`` instead of ``resize``, so the list
 stays empty and no rank is ever reported missing (gloo_controller.cc). mpi/patch_horovod.py fixes it in our build;
-the horovodrun case below fails without that fix.
+the horovodrun-gloo case below fails without that fix.
 """
 import json
 import os
@@ -97,7 +97,7 @@ def test_restarts_with_progress_in_between_are_not_counted():
 SLEEP = 60   # rank 1's nap; the job must end long before it
 
 
-@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])   # static horovodrun: MPI, as mpirun
 def test_a_rank_asleep_outside_the_collectives_is_named_and_the_job_stops(tmp_path, launcher):
     started = time.monotonic()
     result = launch("tests/workers/stall.py", [str(tmp_path), str(SLEEP)], np=2, launcher=launcher, timeout=120,

@@ -46,11 +46,11 @@ ALLREDUCE_ROWS = {
     "horovod mpi ops": ("mpirun", {"HOROVOD_CPU_OPERATIONS": "mpi"}, HOROVOD_MPI),
     "horovod gloo ops": ("horovodrun", {"HOROVOD_CPU_OPERATIONS": "gloo"}, HOROVOD_GLOO),
     "hvdkit (mpirun)": ("mpirun", {}, HOROVOD_MPI),            # Horovod's build default under mpirun: MPI ops
-    "hvdkit (horovodrun)": ("horovodrun", {}, HOROVOD_GLOO),   # what `hvdkit launch` starts: Gloo throughout
+    "hvdkit (horovodrun)": ("horovodrun", {}, HOROVOD_GLOO),   # horovodrun --gloo (elastic jobs): Gloo throughout
 }
 # bench train: every mode under mpirun, nothing asked beyond one compute thread (the kit's modes: its own defaults),
-# except hvdkit-torch-gloo: the same worker as hvdkit-torch under horovodrun, what `hvdkit launch` starts by default
-# (Gloo controller and Gloo tensor ops), so the table shows what that default costs against MPI ops
+# except hvdkit-torch-gloo: the same worker as hvdkit-torch under horovodrun --gloo (Gloo controller and Gloo tensor
+# ops: what elastic jobs run, and static ones did before MPI ops became `hvdkit launch`'s default for them)
 TRAIN_LAUNCHER = {"hvdkit-torch-gloo": "horovodrun"}
 MODEL_TITLES = {"cnn": "small CNN (2 conv + 2 fc, 0.21M parameters)",
                 "mlp": "wide MLP (784-2048-2048-10, 5.8M parameters)"}
@@ -98,7 +98,9 @@ def _run_row(args: Sequence[str], np: int, base_env: Dict[str, str], result: str
     counts. The launcher's process group is killed on a timeout."""
     for attempt in (1, 2):
         env = _row_env(base_env, settings)
-        cmd = launch_command(["-m", *args], np=np, launcher=launcher)
+        # the bench's horovodrun rows are its Gloo rows (what elastic jobs run); static `hvdkit launch` runs MPI
+        cmd = launch_command(["-m", *args], np=np, launcher=launcher,
+                             controller="gloo" if launcher == "horovodrun" else None)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)
         try:
@@ -398,8 +400,9 @@ def _train_markdown(r: Dict) -> str:
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Model: {MODEL_TITLES[r.get('model', 'cnn')]}. Batch {r['batch_per_worker']} per worker, {r['steps']} timed steps after as many warm-up steps, "
-                 f"median of {r['rounds']} interleaved round(s) (min-max); scaling: samples/s at N workers / (N x at "
-                 f"{base}), per round. Ratios (per round, then the median; min-max):")
+                 f"median of {r['rounds']} interleaved round(s) (min-max)"
+                 + (f"; scaling: samples/s at N workers / (N x at {base}), per round" if more else "")
+                 + ". Ratios (per round, then the median; min-max):")
     lines += [f"- {k}: {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})" for k, v in r["ratios"].items()]
     launchers = ", ".join(sorted({f"{launcher}: {', '.join(m for m, l in r['launcher'].items() if l == launcher)}"
                                   for launcher in r["launcher"].values()}))
