@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from proc import REPO, explain, run
 
 from hvdkit.bench import run as bench_run
@@ -196,3 +198,27 @@ def test_allreduce_report_bandwidth_ratios_and_mismatches():
     assert "| mpi4py | mpirun | (nothing) | - | MPI (Open MPI v4.1.4) |" in md
     assert "| hvdkit (mpirun) | mpirun | (nothing) | torch 1/1 | Horovod: mpi controller, gloo ops |" in md
     assert "**Read back differs from what the row asked:**" in md
+
+
+def test_combine_gives_each_ratio_per_run_and_the_spread_over_runs(tmp_path):
+    def report(ours, ddp, model="cnn"):
+        found = {("hvdkit-torch", 2): [{"samples_per_sec": v, "ran_with": _ran()} for v in ours],
+                 ("torch-ddp", 2): [{"samples_per_sec": v, "ran_with": _ran(backend="torch.distributed gloo")}
+                                    for v in ddp]}
+        return dict(bench_run._train_report(found, [2], steps=2, batch=8, rounds=len(ours)), model=model)
+    runs = [report([110, 120, 130], [100, 100, 100]),     # per-round ratios 1.1, 1.2, 1.3: median 1.2
+            report([90, 100, 95], [100, 100, 100]),       # median 0.95
+            report([100, 105, 99], [100, 100, 100])]      # median 1.0
+    for i, r in enumerate(runs):
+        (tmp_path / f"r{i}").mkdir()
+        (tmp_path / f"r{i}" / "train.json").write_text(json.dumps(r))
+    c = bench_run.bench_combine(str(tmp_path / "out"), [str(tmp_path / f"r{i}") for i in range(3)])
+    ratio = c["ratios"]["hvdkit-torch / torch-ddp @2"]
+    assert [round(x, 6) for x in ratio["runs"]] == [1.2, 0.95, 1.0] and round(ratio["median"], 6) == 1.0
+    assert (round(ratio["min"], 6), round(ratio["max"], 6)) == (0.95, 1.2)
+    assert c["samples_per_sec"]["hvdkit-torch @2"]["runs"] == [120, 95, 100]
+    md = (tmp_path / "out" / "train-runs.md").read_text()
+    assert "| hvdkit-torch / torch-ddp @2 | 1.20x | 0.95x | 1.00x | 1.00x (0.95x-1.20x) |" in md
+    (tmp_path / "r2" / "train.json").write_text(json.dumps(report([1], [1], model="mlp")))
+    with pytest.raises(bench_run.HvdkitError, match=r"different models \(cnn, mlp\)"):
+        bench_run.bench_combine(str(tmp_path / "out"), [str(tmp_path / f"r{i}") for i in range(3)])

@@ -439,6 +439,69 @@ def _train_plot(r: Dict, ax) -> None:
     ax.legend(fontsize=8)
 
 
+# ---- hvdkit bench combine: the spread over whole runs -----------------------------------------------------------
+def combine_train(reports: List[Dict]) -> Dict:
+    """The spread over whole runs of ``bench train`` (each a ``train.json``): per ratio and per (mode, workers), each
+    run's median and the median and range of those. Only what every run measured; runs of one model only.
+
+        >>> combine_train([json.load(open(f"r{i}/train.json")) for i in (1, 2, 3)])["ratios"]  # doctest: +SKIP
+        {'hvdkit-torch / torch-ddp @2': {'median': 1.2, 'min': 1.05, 'max': 1.24, 'runs': [1.05, 1.2, 1.24]}, ...}
+    """
+    if len(reports) < 2:
+        raise HvdkitError("bench combine needs at least 2 runs; pass the --out directories of several bench train runs")
+    models = sorted({r.get("model", "cnn") for r in reports})
+    if len(models) > 1:
+        raise HvdkitError(f"bench combine got runs of different models ({', '.join(models)}); combine one model's runs")
+    common = lambda key: [k for k in reports[0][key] if all(k in r[key] for r in reports)]
+    ratios = {k: _spread([r["ratios"][k]["median"] for r in reports]) for k in common("ratios")}
+    speeds = {f"{m} @{w}": _spread([r["results"][m][w]["median"] for r in reports])
+              for m in common("results") for w in reports[0]["results"][m]
+              if all(w in r["results"][m] for r in reports)}
+    return {"model": models[0], "runs": len(reports), "rounds": [r["rounds"] for r in reports], "ratios": ratios,
+            "samples_per_sec": speeds}
+
+
+def _combined_markdown(c: Dict) -> str:
+    runs = range(1, c["runs"] + 1)
+    head = "| | " + " | ".join(f"run {i}" for i in runs) + " | over runs: median (min-max) |"
+    rule = "|---|" + "---|" * (c["runs"] + 1)
+
+    def table(title, rows, fmt):
+        out = [head.replace("| |", f"| {title} |", 1), rule]
+        for name, v in rows.items():
+            out.append(f"| {name} | " + " | ".join(fmt(x) for x in v["runs"])
+                       + f" | {fmt(v['median'])} ({fmt(v['min'])}-{fmt(v['max'])}) |")
+        return out
+
+    lines = [f"{c['runs']} runs of `hvdkit bench train` ({MODEL_TITLES[c['model']]}; rounds per run: "
+             f"{', '.join(map(str, c['rounds']))}); each cell is that run's median over its interleaved rounds.", ""]
+    lines += table("ratio", c["ratios"], lambda x: f"{x:.2f}x") + [""]
+    lines += table("samples/s", c["samples_per_sec"], lambda x: f"{x:.0f}")
+    return "\n".join(lines) + "\n"
+
+
+def bench_combine(out_dir: str, run_dirs: List[str]) -> Dict:
+    """Read ``train.json`` from each of ``run_dirs``; write ``train-runs.md`` and ``.json`` to ``out_dir``."""
+    reports = []
+    for d in run_dirs:
+        path = os.path.join(d, "train.json")
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise HvdkitError(f"cannot read {path} ({e}); pass directories a `hvdkit bench train --out` wrote") from None
+    combined = combine_train(reports)
+    os.makedirs(out_dir, exist_ok=True)
+    markdown = _combined_markdown(combined)
+    with open(os.path.join(out_dir, "train-runs.json"), "w") as f:
+        json.dump(dict(combined, run_dirs=list(run_dirs)), f, indent=1)
+    with open(os.path.join(out_dir, "train-runs.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+    print(f"wrote {out_dir}/train-runs.md and .json", file=sys.stderr)
+    return combined
+
+
 def _write(out_dir: str, name: str, report: Dict, markdown: str, plot) -> None:
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -582,6 +645,9 @@ def main(argv=None) -> int:
                         "(repeatable), e.g. hvdkit-torch:HOROVOD_CYCLE_TIME=5")
     t.add_argument("--probe-ops", action="store_true", help=PROBE_HELP)
     t.add_argument("--out", default="results/bench")
+    c = sub.add_parser("combine", help="the spread over whole runs of bench train: each ratio's median per run")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="the --out directories of bench train runs")
+    c.add_argument("--out", default="results/bench")
     z = sub.add_parser("zero", help="Adam state, gradients and peak RSS per rank, samples/s: hvdkit unsharded, "
                                     "hvdkit sharded, torch ZeroRedundancyOptimizer; at 1, 2 and 3 workers")
     z.add_argument("--workers", default="1,2,3")
@@ -602,6 +668,8 @@ def main(argv=None) -> int:
         bench_allreduce(args.out, [int(s) for s in args.sizes.split(",")], args.iters, args.rounds,
                         _csv_choices(args.impls, list(ALLREDUCE_ROWS), "bench allreduce implementations"),
                         args.probe_ops)
+    elif args.what == "combine":
+        bench_combine(args.out, args.runs)
     elif args.what == "zero":
         variants = args.variants.split(",")
         unknown = set(variants) - set(ZERO_VARIANTS)
