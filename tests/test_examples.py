@@ -9,6 +9,7 @@ in tests/test_launch.py (``hvdkit launch``: every rank's line, exit 2, no traceb
 """
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -71,12 +72,11 @@ def test_bad_input_is_one_clear_line_on_every_rank(tmp_path):
     result = launch(DIGITS["torch"], flags + ["--epochs", "1"], np=2, launcher="horovodrun", timeout=120)
     assert result.returncode != 0, explain(result)
     lines = [l for l in result.stderr.splitlines() + result.stdout.splitlines() if "hvdkit: error:" in l]
-    # One line per rank that reached its check. horovodrun terminates the other workers as soon as one exits
-    # non-zero, so under load a rank still importing torch may be terminated before it gets there ("Terminated").
-    ranks = [l.split("]")[0] for l in lines]                 # horovodrun prefixes [rank]<stderr>
-    assert lines and sorted(set(ranks)) == sorted(ranks) and set(ranks) <= {"[0", "[1"}, explain(result)
-    late = {"[0", "[1"} - set(ranks)
-    assert all(f"{r}]<stderr>:Terminated" in result.stderr for r in late), explain(result)
+    # One line per rank that reached its check. The launcher (mpirun, under a static horovodrun job) stops the other
+    # workers as soon as one exits non-zero, so under load a rank still importing torch may be stopped before it
+    # gets there.
+    ranks = [re.match(r"\[(?:\d+,)?(\d+)\]<stderr>:", l).group(1) for l in lines]   # [job,rank] tags
+    assert lines and sorted(set(ranks)) == sorted(ranks) and set(ranks) <= {"0", "1"}, explain(result)
     assert all(message in l for l in lines)
     # the workers print no traceback (horovodrun itself reports the failed job with one)
     assert not [l for l in result.stderr.splitlines() if "<stderr>:Traceback" in l], explain(result)

@@ -499,7 +499,7 @@ def test_two_workers_stop_in_the_same_step_when_only_rank_1_has_a_nan_loss(tmp_p
     assert result.returncode == 2, explain(result)
     assert re.search(r"^hvdkit: error: rank \d failed first \(exit 2\): hvdkit: error: non-finite loss \(nan on "
                      r"rank 1\) at epoch 1, step 10;", output, re.M), explain(result)
-    lines = {rank: re.findall(rf"\[{rank}\]<stderr>:hvdkit: error: (.*)", output) for rank in (0, 1)}
+    lines = {rank: re.findall(rf"\[(?:\d+,)?{rank}\]<stderr>:hvdkit: error: (.*)", output) for rank in (0, 1)}
     assert len(lines[0]) == 1 and lines[0] == lines[1], explain(result)   # the same one line on every rank
     assert re.match(r"non-finite loss \(nan on rank 1\) at epoch 1, step 10; stopped on every rank .*the last good "
                     r"checkpoint is .*ckpt-00000001\.bin$", lines[0][0]), lines[0][0]

@@ -45,7 +45,10 @@ def grad_norm(parameters) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
+    # one fused kernel per dtype for the dense ones (a norm per tensor was ~9% of the kit's per-step Python)
+    dense = [g for g in grads if not g.is_sparse]
+    norms = list(torch._foreach_norm(dense)) if dense else []
+    norms += [torch.linalg.vector_norm(g.coalesce().values()) for g in grads if g.is_sparse]
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
 
 
@@ -239,7 +242,8 @@ class TorchAdapter(Adapter):
         return contextlib.nullcontext()
 
     def _step(self, micro_batches) -> Tuple[float, int]:
-        self.model.train()
+        if not self.model.training:   # after an evaluation; a walk over every module costs ~0.2 ms per step
+            self.model.train()
         self.optimizer.zero_grad()
         # skip mode: a skipped step must leave the buffers too (BatchNorm's running statistics would keep the NaN
         # of the batch that made it skip, and every evaluation after it would be NaN)
