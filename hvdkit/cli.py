@@ -28,7 +28,7 @@ import sys
 from . import hostfile
 from .errors import HvdkitError, OneLineParser
 from .hostfile import total_slots
-from .launch import CONTROLLERS, LAUNCHERS, Elastic, discovery_command, launch_command, preflight
+from .launch import CONTROLLER_MPI_ERROR, CONTROLLERS, LAUNCHERS, Elastic, discovery_command, launch_command, preflight
 
 ELASTIC_FLAGS = ("min_np", "max_np", "elastic_timeout", "reset_limit")
 
@@ -149,7 +149,8 @@ def _launch(args: argparse.Namespace) -> int:
     _check_remote_options(args)
     min_np = 1 if args.min_np is None else args.min_np
     notes = preflight(args.script, np=args.np, launcher=args.launcher, hosts_file=args.hosts_file, min_np=min_np,
-                      max_np=args.max_np, check_files=not args.print)
+                      max_np=args.max_np, check_files=not args.print,
+                      controller=args.controller)
     if args.reset_limit is not None and args.reset_limit < 0:
         raise HvdkitError(f"--reset-limit must be >= 0 (got {args.reset_limit}); pass e.g. --reset-limit 3")
     spec = None
@@ -232,7 +233,7 @@ def _check_remote_options(args: argparse.Namespace) -> None:
     if args.ssh_identity_file and not args.print and not os.path.isfile(args.ssh_identity_file):
         raise HvdkitError(f"--ssh-identity-file {args.ssh_identity_file} not found; pass the private key's path")
     if args.controller == "mpi" and (args.launcher != "horovodrun" or args.hosts_file):
-        raise HvdkitError("--controller mpi applies to static horovodrun launches only; drop it")
+        raise HvdkitError(CONTROLLER_MPI_ERROR)
     if args.controller == "gloo" and args.launcher != "horovodrun":
         raise HvdkitError("--controller gloo applies to horovodrun only; drop it (mpirun runs MPI) or pass "
                           "--launcher horovodrun")

@@ -25,6 +25,8 @@ FORWARDED_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
 # (horovodrun passes its whole environment to every worker, remote ones included, by itself.)
 FORWARDED_PREFIXES = ("HOROVOD_", "HVDKIT_", "OMP_")
 CONTROLLERS = ("gloo", "mpi")
+CONTROLLER_MPI_ERROR = ("--controller mpi applies to static horovodrun launches only (mpirun is MPI already; an elastic "
+                        "job, --hosts-file, runs on Gloo only); drop it")
 
 
 def find_tool(name: str, python: Optional[str] = None) -> Optional[str]:
@@ -119,8 +121,7 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     if controller is not None and controller not in CONTROLLERS:
         raise HvdkitError(f"unknown controller {controller!r}; use one of {', '.join(CONTROLLERS)}")
     if controller == "mpi" and (launcher != "horovodrun" or elastic is not None):
-        raise HvdkitError("--controller mpi is horovodrun's static mode; drop it (mpirun is MPI already, "
-                          "elastic needs Gloo)")
+        raise HvdkitError(CONTROLLER_MPI_ERROR)
     if controller == "gloo" and launcher != "horovodrun":
         raise HvdkitError("--controller gloo applies to horovodrun only; drop it (mpirun runs MPI) or pass "
                           "--launcher horovodrun")
@@ -137,9 +138,13 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
         if ssh_identity_file:
             where += ["--ssh-identity-file", ssh_identity_file]
         controller = controller or ("gloo" if elastic is not None else "mpi")
-        if controller == "mpi":   # as hvdkit's own mpirun command does (below)
+        if controller == "mpi":
+            # as hvdkit's own mpirun command does (below); horovodrun --mpi pins only the ranks' links to the
+            # interface, so the daemons' own links are pinned here
             env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism",
                            os.environ.get("OMPI_MCA_btl_vader_single_copy_mechanism", "none"))
+            if network_interface and elastic is None:
+                env.setdefault("OMPI_MCA_oob_tcp_if_include", network_interface)
         cmd = [_tool("horovodrun", python), "-np", str(np), *where, f"--{controller}", *extra]
         # horovodrun passes its own environment to the workers; set extra variables with `env`.
         if env:
@@ -205,7 +210,7 @@ def _is_local(host: str) -> bool:
 
 def preflight(script: Sequence[str], np: int = 2, launcher: str = "horovodrun", python: Optional[str] = None,
               hosts_file: Optional[str] = None, min_np: int = 1, max_np: Optional[int] = None,
-              check_files: bool = True) -> List[str]:
+              check_files: bool = True, controller: Optional[str] = None) -> List[str]:
     """Check a launch before anything starts: raise :class:`HvdkitError` ("<problem>; <fix>") for the first
     problem, return notes worth printing. ``check_files=False`` (``--print``) checks the numbers only.
 
@@ -215,11 +220,18 @@ def preflight(script: Sequence[str], np: int = 2, launcher: str = "horovodrun", 
         preflight(["no_such.py"], np=2)   # HvdkitError: script no_such.py not found (from /work); check the path, ...
     """
     _check_numbers(np, launcher, hosts_file, min_np, max_np)
+    static_mpi = launcher == "horovodrun" and hosts_file is None and controller != "gloo"
+    ops = os.environ.get("HOROVOD_CPU_OPERATIONS", "")
+    if static_mpi and ops.strip().lower() == "gloo":   # Gloo tensor ops under the MPI controller crash in this build
+        raise HvdkitError(f"HOROVOD_CPU_OPERATIONS={ops} asks for Gloo tensor ops, which a static horovodrun job "
+                          "(MPI controller) cannot run; unset it, or pass --controller gloo")
     if not check_files:
         return []
     _check_script(script)
     notes = _check_hosts_file(hosts_file, np) if hosts_file else []
     _check_launcher(launcher, python or sys.executable)
+    if static_mpi:   # horovodrun runs mpirun
+        _check_launcher("mpirun", python or sys.executable, under_horovodrun=True)
     return notes
 
 
@@ -282,9 +294,11 @@ def _check_hosts_file(hosts_file: str, np: int) -> List[str]:
     return []
 
 
-def _check_launcher(launcher: str, python: str) -> None:
+def _check_launcher(launcher: str, python: str, under_horovodrun: bool = False) -> None:
     if find_tool(launcher, python):
         return
     fix = {"horovodrun": "install Horovod into this environment (mpi/setup.sh) or use --launcher mpirun",
-           "mpirun": "install OpenMPI (apt-get install openmpi-bin) or use --launcher horovodrun"}[launcher]
-    raise HvdkitError(f"{launcher} not found next to {python} or on PATH; {fix}")
+           "mpirun": "install OpenMPI (apt-get install openmpi-bin) or use --launcher horovodrun --controller gloo"
+           }[launcher]
+    why = " (a static horovodrun job runs it)" if under_horovodrun else ""
+    raise HvdkitError(f"{launcher} not found next to {python} or on PATH{why}; {fix}")

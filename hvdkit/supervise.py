@@ -2,8 +2,8 @@
 
 ``hvdkit launch`` uses :func:`supervise`. The launcher runs in a process group of its own; its output (stdout and
 stderr merged, so the order is kept) is written whole to a log file and streamed to the terminal, worker lines to
-the stream they came from (the launchers tag them ``[1]<stderr>:`` under horovodrun, ``[1,1]<stderr>:`` under
-``mpirun --tag-output``), except the launcher's own noise about a failure: its Python traceback
+the stream they came from (the launchers tag them ``[1]<stderr>:`` under horovodrun with Gloo, ``[1,1]<stderr>:``
+under ``mpirun --tag-output``, which static horovodrun jobs run), except the launcher's own noise about a failure: its Python traceback
 (``RuntimeError: Horovod detected that one or more processes exited ...``, elastic thread tracebacks, ``Job has been
 shutdown``), horovodrun's ``Process 1 exit with status code 2.`` lines and mpirun's ``Primary job terminated
 normally ...`` banner blocks. ``verbose=True`` streams everything as it comes. When the job fails, the last line is::

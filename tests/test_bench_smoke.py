@@ -74,16 +74,17 @@ def test_allreduce_bench_smallest_size(tmp_path):
 
 
 def test_train_bench_smallest_size(tmp_path):
-    # the kit's two frameworks, and torch under horovodrun (Gloo: `hvdkit launch`'s default); the baselines'
-    # arithmetic: below
-    # arithmetic: below. The wide MLP (the CNN's builders are checked without processes) and one lever row: the kit's
-    # torch worker with another cycle time, which Horovod's C++ side must see (the shell sets nothing of it)
-    modes = ["hvdkit-torch", "hvdkit-torch-gloo", "hvdkit-keras"]
+    # the kit's two frameworks, and torch under horovodrun: its MPI controller (what `hvdkit launch` starts for a
+    # static job) and Gloo (elastic jobs); the baselines' arithmetic: below. The wide MLP (the CNN's builders are
+    # checked without processes) and one lever row: the kit's torch worker with another cycle time, which Horovod's
+    # C++ side must see (the shell sets nothing of it)
+    modes = ["hvdkit-torch", "hvdkit-torch-horovodrun", "hvdkit-torch-gloo", "hvdkit-keras"]
     result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
                    "--workers", "1,2", "--model", "mlp", "--variant", "hvdkit-torch:HOROVOD_CYCLE_TIME=5",
                    "--out", str(tmp_path))
     assert result.returncode == 0, explain(result)
-    report = json.loads((tmp_path / "train.json").read_text())
+    assert not (tmp_path / "train.json").exists()    # the CNN's report name: an MLP run leaves it alone
+    report = json.loads((tmp_path / "train-mlp.json").read_text())
     lever = "hvdkit-torch HOROVOD_CYCLE_TIME=5"
     assert list(report["results"]) == modes + [lever] and report["mismatches"] == [] and report["model"] == "mlp"
     assert report["variants"] == {lever: {"HOROVOD_CYCLE_TIME": "5"}}
@@ -110,13 +111,23 @@ def test_train_bench_smallest_size(tmp_path):
             assert ran["collectives"]["cpu_ops_from"].startswith("Horovod's default"), (mode, world, ran)
             assert "cpu_ops_timeline" not in ran["collectives"], (mode, world, ran)   # no timeline while measuring
         assert report["scaling_efficiency"][mode]["2"]["median"] > 0, mode
-    md = (tmp_path / "train.md").read_text()
+    md = (tmp_path / "train-mlp.md").read_text()
     assert "| hvdkit-torch |" in md and "scaling 1->2" in md and "wide MLP (784-2048-2048-10" in md
-    assert report["launcher"] == {"hvdkit-torch": "mpirun", "hvdkit-torch-gloo": "horovodrun", "hvdkit-keras": "mpirun",
-                                  lever: "mpirun"}
-    assert "horovodrun: hvdkit-torch-gloo" in md and f"mpirun: hvdkit-torch, hvdkit-keras, {lever}" in md
+    assert report["launcher"] == {"hvdkit-torch": "mpirun", "hvdkit-torch-horovodrun": "horovodrun --mpi",
+                                  "hvdkit-torch-gloo": "horovodrun --gloo", "hvdkit-keras": "mpirun", lever: "mpirun"}
+    assert "horovodrun --gloo: hvdkit-torch-gloo" in md and "horovodrun --mpi: hvdkit-torch-horovodrun" in md
+    assert f"mpirun: hvdkit-torch, hvdkit-keras, {lever}" in md
     assert "| hvdkit-keras | 2 | TF 1/1 |" in md
-    assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "train-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_lever_of_a_mode_not_benched_is_one_line(tmp_path):
+    result = bench("train", "--modes", "torch-ddp", "--variant", "hvdkit-torch:HOROVOD_CYCLE_TIME=5",
+                   "--out", str(tmp_path), timeout=60)
+    assert result.returncode == 2 and result.stdout == "", explain(result)
+    assert result.stderr.strip() == ("hvdkit: error: --variant of hvdkit-torch, which --modes leaves out: its lever "
+                                     "would have no row to compare with; add hvdkit-torch to --modes")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _ran(framework="torch", threads=1, backend=None, controller="mpi", ops="mpi"):

@@ -27,3 +27,4 @@ def test_two_process_allreduce(shared_runs, launcher, framework):
         # the controller is the one the launcher asked for
         assert record["gloo"] == (launcher == "horovodrun-gloo")
         assert record["mpi"] == (launcher != "horovodrun-gloo")
+        assert record["cpu_ops"] == ("gloo" if launcher == "horovodrun-gloo" else "mpi")   # the tensor ops too

@@ -76,7 +76,7 @@ def test_horovodrun_runs_gloo_when_asked_and_for_elastic_jobs():
     assert cmd == ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "python", "train.py", "--epochs", "1"]
     cmd = launch_command(SCRIPT, np=2, python="python", elastic=Elastic("discover"))
     assert "--gloo" in cmd and "--mpi" not in cmd and not any(SINGLE_COPY in c for c in cmd)
-    with pytest.raises(HvdkitError, match="--controller mpi is horovodrun's static mode"):
+    with pytest.raises(HvdkitError, match="--controller mpi applies to static horovodrun launches only"):
         launch_command(SCRIPT, np=2, python="python", elastic=Elastic("discover"), controller="mpi")
     with pytest.raises(HvdkitError, match="--controller gloo applies to horovodrun only"):
         launch_command(SCRIPT, np=2, python="python", launcher="mpirun", controller="gloo")
@@ -94,7 +94,21 @@ def test_horovodrun_hosts_passed_through():
     assert value_after(cmd, "-H") == "node1:2,node2:2"
 
 
-def test_horovodrun_extra_goes_before_python_and_env_is_a_prefix():
+def test_static_horovodrun_refuses_gloo_tensor_ops_and_pins_the_daemons_to_the_interface(monkeypatch):
+    # Gloo tensor ops under the MPI controller crash in this build: one line before anything starts
+    from hvdkit.launch import preflight
+    monkeypatch.setenv("HOROVOD_CPU_OPERATIONS", "gloo")
+    with pytest.raises(HvdkitError, match="HOROVOD_CPU_OPERATIONS=gloo .* unset it, or pass --controller gloo"):
+        preflight(SCRIPT, np=2, check_files=False)
+    assert preflight(SCRIPT, np=2, check_files=False, controller="gloo") == []
+    monkeypatch.delenv("HOROVOD_CPU_OPERATIONS")
+    cmd = launch_command(SCRIPT, np=2, python="python", network_interface="eth0")
+    assert "OMPI_MCA_oob_tcp_if_include=eth0" in cmd[:cmd.index("--mpi")]
+    assert value_after(cmd, "--network-interface") == "eth0"     # horovodrun pins the ranks' links itself
+
+
+def test_horovodrun_extra_goes_before_python_and_env_is_a_prefix(monkeypatch):
+    monkeypatch.delenv(SINGLE_COPY, raising=False)
     cmd = launch_command(SCRIPT, np=3, python="python", env={"B": "2", "A": "1"},
                          extra=["--verbose"])
     assert cmd[:4] == ["env", "A=1", "B=2", f"{SINGLE_COPY}=none"]
@@ -466,7 +480,23 @@ def test_launcher_not_found_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys
     assert captured.err == (f"hvdkit: error: {launcher} not found next to {tmp_path / 'python'} or on PATH; "
                             + ("install Horovod into this environment (mpi/setup.sh) or use --launcher mpirun\n"
                                if launcher == "horovodrun" else
-                               "install OpenMPI (apt-get install openmpi-bin) or use --launcher horovodrun\n"))
+                               "install OpenMPI (apt-get install openmpi-bin) or use --launcher horovodrun "
+                               "--controller gloo\n"))
+
+
+def test_static_horovodrun_without_mpirun_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from hvdkit import cli
+    (tmp_path / "horovodrun").write_text("#!/bin/sh\nexit 9\n")   # horovodrun there, mpirun nowhere
+    (tmp_path / "horovodrun").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sv, "supervise", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
+    assert cli.main(["launch", os.path.join(REPO, DIGITS)]) == 2
+    assert capsys.readouterr().err == (
+        f"hvdkit: error: mpirun not found next to {tmp_path / 'python'} or on PATH (a static horovodrun job runs it); "
+        "install OpenMPI (apt-get install openmpi-bin) or use --launcher horovodrun --controller gloo\n")
+    monkeypatch.setattr(sv, "supervise", lambda *a, **k: 0)    # on Gloo horovodrun alone is enough
+    assert cli.main(["launch", "--controller", "gloo", os.path.join(REPO, DIGITS)]) == 0
 
 
 def test_print_checks_numbers_but_not_files(tmp_path):

@@ -95,6 +95,8 @@ def test_print_mpirun_with_hostfile_forwards_env(tmp_path, capsys, no_scheduler)
     (["--hostfile", "HF", "-np", "5"], "-np 5 is more than the 2 slot(s)"),
     (["--hostfile", "HF", "-H", "a:1"], "-H and --hostfile both say where to run"),
     (["--launcher", "mpirun", "--controller", "mpi"], "--controller mpi applies to static horovodrun"),
+    (["--hosts-file", "HF", "--controller", "mpi"], "an elastic job, --hosts-file, runs on Gloo only"),
+    (["--launcher", "mpirun", "--controller", "gloo"], "--controller gloo applies to horovodrun only"),
     (["-x", "NOT_SET_ANYWHERE_4711"], "NOT_SET_ANYWHERE_4711 is not set here"),
     (["-H", "a:1,b:2", "-np", "4"], "-np 4 is more than the 3 slot(s) in -H a:1,b:2"),
     (["-H", "a:x"], "-H a:x: 'a:x' is not 'host' or 'host:N' with N a whole number >= 1; fix it"),

@@ -133,3 +133,12 @@ def test_the_gradient_norm_is_read_once_per_step(monkeypatch, mode, shard):
         monkeypatch.setattr(cls, name, lambda self, real=real: reads.append(1) or real(self))
     result, _ = fit(mode, epochs=2, nonfinite="skip", shard_optimizer=shard)
     assert result.global_step == 16 and len(reads) == 16, (result.global_step, len(reads))
+
+
+def test_fit_refuses_several_steps_per_execution():
+    from hvdkit import HvdkitError
+    model, optimizer = build()
+    model.compile(optimizer=optimizer, loss=LOSS, steps_per_execution=4)
+    with pytest.raises(HvdkitError, match=r"steps_per_execution=4\) runs several steps per batch hook.*compile with "
+                                          r"steps_per_execution=1"):
+        KerasFitAdapter(model)

@@ -31,7 +31,7 @@ from ..launch import launch_command
 from .models import BUSY_SHARE
 
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
-TORCH_MODES = ["hvdkit-torch", "hvdkit-torch-gloo", "raw-horovod-torch", "torch-ddp"]
+TORCH_MODES = ["hvdkit-torch", "hvdkit-torch-horovodrun", "hvdkit-torch-gloo", "raw-horovod-torch", "torch-ddp"]
 KERAS_MODES = ["hvdkit-keras", "hvdkit-keras-loop", "raw-horovod-tf", "tf-mwms"]  # hvdkit-keras: model.fit
 ZERO_VARIANTS = ["hvdkit", "hvdkit-sharded", "torch-zero"]
 
@@ -49,12 +49,26 @@ ALLREDUCE_ROWS = {
     "hvdkit (horovodrun)": ("horovodrun", {}, HOROVOD_GLOO),   # horovodrun --gloo (elastic jobs): Gloo throughout
 }
 # bench train: every mode under mpirun, nothing asked beyond one compute thread (the kit's modes: its own defaults),
-# except hvdkit-torch-gloo: the same worker as hvdkit-torch under horovodrun --gloo (Gloo controller and Gloo tensor
-# ops: what elastic jobs run, and static ones did before MPI ops became `hvdkit launch`'s default for them)
-TRAIN_LAUNCHER = {"hvdkit-torch-gloo": "horovodrun"}
+# except the same worker as hvdkit-torch under horovodrun: hvdkit-torch-horovodrun with its MPI controller (what
+# `hvdkit launch` starts for a static job: mpirun under horovodrun) and hvdkit-torch-gloo with Gloo (controller and
+# tensor ops: what elastic jobs run, and static ones with --controller gloo)
+TRAIN_LAUNCH = {"hvdkit-torch-horovodrun": ("horovodrun", "mpi"), "hvdkit-torch-gloo": ("horovodrun", "gloo")}
 MODEL_TITLES = {"cnn": "small CNN (2 conv + 2 fc, 0.21M parameters)",
                 "mlp": "wide MLP (784-2048-2048-10, 5.8M parameters)"}
-TRAIN_EXPECT = {"hvdkit-torch": HOROVOD_MPI, "hvdkit-torch-gloo": HOROVOD_GLOO, "raw-horovod-torch": HOROVOD_MPI,
+
+
+def _train_launch(mode: str) -> tuple:
+    """(launcher, controller) of a bench train mode's row."""
+    return TRAIN_LAUNCH.get(mode, ("mpirun", None))
+
+
+def _launch_label(mode: str) -> str:
+    launcher, controller = _train_launch(mode)
+    return f"{launcher} --{controller}" if controller else launcher
+
+
+TRAIN_EXPECT = {"hvdkit-torch": HOROVOD_MPI, "hvdkit-torch-horovodrun": HOROVOD_MPI, "hvdkit-torch-gloo": HOROVOD_GLOO,
+                "raw-horovod-torch": HOROVOD_MPI,
                 "torch-ddp": {"threads": 1, "backend": "torch.distributed gloo"},
                 "hvdkit-keras": HOROVOD_MPI, "hvdkit-keras-loop": HOROVOD_MPI, "raw-horovod-tf": HOROVOD_MPI,
                 "tf-mwms": {"threads": 1, "backend": "tf.distribute collective ops"}}
@@ -91,16 +105,18 @@ def _row_env(base_env: Dict[str, str], settings: Dict[str, str] = None) -> Dict[
 
 
 def _run_row(args: Sequence[str], np: int, base_env: Dict[str, str], result: str, timeout: float,
-             launcher: str = "horovodrun", settings: Dict[str, str] = None) -> None:
-    """One row: ``python -m args`` on ``np`` new workers under ``launcher`` (horovodrun: its Gloo controller), in
+             launcher: str = "horovodrun", settings: Dict[str, str] = None, controller: str = None) -> None:
+    """One row: ``python -m args`` on ``np`` new workers under ``launcher`` (horovodrun: ``controller``, by default
+    Gloo), in
     :func:`_row_env` (``base_env`` plus ``settings``); a failure before ``result`` exists is tried once more (on
     another port). A job that crashed after writing ``result`` (seen: torch DDP aborting in its teardown) still
     counts. The launcher's process group is killed on a timeout."""
     for attempt in (1, 2):
         env = _row_env(base_env, settings)
-        # the bench's horovodrun rows are its Gloo rows (what elastic jobs run); static `hvdkit launch` runs MPI
-        cmd = launch_command(["-m", *args], np=np, launcher=launcher,
-                             controller="gloo" if launcher == "horovodrun" else None)
+        # the bench's horovodrun rows run Gloo (what elastic jobs run) unless they ask for MPI
+        if launcher == "horovodrun":
+            controller = controller or "gloo"
+        cmd = launch_command(["-m", *args], np=np, launcher=launcher, controller=controller)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)
         try:
@@ -147,9 +163,10 @@ def _mismatches(what: str, expect: Dict, ran: Dict) -> List[str]:
         want = expect.get("cpu_ops" if key == "cpu_ops_timeline" else key)
         if want is not None and (key in coll or key != "cpu_ops_timeline") and coll.get(key) != want:
             bad.append(f"{what}: Horovod {key} {coll.get(key)}, asked {want}")
+    knobs = coll.get("knobs") or {}
     for key, want in expect.get("knobs", {}).items():   # a --variant's settings, as Horovod's C++ side sees them
-        if (coll.get("knobs") or {}).get(key, "(not read back)") != want:
-            bad.append(f"{what}: {key}={(coll.get('knobs') or {}).get(key, '(not read back)')}, asked {want}")
+        if key in knobs and knobs[key] != want:          # (only the knobs Horovod rows read back can be checked)
+            bad.append(f"{what}: {key}={knobs[key]}, asked {want}")
     if "backend" in expect and not str(coll.get("backend", "")).startswith(expect["backend"]):
         bad.append(f"{what}: backend {coll.get('backend')}, asked {expect['backend']}")
     return bad
@@ -325,14 +342,19 @@ def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, 
             _progress(i, total, f"train {name} ({model}) on {world} worker(s), round {r + 1}/{rounds}")
             out = os.path.join(tmp, f"row{rows.index((name, world))}-round{r}.json")
             _run_row(["hvdkit.bench.train_worker", mode, out, str(steps), str(batch), model], world, base_env, out,
-                     timeout, launcher=TRAIN_LAUNCHER.get(mode, "mpirun"),
+                     timeout, launcher=_train_launch(mode)[0], controller=_train_launch(mode)[1],
                      settings={**(PROBE if probe_ops else {}), **settings})
             with open(out) as f:
                 found[(name, world)].append(json.load(f))
     report = dict(_train_report(found, workers, steps, batch, rounds, variants), probe_ops=probe_ops, model=model)
     _warn(report["mismatches"])
-    _write(out_dir, "train", report, _train_markdown(report), _train_plot)
+    _write(out_dir, train_name(model), report, _train_markdown(report), _train_plot)
     return report
+
+
+def train_name(model: str = "cnn") -> str:
+    """The report's file name in ``--out``: ``train`` (the CNN), ``train-mlp``; one directory holds both."""
+    return "train" if model == "cnn" else f"train-{model}"
 
 
 def parse_variant(text: str) -> tuple:
@@ -383,7 +405,7 @@ def _train_report(found: Dict[tuple, List[Dict]], workers: List[int], steps: int
                                                                         results[m][str(w)]["runs"])])
                    for w in workers if w != base} for m in names}
     return {"steps": steps, "batch_per_worker": batch, "rounds": rounds, "workers": workers,
-            "launcher": {n: TRAIN_LAUNCHER.get(mode_of[n], "mpirun") for n in names},
+            "launcher": {n: _launch_label(mode_of[n]) for n in names},
             "variants": {n: variants[n][1] for n in names if n in variants},
             "results": results, "ratios": ratios, "scaling_efficiency": scaling, "mismatches": mismatches}
 
@@ -480,11 +502,12 @@ def _combined_markdown(c: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_combine(out_dir: str, run_dirs: List[str]) -> Dict:
-    """Read ``train.json`` from each of ``run_dirs``; write ``train-runs.md`` and ``.json`` to ``out_dir``."""
+def bench_combine(out_dir: str, run_dirs: List[str], model: str = "cnn") -> Dict:
+    """Read ``model``'s report (``train.json``, ``train-mlp.json``) from each of ``run_dirs``; write
+    ``train-runs.md`` and ``.json`` (``train-mlp-runs.*``) to ``out_dir``."""
     reports = []
     for d in run_dirs:
-        path = os.path.join(d, "train.json")
+        path = os.path.join(d, f"{train_name(model)}.json")
         try:
             with open(path) as f:
                 reports.append(json.load(f))
@@ -493,12 +516,13 @@ def bench_combine(out_dir: str, run_dirs: List[str]) -> Dict:
     combined = combine_train(reports)
     os.makedirs(out_dir, exist_ok=True)
     markdown = _combined_markdown(combined)
-    with open(os.path.join(out_dir, "train-runs.json"), "w") as f:
+    name = f"{train_name(model)}-runs"
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(dict(combined, run_dirs=list(run_dirs)), f, indent=1)
-    with open(os.path.join(out_dir, "train-runs.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(markdown)
     print(markdown)
-    print(f"wrote {out_dir}/train-runs.md and .json", file=sys.stderr)
+    print(f"wrote {out_dir}/{name}.md and .json", file=sys.stderr)
     return combined
 
 
@@ -647,6 +671,7 @@ def main(argv=None) -> int:
     t.add_argument("--out", default="results/bench")
     c = sub.add_parser("combine", help="the spread over whole runs of bench train: each ratio's median per run")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="the --out directories of bench train runs")
+    c.add_argument("--model", choices=sorted(MODEL_TITLES), default="cnn", help="whose runs to combine")
     c.add_argument("--out", default="results/bench")
     z = sub.add_parser("zero", help="Adam state, gradients and peak RSS per rank, samples/s: hvdkit unsharded, "
                                     "hvdkit sharded, torch ZeroRedundancyOptimizer; at 1, 2 and 3 workers")
@@ -669,7 +694,7 @@ def main(argv=None) -> int:
                         _csv_choices(args.impls, list(ALLREDUCE_ROWS), "bench allreduce implementations"),
                         args.probe_ops)
     elif args.what == "combine":
-        bench_combine(args.out, args.runs)
+        bench_combine(args.out, args.runs, args.model)
     elif args.what == "zero":
         variants = args.variants.split(",")
         unknown = set(variants) - set(ZERO_VARIANTS)
@@ -684,6 +709,10 @@ def main(argv=None) -> int:
         if args.rounds < 1 or args.steps < 1 or args.batch < 1:
             raise HvdkitError("bench train needs --rounds, --steps and --batch >= 1")
         variants = dict(parse_variant(v) for v in args.variant)
+        missing = sorted({mode for mode, _ in variants.values()} - set(modes))
+        if missing:
+            raise HvdkitError(f"--variant of {', '.join(missing)}, which --modes leaves out: its lever would have no "
+                              f"row to compare with; add {', '.join(missing)} to --modes")
         bench_train(args.out, modes, sorted({int(w) for w in args.workers.split(",")}), args.steps, args.batch,
                     args.rounds, args.probe_ops, model=args.model, variants=variants)
     print(f"bench: done in {time.time() - started:.0f} s", file=sys.stderr)

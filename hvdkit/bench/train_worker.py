@@ -185,7 +185,8 @@ def tf_mwms():
     write(speed, ran_with("tensorflow", cpu.busy(), {"backend": f"tf.distribute collective ops ({implementation})"}))
 
 
-MODES = {"hvdkit-torch": hvdkit_torch, "hvdkit-torch-gloo": hvdkit_torch,   # the launcher differs (run.py)
+MODES = {"hvdkit-torch": hvdkit_torch, "hvdkit-torch-horovodrun": hvdkit_torch,   # the launcher differs (run.py)
+         "hvdkit-torch-gloo": hvdkit_torch,
          "raw-horovod-torch": raw_horovod_torch, "torch-ddp": torch_ddp,
          "hvdkit-keras": hvdkit_keras, "hvdkit-keras-loop": lambda: hvdkit_keras("loop"),
          "raw-horovod-tf": raw_horovod_tf, "tf-mwms": tf_mwms}

@@ -99,7 +99,7 @@ def _record_build_flags(horovod: Dict[str, Any], loaded: List[Dict[str, Any]], f
     if not loaded:
         return
     if not horovod["controllers"]["MPI"]:
-        found.problem("Horovod was built without MPI (mpirun launches cannot work)",
+        found.problem("Horovod was built without MPI (mpirun launches and static horovodrun ones cannot work)",
                       f"{OPENMPI_INSTALL}, then rebuild with HOROVOD_WITH_MPI=1: {SETUP_FIX}")
     if not horovod["controllers"]["Gloo"]:
         found.problem("Horovod was built without Gloo (horovodrun --gloo and elastic runs cannot work)",

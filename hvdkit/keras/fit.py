@@ -83,6 +83,11 @@ class KerasFitAdapter(KerasAdapter):
                  keras_callbacks: Sequence[keras.callbacks.Callback] = (), metrics: Optional[Dict[str, Any]] = None):
         if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", False):
             raise HvdkitError("compile the Keras model first: model.compile(optimizer=..., loss=...)")
+        if int(getattr(model, "steps_per_execution", 1) or 1) != 1:
+            # Keras then calls the batch hooks once per N batches: N-1 of every N updates would run unchecked
+            raise HvdkitError(f"model.compile(steps_per_execution={model.steps_per_execution}) runs several steps "
+                              "per batch hook, which the kit's per-step checks and bookkeeping need; compile with "
+                              "steps_per_execution=1 (the default)")
         loss = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
         super().__init__(model, model.optimizer, loss, compression=compression, accuracy=accuracy, metrics=metrics)
         self.keras_callbacks = list(keras_callbacks)
