@@ -28,7 +28,8 @@ import sys
 from . import hostfile
 from .errors import HvdkitError, OneLineParser
 from .hostfile import total_slots
-from .launch import CONTROLLER_MPI_ERROR, CONTROLLERS, LAUNCHERS, Elastic, discovery_command, launch_command, preflight
+from .launch import (CONTROLLERS, LAUNCHERS, Elastic, discovery_command, horovodrun_controller, launch_command,
+                     preflight)
 
 ELASTIC_FLAGS = ("min_np", "max_np", "elastic_timeout", "reset_limit")
 
@@ -232,11 +233,7 @@ def _check_remote_options(args: argparse.Namespace) -> None:
                           "ssh arguments cannot carry; move or link the key to a path without spaces")
     if args.ssh_identity_file and not args.print and not os.path.isfile(args.ssh_identity_file):
         raise HvdkitError(f"--ssh-identity-file {args.ssh_identity_file} not found; pass the private key's path")
-    if args.controller == "mpi" and (args.launcher != "horovodrun" or args.hosts_file):
-        raise HvdkitError(CONTROLLER_MPI_ERROR)
-    if args.controller == "gloo" and args.launcher != "horovodrun":
-        raise HvdkitError("--controller gloo applies to horovodrun only; drop it (mpirun runs MPI) or pass "
-                          "--launcher horovodrun")
+    horovodrun_controller(args.launcher, args.controller, elastic=bool(args.hosts_file))
 
 
 def _writable_log(path):

@@ -25,8 +25,6 @@ FORWARDED_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
 # (horovodrun passes its whole environment to every worker, remote ones included, by itself.)
 FORWARDED_PREFIXES = ("HOROVOD_", "HVDKIT_", "OMP_")
 CONTROLLERS = ("gloo", "mpi")
-CONTROLLER_MPI_ERROR = ("--controller mpi applies to static horovodrun launches only (mpirun is MPI already; an elastic "
-                        "job, --hosts-file, runs on Gloo only); drop it")
 
 
 def find_tool(name: str, python: Optional[str] = None) -> Optional[str]:
@@ -87,6 +85,26 @@ def discovery_command(hosts_file: str, python: Optional[str] = None) -> str:
             f"{shlex.quote(os.path.abspath(hosts_file))}")
 
 
+def horovodrun_controller(launcher: str, controller: Optional[str], elastic: bool) -> Optional[str]:
+    """horovodrun's controller for a launch: the one asked for, else ``mpi`` for a static job and ``gloo`` for an
+    elastic one (the only one elastic has); None under mpirun. A choice that cannot apply is one clear error.
+
+        >>> horovodrun_controller("horovodrun", None, elastic=False)
+        'mpi'
+    """
+    if controller is not None and controller not in CONTROLLERS:
+        raise HvdkitError(f"unknown controller {controller!r}; use one of {', '.join(CONTROLLERS)}")
+    if controller == "mpi" and (launcher != "horovodrun" or elastic):
+        raise HvdkitError("--controller mpi applies to static horovodrun launches only (mpirun is MPI already; an "
+                          "elastic job, --hosts-file, runs on Gloo only); drop it")
+    if controller == "gloo" and launcher != "horovodrun":
+        raise HvdkitError("--controller gloo applies to horovodrun only; drop it (mpirun runs MPI) or pass "
+                          "--launcher horovodrun")
+    if launcher != "horovodrun":
+        return None
+    return controller or ("gloo" if elastic else "mpi")
+
+
 def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodrun",
                    hosts: Optional[str] = None, python: Optional[str] = None,
                    env: Optional[Dict[str, str]] = None, extra: Sequence[str] = (),
@@ -118,13 +136,7 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     env = dict(env or {})
     if elastic is not None and launcher != "horovodrun":
         raise HvdkitError("elastic training runs under horovodrun (Gloo) only; mpirun launches are static")
-    if controller is not None and controller not in CONTROLLERS:
-        raise HvdkitError(f"unknown controller {controller!r}; use one of {', '.join(CONTROLLERS)}")
-    if controller == "mpi" and (launcher != "horovodrun" or elastic is not None):
-        raise HvdkitError(CONTROLLER_MPI_ERROR)
-    if controller == "gloo" and launcher != "horovodrun":
-        raise HvdkitError("--controller gloo applies to horovodrun only; drop it (mpirun runs MPI) or pass "
-                          "--launcher horovodrun")
+    controller = horovodrun_controller(launcher, controller, elastic=elastic is not None)
     names, values = _split_forward(forward)
     env.update(values)
     if launcher == "horovodrun":
@@ -137,7 +149,6 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
             where += ["--ssh-port", str(ssh_port)]
         if ssh_identity_file:
             where += ["--ssh-identity-file", ssh_identity_file]
-        controller = controller or ("gloo" if elastic is not None else "mpi")
         if controller == "mpi":
             # as hvdkit's own mpirun command does (below); horovodrun --mpi pins only the ranks' links to the
             # interface, so the daemons' own links are pinned here
@@ -220,7 +231,7 @@ def preflight(script: Sequence[str], np: int = 2, launcher: str = "horovodrun", 
         preflight(["no_such.py"], np=2)   # HvdkitError: script no_such.py not found (from /work); check the path, ...
     """
     _check_numbers(np, launcher, hosts_file, min_np, max_np)
-    static_mpi = launcher == "horovodrun" and hosts_file is None and controller != "gloo"
+    static_mpi = horovodrun_controller(launcher, controller, elastic=hosts_file is not None) == "mpi"
     ops = os.environ.get("HOROVOD_CPU_OPERATIONS", "")
     if static_mpi and ops.strip().lower() == "gloo":   # Gloo tensor ops under the MPI controller crash in this build
         raise HvdkitError(f"HOROVOD_CPU_OPERATIONS={ops} asks for Gloo tensor ops, which a static horovodrun job "

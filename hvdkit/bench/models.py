@@ -47,11 +47,6 @@ def keras_mlp(keras, width: int = 2048, depth: int = 1):
                              *[layers.Dense(width, activation="relu") for _ in range(depth + 1)], layers.Dense(10)])
 
 
-#: bench train's models by name: (torch builder, Keras builder taking the keras module)
-TRAIN_MODELS = {"cnn": (lambda: torch_cnn(), lambda keras: keras_cnn(keras)),
-                "mlp": (lambda: torch_mlp(), lambda keras: keras_mlp(keras))}
-
-
 def keras_cnn(keras):
     layers = keras.layers
     return keras.Sequential([
@@ -59,6 +54,10 @@ def keras_cnn(keras):
         layers.Conv2D(16, 3, padding="same", activation="relu"), layers.MaxPooling2D(),
         layers.Conv2D(32, 3, padding="same", activation="relu"), layers.MaxPooling2D(),
         layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dense(10)])
+
+
+#: bench train's models by name: (torch builder, Keras builder taking the keras module)
+TRAIN_MODELS = {"cnn": (torch_cnn, keras_cnn), "mlp": (torch_mlp, keras_mlp)}
 
 
 # ---- what the process ran with, read back (not assumed from the row's settings) ------------------------------

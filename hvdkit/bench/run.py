@@ -339,10 +339,11 @@ def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, 
     with tempfile.TemporaryDirectory() as tmp:
         for i, (r, (name, world)) in enumerate(_rounds(rows, rounds), start=1):
             mode, settings = base[name]
+            launcher, controller = _train_launch(mode)
             _progress(i, total, f"train {name} ({model}) on {world} worker(s), round {r + 1}/{rounds}")
             out = os.path.join(tmp, f"row{rows.index((name, world))}-round{r}.json")
             _run_row(["hvdkit.bench.train_worker", mode, out, str(steps), str(batch), model], world, base_env, out,
-                     timeout, launcher=_train_launch(mode)[0], controller=_train_launch(mode)[1],
+                     timeout, launcher=launcher, controller=controller,
                      settings={**(PROBE if probe_ops else {}), **settings})
             with open(out) as f:
                 found[(name, world)].append(json.load(f))
