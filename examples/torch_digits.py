@@ -9,7 +9,7 @@ from torch import nn
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
 from hvdkit.scripting import (MetricsFile, config_from_args, main_guard, summary_line, torch_lr_scheduler,
-                               limit_train, optimizer_flag, torch_optimizer, training_parser)
+                               limit_train, optimizer_flag, reducer_flag, torch_optimizer, training_parser)
 from hvdkit.torch import TorchAdapter
 
 
@@ -26,6 +26,7 @@ def top3_hits(outputs, targets):
 def main():
     parser = training_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, lr=0.05)
     optimizer_flag(parser)
+    reducer_flag(parser)
     args = parser.parse_args()
     x_train, y_train, x_test, y_test = digits_split()
     x_train, y_train = limit_train(args, x_train, y_train)   # --limit-train, checked
@@ -33,7 +34,7 @@ def main():
     model = make_model()
     optimizer = torch_optimizer(args, model.parameters())   # --optimizer: SGD with momentum by default
     adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression,
-                           scheduler=torch_lr_scheduler(args, optimizer), metrics={"top3": top3_hits})
+                           reducer=args.reducer, scheduler=torch_lr_scheduler(args, optimizer), metrics={"top3": top3_hits})
     metrics = MetricsFile(args.metrics_json, precision=args.precision)  # rank 0 writes it at the end of fit
     result = Trainer(adapter, config_from_args(args), [metrics]).fit((x_train, y_train), (x_test, y_test))
     if result.rank == 0:

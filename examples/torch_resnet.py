@@ -13,7 +13,7 @@ from torch import nn
 from hvdkit import Trainer
 from hvdkit.datasets import digits_split
 from hvdkit.scripting import (MetricsFile, config_from_args, main_guard, summary_line, torch_lr_scheduler,
-                               limit_train, training_parser)
+                               limit_train, reducer_flag, training_parser)
 from hvdkit.torch import TorchAdapter
 
 # Defaults: in 17 launches of this and keras_resnet.py (seeds 0-4, 1 and 2 workers, with and without
@@ -45,7 +45,9 @@ def make_model(channels: int = CHANNELS, dropout: float = 0.2) -> nn.Module:
 
 @main_guard
 def main():
-    args = training_parser(__doc__.splitlines()[0], epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR).parse_args()
+    parser = training_parser(__doc__.splitlines()[0], epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR)
+    reducer_flag(parser)
+    args = parser.parse_args()
     x_train, y_train, x_test, y_test = digits_split()
     x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)   # NCHW images
     x_train, y_train = limit_train(args, x_train, y_train)   # --limit-train, checked
@@ -57,7 +59,7 @@ def main():
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     adapter = TorchAdapter(model, optimizer, nn.functional.cross_entropy, compression=args.compression,
-                           scheduler=torch_lr_scheduler(args, optimizer))
+                           reducer=args.reducer, scheduler=torch_lr_scheduler(args, optimizer))
     metrics = MetricsFile(args.metrics_json, sync_batchnorm=args.sync_batchnorm, precision=args.precision)
     result = Trainer(adapter, config_from_args(args), [metrics]).fit((x_train, y_train), (x_test, y_test))
     if result.rank == 0:

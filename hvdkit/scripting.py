@@ -108,6 +108,19 @@ def optimizer_flag(parser: argparse.ArgumentParser, default: str = "sgd") -> Non
                              "one worker (Adam wants a smaller one than SGD, e.g. 0.002)")
 
 
+def reducer_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--reducer`` (torch scripts) for ``TorchAdapter(reducer=args.reducer)``.
+
+    Example::
+
+        reducer_flag(parser)
+        adapter = TorchAdapter(model, optimizer, loss_fn, reducer=parser.parse_args().reducer)
+    """
+    parser.add_argument("--reducer", choices=["horovod", "buckets"], default="horovod",
+                        help="torch gradient averaging: Horovod's DistributedOptimizer, one allreduce per parameter "
+                             "(horovod), or grouped allreduces of ~256 KiB buckets launched during backward (buckets)")
+
+
 def torch_optimizer(args: argparse.Namespace, params):
     """The torch optimizer ``--optimizer --lr`` name (see :func:`optimizer_flag`)."""
     import torch

@@ -92,7 +92,9 @@ def test_train_bench_smallest_size(tmp_path):
         assert report["results"][lever][world]["ran_with"][0]["collectives"]["knobs"]["HOROVOD_CYCLE_TIME"] == "5"
         assert report["results"]["hvdkit-torch"][world]["ran_with"][0]["collectives"]["knobs"] == {
             "HOROVOD_CYCLE_TIME": "2", "HOROVOD_FUSION_THRESHOLD": None, "HOROVOD_CACHE_CAPACITY": None,
-            "OMPI_MCA_mpi_yield_when_idle": "1"}     # the kit's defaults (hvdkit/tuning.py)
+            "OMPI_MCA_mpi_yield_when_idle": "1",     # the kit's defaults (hvdkit/tuning.py)
+            # and at 2 workers its gradient reducer, read back from the model's hooks
+            **({"HVDKIT_BENCH_REDUCER": "horovod"} if world == "2" else {})}
         assert report["ratios"][f"{lever} / hvdkit-torch @{world}"]["median"] > 0
     modes = modes + [lever]
     for mode, by_workers in report["results"].items():

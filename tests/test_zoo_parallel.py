@@ -226,3 +226,18 @@ def test_keras_regularized_model_with_accumulation_equals_one_process(ranks):
     for r in records:
         assert r["steps"] == 2 * 4  # 16 samples per step, the last holds 1
         assert r["params_maxdiff"] < TOLERANCE
+
+
+# ---- 8. torch: gradient buckets give the numbers of Horovod's DistributedOptimizer ---------------------------
+def test_gradient_buckets_equal_horovods_wrapper_with_an_unused_layer_and_fp16(shared_runs):
+    records = scenario(_records(shared_runs, "zoo-torch", "torch", 2), "reducers")
+    for compression in ("none", "fp16"):
+        recs = [r[compression] for r in records]
+        for r in recs:
+            # read back from torch: buckets hook every parameter and keep the user's optimizer; Horovod's wraps it
+            assert r["buckets_hooked"] == r["tensors"] and not r["buckets_horovod_wrapper"]
+            assert r["horovod_hooked"] == 0 and r["horovod_wrapper"]
+            assert r["buckets_steps"] == r["horovod_steps"] == 2 * 4   # 60 images, 2 x 4 x 2 a step
+            assert r["buckets_moved"] > 1e-3 and r["buckets_extra_moved"] > 1e-4   # rank 0's layer trained
+            assert r["maxdiff"] < 1e-6, (compression, r["maxdiff"])
+        assert recs[0]["params_crc"] == recs[1]["params_crc"]   # the ranks agree

@@ -185,6 +185,9 @@ def _ran_with_text(ran: Dict) -> tuple:
         coll = f"Horovod: {c['controller']} controller, {c['cpu_ops']} ops"
         if "cpu_ops_timeline" in c:
             coll += f" (timeline: {c['cpu_ops_timeline']})"
+        reducer = (c.get("knobs") or {}).get("HVDKIT_BENCH_REDUCER")
+        if reducer:   # hvdkit's torch rows: the gradient reducer, read back from the model's hooks
+            coll += f"; {reducer} reducer"
     else:
         coll = c.get("backend", "-")
     return threads, coll

@@ -25,6 +25,8 @@ LR = 0.01
 
 
 PROBE = "hvdkit.bench.probe"
+REDUCER_KEY = "HVDKIT_BENCH_REDUCER"
+BUCKET_KEY = "HVDKIT_BENCH_BUCKET_BYTES"
 
 
 def write(samples_per_sec, ran):
@@ -73,10 +75,24 @@ def hvdkit_torch():
     x, y = synthetic_images(STEPS * BATCH * WORLD, seed=0)
     torch.manual_seed(0)
     model = torch_model()
-    adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), torch.nn.functional.cross_entropy)
+    # a --variant hvdkit-torch:HVDKIT_BENCH_REDUCER=buckets row measures the other gradient reducer
+    adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), torch.nn.functional.cross_entropy,
+                           reducer=os.environ.get(REDUCER_KEY, "horovod"),
+                           **({"bucket_bytes": int(os.environ[BUCKET_KEY])} if BUCKET_KEY in os.environ else {}))
     cpu = CpuThreads()
     result = Trainer(adapter, TrainConfig(epochs=2, batch_size=BATCH, progress_bar=False)).fit((x, y))
-    write(result.history[-1]["samples_per_sec"], ran_with("torch", cpu.busy(), torch_horovod_collectives()))
+    collectives = torch_horovod_collectives()
+    if WORLD > 1:   # (one worker averages nothing: no reducer)
+        collectives.setdefault("knobs", {})[REDUCER_KEY] = torch_reducer(model, adapter.optimizer)
+    write(result.history[-1]["samples_per_sec"], ran_with("torch", cpu.busy(), collectives))
+
+
+def torch_reducer(model, optimizer):
+    """Which reducer averaged the gradients, read back from torch: "buckets" when the parameters carry
+    post-accumulate-grad hooks (hvdkit.torch.buckets), "horovod" when the optimizer is Horovod's wrapper."""
+    if any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters()):
+        return "buckets"
+    return "horovod" if hasattr(optimizer, "synchronize") else "none"
 
 
 def raw_horovod_torch():

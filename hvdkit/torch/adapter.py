@@ -23,6 +23,7 @@ import torch
 
 from ..adapter import Adapter, check_metrics
 from ..errors import HvdkitError
+from .buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
 from .feed import TorchFeed
 from .process import HorovodProcess
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
@@ -30,6 +31,7 @@ from .zero import ShardedOptimizer, check_shardable, merge_blob, tensor_bytes
 
 COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
+REDUCERS = ("horovod", "buckets")
 SCHEDULER_INTERVALS = ("step", "epoch")
 
 
@@ -71,6 +73,11 @@ class TorchAdapter(Adapter):
 
     compression: "none" or "fp16" (gradients cast to fp16 on the wire).
     op: "average" or "adasum" (Horovod's reduction of gradients).
+    reducer: how the gradients are averaged. "horovod" (the default): ``hvd.DistributedOptimizer``, an allreduce
+        per parameter launched from its gradient hook. "buckets": one grouped allreduce per bucket of about
+        ``bucket_bytes`` of gradients, launched in reverse order as backward fills each bucket, DDP's scheme
+        (``hvdkit.torch.buckets``). The numbers are the same; neither was faster here (README "Benchmarks and tuned
+        defaults"). Adasum and sparse gradients (``Embedding(sparse=True)``) always use Horovod's.
     accuracy: also count argmax-correct predictions in evaluation (classification).
     scheduler: a ``torch.optim.lr_scheduler`` scheduler built on ``optimizer`` (any but ReduceLROnPlateau, which
         needs a metric). The adapter steps it (do not): after every optimizer step (``scheduler_interval="step"``)
@@ -109,11 +116,14 @@ class TorchAdapter(Adapter):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Any, Any], torch.Tensor], compression: str = "none",
                  op: str = "average", accuracy: bool = True, scheduler: Any = None,
-                 scheduler_interval: str = "step", metrics: Optional[Dict[str, Callable[[Any, Any], Any]]] = None):
+                 scheduler_interval: str = "step", metrics: Optional[Dict[str, Callable[[Any, Any], Any]]] = None,
+                 reducer: str = "horovod", bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         if compression not in COMPRESSIONS:
             raise HvdkitError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
         if op not in OPS:
             raise HvdkitError(f"unknown reduction op {op!r}; use one of {', '.join(OPS)}")
+        if reducer not in REDUCERS:
+            raise HvdkitError(f"unknown reducer {reducer!r}; use one of {', '.join(REDUCERS)}")
         if scheduler_interval not in SCHEDULER_INTERVALS:
             raise HvdkitError(f"unknown scheduler_interval {scheduler_interval!r}; "
                               f"use one of {', '.join(SCHEDULER_INTERVALS)}")
@@ -126,7 +136,8 @@ class TorchAdapter(Adapter):
             if getattr(scheduler, "optimizer", None) is not optimizer:
                 raise HvdkitError("the scheduler must be built on the optimizer passed to TorchAdapter")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.compression, self.op, self.accuracy = compression, op, accuracy
+        self.compression, self.op, self.accuracy, self.reducer = compression, op, accuracy, reducer
+        self.bucket_bytes = int(bucket_bytes)
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.clip_grad_norm: Optional[float] = None
         self.precision = "fp32"
@@ -134,6 +145,7 @@ class TorchAdapter(Adapter):
         self.metrics = check_metrics(metrics, accuracy)
         self._step_finite, self._grad_norm = True, None
         self._sharded: Optional[ShardedOptimizer] = None
+        self._buckets: Optional[GradientBuckets] = None   # reducer="buckets", once prepared at > 1 rank
 
     def default_process(self):
         return HorovodProcess()
@@ -162,6 +174,9 @@ class TorchAdapter(Adapter):
         if sync_batchnorm:
             convert_sync_batchnorm(self.model)
         self.clip_grad_norm = clip_grad_norm
+        if self._buckets is not None:   # prepared again (a second fit): one set of hooks
+            self._buckets.remove()
+            self._buckets = None
         if shard_optimizer:
             # no Horovod wrapper (no per-parameter allreduce hooks): the sharded step reduce-scatters. A second
             # fit keeps the state of the first (gathered by its last commit).
@@ -169,14 +184,31 @@ class TorchAdapter(Adapter):
             self._sharded = ShardedOptimizer(self.optimizer, self.process, compression=self.compression, state=kept)
         else:
             self._sharded = None
-            self.optimizer = self.process.distributed_optimizer(
-                self.optimizer, self.model.named_parameters(), compression=self.compression,
-                accumulation=accumulation, op=self.op)
+            if self.reducer == "buckets" and self.op == "average" and not self._sparse_held():
+                self._buckets = self.process.gradient_buckets(self._held_in_model_order(), compression=self.compression,
+                                                              bucket_bytes=self.bucket_bytes)
+            if self._buckets is None:
+                self.optimizer = self.process.distributed_optimizer(
+                    self.optimizer, self.model.named_parameters(), compression=self.compression,
+                    accumulation=accumulation, op=self.op)
         # Horovod's optimizer is a new object, sharing the param-group dicts only until a state dict is loaded
         # into it (broadcast, resume): the scheduler must set the LRs of the optimizer that steps.
         if self.scheduler is not None:
             _point_at(self.scheduler, self.optimizer)
         self.set_lr_factor(lr_factor)
+
+    def _held_in_model_order(self) -> List[torch.Tensor]:
+        """The parameters the optimizer steps, in the model's order (param groups may be ordered otherwise, e.g.
+        decayed first): reversed, that is about the order backward produces their gradients."""
+        held = {id(p): p for group in self.optimizer.param_groups for p in group["params"]}
+        ordered = [p for p in self.model.parameters() if held.pop(id(p), None) is not None]
+        return ordered + list(held.values())
+
+    def _sparse_held(self) -> bool:
+        """Does the optimizer step the weight of an ``Embedding(sparse=True)`` (a sparse gradient)?"""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        return any(isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse and id(m.weight) in held
+                   for m in self.model.modules())
 
     def broadcast_state(self) -> None:
         self.process.broadcast_parameters(self.model.state_dict())
@@ -257,7 +289,13 @@ class TorchAdapter(Adapter):
 
     def _forward_backward_update(self, micro_batches) -> Tuple[float, int]:
         loss_sum, count = 0.0, 0
-        for batch in micro_batches:
+        buckets = self._buckets
+        if buckets is not None:
+            buckets.reset()   # after a step that raised (a lost peer): nothing of it is pending
+        last = len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            if buckets is not None and i == last:
+                buckets.arm()   # this backward pass ends the step: each bucket goes out as it fills
             if batch.count:
                 with self._autocast():
                     loss = self.loss_fn(self.model(batch.inputs), batch.targets)
@@ -271,6 +309,8 @@ class TorchAdapter(Adapter):
             else:
                 self._zero_gradient(batch.inputs)
         self._step_finite, self._grad_norm = True, None
+        if buckets is not None:
+            buckets.synchronize()   # every gradient is now the average over ranks
         if self._sharded is not None:
             self._step_finite, self._grad_norm = self._sharded.step(self.clip_grad_norm,
                                                                     check_finite=self.nonfinite != "off")

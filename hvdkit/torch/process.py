@@ -20,6 +20,7 @@ import torch
 
 from .. import process as core
 from ..tuning import apply_defaults
+from .buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
 
 
 def _pin_and_seed(seed: int, threads: int) -> None:
@@ -75,6 +76,16 @@ class HorovodProcess(core.HorovodObjects, core.Process):
             compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none,
             backward_passes_per_step=accumulation, op=hvd.Adasum if op == "adasum" else hvd.Average)
 
+    def gradient_buckets(self, parameters, compression: str = "none", bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        """A :class:`~hvdkit.torch.buckets.GradientBuckets` averaging ``parameters``' gradients over ranks with
+        one grouped allreduce per bucket; None at one rank (the gradients are the average already)."""
+        if self.alone():
+            return None
+        hvd = self.hvd
+        return GradientBuckets(parameters, launch=lambda tensors, name: hvd.grouped_allreduce_async_(
+            tensors, op=hvd.Average, name=name), wait=hvd.synchronize, compression=compression,
+            bucket_bytes=bucket_bytes)
+
     def broadcast_parameters(self, state_dict) -> None:
         self.hvd.broadcast_parameters(state_dict, root_rank=0)
 
@@ -110,6 +121,9 @@ class LocalProcess(core.LocalProcess):
     def distributed_optimizer(self, optimizer, named_parameters, compression: str = "none",
                               accumulation: int = 1, op: str = "average"):
         return optimizer  # one rank: the gradients are already the average
+
+    def gradient_buckets(self, parameters, compression: str = "none", bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        return None
 
     def broadcast_parameters(self, state_dict) -> None:
         pass

@@ -28,7 +28,7 @@ from zoo_models import SEQ, VOCAB, zoo  # noqa: E402
 
 backend, out_dir = sys.argv[1], sys.argv[2]
 COMMON = ["bn_sync", "bn_sync_empty", "bn_local", "dropout", "optimizers", "token", "regularized"]
-ALL = COMMON + ["token_sparse"] if backend == "torch" else COMMON
+ALL = COMMON + ["token_sparse", "reducers"] if backend == "torch" else COMMON
 scenarios = sys.argv[3].split(",") if len(sys.argv) > 3 else ALL
 Z = zoo(backend)
 LAUNCH_RANK = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
@@ -264,6 +264,47 @@ def regularized():
         if accumulation == 1:  # the same run without the regularizer lands far away: the test can tell
             plain, _ = reference(lambda seed: Z.reg_mlp(seed, l2=0.0), (X, Y), 2, result.world_size)
             rec["l2_accumulation1"]["unregularized_maxdiff"] = maxdiff(Z.params(model), Z.params(plain))
+    return rec
+
+
+# ---- 8. torch: the gradient buckets against Horovod's DistributedOptimizer ----------------------------------
+def reducers():
+    """The same training under reducer="horovod" and reducer="buckets" (hvdkit.torch.buckets), with and without
+    fp16 compression: conv-BatchNorm-dropout with Adam, 2 micro-batches a step, gradient clipping, and a layer
+    only rank 0 uses (rank 1's gradient for it never comes: its bucket goes out with zeros)."""
+    import torch
+    nn = torch.nn
+
+    class OneRankBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                      nn.Dropout(0.2), nn.Linear(4 * 8 * 8, 10))
+            self.extra = nn.Linear(10, 10)
+
+        def forward(self, x):
+            out = self.body(x)
+            return self.extra(out) if LAUNCH_RANK == 0 else out
+
+    rec = {}
+    for compression in ("none", "fp16"):
+        runs = {}
+        for reducer in ("horovod", "buckets"):
+            torch.manual_seed(rank_seed())
+            model = OneRankBranch()
+            init = Z.params(model)
+            adapter = Z.Adapter(model, torch.optim.Adam(model.parameters(), lr=0.01), Z.loss_fn,
+                                compression=compression, reducer=reducer)
+            cfg = TrainConfig(epochs=2, batch_size=BATCH, accumulation=2, clip_grad_norm=0.5, **QUIET)
+            result = Trainer(adapter, cfg).fit((XI, YI))
+            runs[reducer] = {"params": Z.params(model), "steps": result.global_step,
+                             "hooked": sum(bool(p._post_accumulate_grad_hooks) for p in model.parameters()),
+                             "horovod_wrapper": hasattr(adapter.optimizer, "synchronize"),
+                             "moved": maxdiff(Z.params(model), init),
+                             "extra_moved": float(np.abs(model.extra.weight.detach().numpy() - init[-2][1]).max())}
+        rec[compression] = {"maxdiff": maxdiff(runs["horovod"]["params"], runs["buckets"]["params"]),
+                            "params_crc": crc(runs["buckets"]["params"]), "tensors": len(runs["buckets"]["params"]),
+                            **{f"{r}_{k}": v for r, run in runs.items() for k, v in run.items() if k != "params"}}
     return rec
 
 
