@@ -74,28 +74,32 @@ def test_allreduce_bench_smallest_size(tmp_path):
 
 
 def test_train_bench_smallest_size(tmp_path):
-    # the kit's two frameworks, and torch under horovodrun's MPI controller (what `hvdkit launch` starts for a static
-    # job; Gloo's read-back is the allreduce smoke's); the baselines' arithmetic: below. The wide MLP (the CNN's
-    # builders are checked without processes) and one lever row: the kit's torch worker with another cycle time,
-    # which Horovod's C++ side must see (the shell sets nothing of it)
-    modes = ["hvdkit-torch", "hvdkit-torch-horovodrun", "hvdkit-keras"]
+    # the kit's two frameworks: torch under horovodrun's MPI controller (what `hvdkit launch` starts for a static job;
+    # Gloo's read-back is the allreduce smoke's; mpirun's is the Keras row's), Keras under mpirun; the baselines'
+    # arithmetic: below. The wide MLP (the CNN's builders are checked without processes) and one lever row: the kit's
+    # torch worker with another cycle time, which Horovod's C++ side must see (the shell sets nothing of it), and
+    # the other gradient reducer, which torch must show (hooks on the parameters, not Horovod's wrapper)
+    modes = ["hvdkit-torch-horovodrun", "hvdkit-keras"]
     result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
-                   "--workers", "1,2", "--model", "mlp", "--variant", "hvdkit-torch:HOROVOD_CYCLE_TIME=5",
+                   "--workers", "1,2", "--model", "mlp",
+                   "--variant", "hvdkit-torch-horovodrun:HOROVOD_CYCLE_TIME=5,HVDKIT_BENCH_REDUCER=buckets",
                    "--out", str(tmp_path))
     assert result.returncode == 0, explain(result)
     assert not (tmp_path / "train.json").exists()    # the CNN's report name: an MLP run leaves it alone
     report = json.loads((tmp_path / "train-mlp.json").read_text())
-    lever = "hvdkit-torch HOROVOD_CYCLE_TIME=5"
+    lever = "hvdkit-torch-horovodrun HOROVOD_CYCLE_TIME=5 HVDKIT_BENCH_REDUCER=buckets"
     assert list(report["results"]) == modes + [lever] and report["mismatches"] == [] and report["model"] == "mlp"
-    assert report["variants"] == {lever: {"HOROVOD_CYCLE_TIME": "5"}}
+    assert report["variants"] == {lever: {"HOROVOD_CYCLE_TIME": "5", "HVDKIT_BENCH_REDUCER": "buckets"}}
     for world in ("1", "2"):
-        assert report["results"][lever][world]["ran_with"][0]["collectives"]["knobs"]["HOROVOD_CYCLE_TIME"] == "5"
-        assert report["results"]["hvdkit-torch"][world]["ran_with"][0]["collectives"]["knobs"] == {
+        lever_knobs = report["results"][lever][world]["ran_with"][0]["collectives"]["knobs"]
+        assert lever_knobs["HOROVOD_CYCLE_TIME"] == "5"
+        # at 2 workers the reducer each row ran, read back from torch; at 1 none averages (no key)
+        assert lever_knobs.get("HVDKIT_BENCH_REDUCER") == ("buckets" if world == "2" else None), lever_knobs
+        assert report["results"]["hvdkit-torch-horovodrun"][world]["ran_with"][0]["collectives"]["knobs"] == {
             "HOROVOD_CYCLE_TIME": "2", "HOROVOD_FUSION_THRESHOLD": None, "HOROVOD_CACHE_CAPACITY": None,
             "OMPI_MCA_mpi_yield_when_idle": "1",     # the kit's defaults (hvdkit/tuning.py)
-            # and at 2 workers its gradient reducer, read back from the model's hooks
             **({"HVDKIT_BENCH_REDUCER": "horovod"} if world == "2" else {})}
-        assert report["ratios"][f"{lever} / hvdkit-torch @{world}"]["median"] > 0
+        assert report["ratios"][f"{lever} / hvdkit-torch-horovodrun @{world}"]["median"] > 0
     modes = modes + [lever]
     for mode, by_workers in report["results"].items():
         assert set(by_workers) == {"1", "2"}, mode
@@ -111,11 +115,11 @@ def test_train_bench_smallest_size(tmp_path):
             assert "cpu_ops_timeline" not in ran["collectives"], (mode, world, ran)   # no timeline while measuring
         assert report["scaling_efficiency"][mode]["2"]["median"] > 0, mode
     md = (tmp_path / "train-mlp.md").read_text()
-    assert "| hvdkit-torch |" in md and "scaling 1->2" in md and "wide MLP (784-2048-2048-10" in md
-    assert report["launcher"] == {"hvdkit-torch": "mpirun", "hvdkit-torch-horovodrun": "horovodrun --mpi",
-                                  "hvdkit-keras": "mpirun", lever: "mpirun"}
-    assert "horovodrun --mpi: hvdkit-torch-horovodrun" in md
-    assert f"mpirun: hvdkit-torch, hvdkit-keras, {lever}" in md
+    assert "| hvdkit-torch-horovodrun |" in md and "scaling 1->2" in md and "wide MLP (784-2048-2048-10" in md
+    assert report["launcher"] == {"hvdkit-torch-horovodrun": "horovodrun --mpi", "hvdkit-keras": "mpirun",
+                                  lever: "horovodrun --mpi"}
+    assert f"horovodrun --mpi: hvdkit-torch-horovodrun, {lever}" in md and "mpirun: hvdkit-keras" in md
+    assert "; buckets reducer |" in md and "; horovod reducer |" in md
     assert "| hvdkit-keras | 2 | TF 1/1 |" in md
     assert (tmp_path / "train-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
