@@ -4,7 +4,7 @@ The events come from a seed (printed; HVDKIT_CHAOS_SEED=<seed> replays the same 
 which worker by its place among the live ones; pids and timings differ). After each event the test waits
 until training has moved on by a few steps, so every event lands on a job that recovered from the one before.
 At the end: exit 0, the audit proves every sample of every epoch trained exactly once across all the worlds the
-job went through, and the accuracy bar holds. HVDKIT_CHAOS_EVENTS (default 6) sets how many events; a soak,
+job went through, and the accuracy bar holds. HVDKIT_CHAOS_EVENTS (default 5) sets how many events; a soak,
 e.g. HVDKIT_CHAOS_SOAK=1 (40 events, a longer job), runs longer sequences.
 """
 import json
@@ -18,7 +18,7 @@ from proc import _cmdline, marked_processes
 
 TRAIN_SAMPLES = 1437
 SOAK = os.environ.get("HVDKIT_CHAOS_SOAK") == "1"
-EVENTS = int(os.environ.get("HVDKIT_CHAOS_EVENTS", "40" if SOAK else "6"))
+EVENTS = int(os.environ.get("HVDKIT_CHAOS_EVENTS", "40" if SOAK else "5"))
 EPOCHS = 40 if SOAK else 10
 STEP_SLEEP = "0.1"   # a digits step takes ~2 ms; slowed down until the last event, the job outlasts its events
 HOSTS = ("localhost", "127.0.0.1")   # two hosts to Horovod on one machine

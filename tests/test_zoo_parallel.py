@@ -235,8 +235,8 @@ def test_gradient_buckets_equal_horovods_wrapper_with_an_unused_layer_and_fp16(s
         recs = [r[compression] for r in records]
         for r in recs:
             # read back from torch: buckets hook every parameter and keep the user's optimizer; Horovod's wraps it
-            assert r["buckets_hooked"] == r["tensors"] and not r["buckets_horovod_wrapper"]
-            assert r["horovod_hooked"] == 0 and r["horovod_wrapper"]
+            assert r["buckets_hooked"] == r["tensors"] and not r["buckets_wrapped"]
+            assert r["horovod_hooked"] == 0 and r["horovod_wrapped"]
             assert r["buckets_steps"] == r["horovod_steps"] == 2 * 4   # 60 images, 2 x 4 x 2 a step
             assert r["buckets_moved"] > 1e-3 and r["buckets_extra_moved"] > 1e-4   # rank 0's layer trained
             assert r["maxdiff"] < 1e-6, (compression, r["maxdiff"])

@@ -299,7 +299,7 @@ def reducers():
             result = Trainer(adapter, cfg).fit((XI, YI))
             runs[reducer] = {"params": Z.params(model), "steps": result.global_step,
                              "hooked": sum(bool(p._post_accumulate_grad_hooks) for p in model.parameters()),
-                             "horovod_wrapper": hasattr(adapter.optimizer, "synchronize"),
+                             "wrapped": hasattr(adapter.optimizer, "synchronize"),
                              "moved": maxdiff(Z.params(model), init),
                              "extra_moved": float(np.abs(model.extra.weight.detach().numpy() - init[-2][1]).max())}
         rec[compression] = {"maxdiff": maxdiff(runs["horovod"]["params"], runs["buckets"]["params"]),
