@@ -105,7 +105,7 @@ class GradientBuckets:
 
     def synchronize(self) -> None:
         """Launch what has not gone out (unused parameters, or no :meth:`arm`), wait for every bucket; then each
-        ``.grad`` is the average over ranks. Re-arms for the next step's micro-batches."""
+        ``.grad`` is the average over ranks. Disarmed again: the next step's earlier micro-batches accumulate locally."""
         for i in range(len(self.buckets)):
             if i not in self._pending:
                 self._start(i)
