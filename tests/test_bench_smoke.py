@@ -78,10 +78,12 @@ def test_train_bench_smallest_size(tmp_path):
     # Gloo's read-back is the allreduce smoke's; mpirun's is the Keras row's), Keras under mpirun; the baselines'
     # arithmetic: below. The wide MLP (the CNN's builders are checked without processes) and one lever row: the kit's
     # torch worker with another cycle time, which Horovod's C++ side must see (the shell sets nothing of it), and
-    # the other gradient reducer, which torch must show (hooks on the parameters, not Horovod's wrapper)
+    # the other gradient reducer, which torch must show (hooks on the parameters, not Horovod's wrapper). At 2
+    # workers only: the kit at one worker is bench overhead's (below), the scaling arithmetic is checked without
+    # processes
     modes = ["hvdkit-torch-horovodrun", "hvdkit-keras"]
     result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
-                   "--workers", "1,2", "--model", "mlp",
+                   "--workers", "2", "--model", "mlp",
                    "--variant", "hvdkit-torch-horovodrun:HOROVOD_CYCLE_TIME=5,HVDKIT_BENCH_REDUCER=buckets",
                    "--out", str(tmp_path))
     assert result.returncode == 0, explain(result)
@@ -90,19 +92,17 @@ def test_train_bench_smallest_size(tmp_path):
     lever = "hvdkit-torch-horovodrun HOROVOD_CYCLE_TIME=5 HVDKIT_BENCH_REDUCER=buckets"
     assert list(report["results"]) == modes + [lever] and report["mismatches"] == [] and report["model"] == "mlp"
     assert report["variants"] == {lever: {"HOROVOD_CYCLE_TIME": "5", "HVDKIT_BENCH_REDUCER": "buckets"}}
-    for world in ("1", "2"):
-        lever_knobs = report["results"][lever][world]["ran_with"][0]["collectives"]["knobs"]
-        assert lever_knobs["HOROVOD_CYCLE_TIME"] == "5"
-        # at 2 workers the reducer each row ran, read back from torch; at 1 none averages (no key)
-        assert lever_knobs.get("HVDKIT_BENCH_REDUCER") == ("buckets" if world == "2" else None), lever_knobs
-        assert report["results"]["hvdkit-torch-horovodrun"][world]["ran_with"][0]["collectives"]["knobs"] == {
-            "HOROVOD_CYCLE_TIME": "2", "HOROVOD_FUSION_THRESHOLD": None, "HOROVOD_CACHE_CAPACITY": None,
-            "OMPI_MCA_mpi_yield_when_idle": "1",     # the kit's defaults (hvdkit/tuning.py)
-            **({"HVDKIT_BENCH_REDUCER": "horovod"} if world == "2" else {})}
-        assert report["ratios"][f"{lever} / hvdkit-torch-horovodrun @{world}"]["median"] > 0
+    lever_knobs = report["results"][lever]["2"]["ran_with"][0]["collectives"]["knobs"]
+    assert lever_knobs["HOROVOD_CYCLE_TIME"] == "5"
+    assert lever_knobs["HVDKIT_BENCH_REDUCER"] == "buckets", lever_knobs   # the reducer, read back from torch
+    assert report["results"]["hvdkit-torch-horovodrun"]["2"]["ran_with"][0]["collectives"]["knobs"] == {
+        "HOROVOD_CYCLE_TIME": "2", "HOROVOD_FUSION_THRESHOLD": None, "HOROVOD_CACHE_CAPACITY": None,
+        "OMPI_MCA_mpi_yield_when_idle": "1",     # the kit's defaults (hvdkit/tuning.py)
+        "HVDKIT_BENCH_REDUCER": "horovod"}
+    assert report["ratios"][f"{lever} / hvdkit-torch-horovodrun @2"]["median"] > 0
     modes = modes + [lever]
     for mode, by_workers in report["results"].items():
-        assert set(by_workers) == {"1", "2"}, mode
+        assert set(by_workers) == {"2"}, mode
         for world, row in by_workers.items():
             assert row["median"] > 0 and len(row["runs"]) == 1, (mode, world)
             ran = row["ran_with"][0]
@@ -113,15 +113,55 @@ def test_train_bench_smallest_size(tmp_path):
             assert collectives(ran) == ("mpi", "mpi"), (mode, world, ran)     # the shell said Gloo ops
             assert ran["collectives"]["cpu_ops_from"].startswith("Horovod's default"), (mode, world, ran)
             assert "cpu_ops_timeline" not in ran["collectives"], (mode, world, ran)   # no timeline while measuring
-        assert report["scaling_efficiency"][mode]["2"]["median"] > 0, mode
     md = (tmp_path / "train-mlp.md").read_text()
-    assert "| hvdkit-torch-horovodrun |" in md and "scaling 1->2" in md and "wide MLP (784-2048-2048-10" in md
+    assert "| hvdkit-torch-horovodrun |" in md and "wide MLP (784-2048-2048-10" in md
     assert report["launcher"] == {"hvdkit-torch-horovodrun": "horovodrun --mpi", "hvdkit-keras": "mpirun",
                                   lever: "horovodrun --mpi"}
     assert f"horovodrun --mpi: hvdkit-torch-horovodrun, {lever}" in md and "mpirun: hvdkit-keras" in md
     assert "; buckets reducer |" in md and "; horovod reducer |" in md
     assert "| hvdkit-keras | 2 | TF 1/1 |" in md
     assert (tmp_path / "train-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overhead_bench_smallest_size(tmp_path):
+    # both frameworks' kit and plain rows taking turns in one process each, with one compute thread (the shell said 2)
+    from hvdkit.bench.overhead_worker import ROWS
+    result = bench("overhead", "--models", "cnn", "--steps", "2", "--batch", "8", "--rounds", "2",
+                   "--out", str(tmp_path))
+    assert result.returncode == 0, explain(result)
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    assert [(c["framework"], c["model"]) for c in report["cases"]] == [("torch", "cnn"), ("keras", "cnn")]
+    assert report["mismatches"] == []
+    for case in report["cases"]:
+        assert list(case["rows"]) == ROWS[case["framework"]]
+        for name, row in case["rows"].items():
+            assert len(row["runs"]) == 2 and row["min"] > 0, (case["framework"], name)
+        threads = case["ran_with"]["threads"]
+        assert (threads["intra_op"], threads["inter_op"]) == (1, 1) and case["ran_with"]["busy_threads"] >= 1
+    keras_case = report["cases"][1]
+    fit, plain_fit = keras_case["rows"]["hvdkit-fit"]["runs"], keras_case["rows"]["plain-fit"]["runs"]
+    assert keras_case["ratios"]["hvdkit-fit / plain-fit"]["runs"] == [a / b for a, b in zip(fit, plain_fit)]
+    md = (tmp_path / "overhead.md").read_text()
+    assert "**torch, cnn**" in md and "| plain-fit |" in md and "- hvdkit / plain: " in md
+    assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overhead_report_ratios_per_round_the_target_and_threads():
+    from hvdkit.bench.overhead import overhead_markdown, overhead_report
+    found = [{"framework": "torch", "model": "mlp", "steps": 2, "batch": 8, "rounds": 2, "ran_with": _ran(threads=2),
+              "rows": {"hvdkit": [90, 180], "hvdkit-guard-off": [100, 200], "plain": [100, 190]}}]
+    r = overhead_report(found)
+    ratios = r["cases"][0]["ratios"]
+    kit = ratios["hvdkit / plain"]          # per round 0.9 and 180/190
+    assert (round(kit["min"], 6), round(kit["max"], 6)) == (0.9, round(180 / 190, 6))
+    assert round(kit["median"], 6) == round((0.9 + 180 / 190) / 2, 6)
+    assert ratios["hvdkit / hvdkit-guard-off"]["runs"] == [0.9, 0.9]
+    assert r["cases"][0]["met"] == {"hvdkit / plain": False, "hvdkit-guard-off / plain": True}
+    assert r["mismatches"] == ["torch mlp: torch ran 2/2 intra/inter-op threads, asked 1"]
+    md = overhead_markdown(r)
+    assert "- hvdkit / plain: 0.924 (0.900-0.947)x (NOT met: target >= 0.97)" in md
+    assert "- hvdkit-guard-off / plain: 1.026 (1.000-1.053)x (met: target >= 0.97)" in md
+    assert "| hvdkit | 135 (90-180) |" in md and "- torch mlp: torch ran 2/2" in md
 
 
 def test_a_lever_of_a_mode_not_benched_is_one_line(tmp_path):

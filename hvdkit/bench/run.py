@@ -11,6 +11,7 @@ Example::
     hvdkit bench allreduce --rounds 3 --out results/bench
     hvdkit bench train --rounds 3 --out results/bench
     hvdkit bench zero --workers 1,2,3 --rounds 3 --out results/bench
+    hvdkit bench overhead --rounds 5 --out results/bench     (hvdkit.bench.overhead)
 """
 from __future__ import annotations
 
@@ -677,6 +678,14 @@ def main(argv=None) -> int:
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="the --out directories of bench train runs")
     c.add_argument("--model", choices=sorted(MODEL_TITLES), default="cnn", help="whose runs to combine")
     c.add_argument("--out", default="results/bench")
+    o = sub.add_parser("overhead", help="the kit's cost per step at 1 worker against plain loops, rows interleaved "
+                                        "in one process per framework and model")
+    o.add_argument("--frameworks", default="torch,keras")
+    o.add_argument("--models", default="cnn,mlp")
+    o.add_argument("--steps", type=int, default=40)
+    o.add_argument("--batch", type=int, default=64)
+    o.add_argument("--rounds", type=int, default=5, help="every row once per round; the median is reported")
+    o.add_argument("--out", default="results/bench")
     z = sub.add_parser("zero", help="Adam state, gradients and peak RSS per rank, samples/s: hvdkit unsharded, "
                                     "hvdkit sharded, torch ZeroRedundancyOptimizer; at 1, 2 and 3 workers")
     z.add_argument("--workers", default="1,2,3")
@@ -697,6 +706,12 @@ def main(argv=None) -> int:
         bench_allreduce(args.out, [int(s) for s in args.sizes.split(",")], args.iters, args.rounds,
                         _csv_choices(args.impls, list(ALLREDUCE_ROWS), "bench allreduce implementations"),
                         args.probe_ops)
+    elif args.what == "overhead":
+        from .overhead import FRAMEWORKS, MODELS, bench_overhead
+        if args.rounds < 1 or args.steps < 1 or args.batch < 1:
+            raise HvdkitError("bench overhead needs --rounds, --steps and --batch >= 1")
+        bench_overhead(args.out, _csv_choices(args.frameworks, FRAMEWORKS, "bench overhead frameworks"),
+                       _csv_choices(args.models, MODELS, "bench overhead models"), args.steps, args.batch, args.rounds)
     elif args.what == "combine":
         bench_combine(args.out, args.runs, args.model)
     elif args.what == "zero":
