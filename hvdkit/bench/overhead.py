@@ -20,6 +20,7 @@ import tempfile
 from typing import Dict, List
 
 from ..errors import HvdkitError
+from .run import _clean_env, _row_env, _spread, _write   # the bench's clean base, spread and writer
 
 TARGET = 0.97
 # (row, baseline) pairs reported per framework: the kit against the plain loop; the guard's share; Keras' fit
@@ -29,15 +30,6 @@ RATIOS = {"torch": [("hvdkit", "plain"), ("hvdkit-guard-off", "plain"), ("hvdkit
                     ("plain-fit", "plain-loop")]}
 FRAMEWORKS = list(RATIOS)
 MODELS = ["cnn", "mlp"]
-
-
-def _median(values: List[float]) -> float:
-    s = sorted(values)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
-
-
-def _spread(values: List[float]) -> Dict:
-    return {"median": _median(values), "min": min(values), "max": max(values), "runs": list(values)}
 
 
 def overhead_report(found: List[Dict]) -> Dict:
@@ -119,7 +111,6 @@ def _run_worker(args: List[str], env: Dict[str, str], timeout: float) -> None:
 def bench_overhead(out_dir: str, frameworks: List[str], models: List[str], steps: int = 40, batch: int = 64,
                    rounds: int = 5, timeout: float = 1800) -> Dict:
     """Run one worker per (framework, model) in a fresh environment; write ``overhead.md``, ``.json``, ``.png``."""
-    from .run import _clean_env, _row_env, _write   # the bench's clean base and writer
     os.makedirs(out_dir, exist_ok=True)
     base, found = _clean_env(), []
     with tempfile.TemporaryDirectory() as tmp:
