@@ -79,8 +79,8 @@ def test_train_bench_smallest_size(tmp_path):
     # arithmetic: below. The wide MLP (the CNN's builders are checked without processes) and one lever row: the kit's
     # torch worker with another cycle time, which Horovod's C++ side must see (the shell sets nothing of it), and
     # the other gradient reducer, which torch must show (hooks on the parameters, not Horovod's wrapper). At 2
-    # workers only: the kit at one worker is bench overhead's (below), the scaling arithmetic is checked without
-    # processes
+    # workers only, for time: the kit's 1-worker step is bench overhead's (below) and a launched 1-worker job's is
+    # tests/test_one_worker.py's; the scaling arithmetic is checked without processes
     modes = ["hvdkit-torch-horovodrun", "hvdkit-keras"]
     result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
                    "--workers", "2", "--model", "mlp",
@@ -136,6 +136,8 @@ def test_overhead_bench_smallest_size(tmp_path):
         assert list(case["rows"]) == ROWS[case["framework"]]
         for name, row in case["rows"].items():
             assert len(row["runs"]) == 2 and row["min"] > 0, (case["framework"], name)
+            assert case["samples"][name] == [2 * 8, 2 * 8], (case["framework"], name)   # like for like: same work
+            assert [(t["intra_op"], t["inter_op"]) for t in case["threads"][name]] == [(1, 1)] * 2, name
         threads = case["ran_with"]["threads"]
         assert (threads["intra_op"], threads["inter_op"]) == (1, 1) and case["ran_with"]["busy_threads"] >= 1
     keras_case = report["cases"][1]
@@ -156,12 +158,20 @@ def test_overhead_report_ratios_per_round_the_target_and_threads():
     assert (round(kit["min"], 6), round(kit["max"], 6)) == (0.9, round(180 / 190, 6))
     assert round(kit["median"], 6) == round((0.9 + 180 / 190) / 2, 6)
     assert ratios["hvdkit / hvdkit-guard-off"]["runs"] == [0.9, 0.9]
-    assert r["cases"][0]["met"] == {"hvdkit / plain": False, "hvdkit-guard-off / plain": True}
+    assert r["cases"][0]["met"] == {"hvdkit / plain": False}   # the target's ratio; the others are diagnostic
     assert r["mismatches"] == ["torch mlp: torch ran 2/2 intra/inter-op threads, asked 1"]
     md = overhead_markdown(r)
     assert "- hvdkit / plain: 0.924 (0.900-0.947)x (NOT met: target >= 0.97)" in md
-    assert "- hvdkit-guard-off / plain: 1.026 (1.000-1.053)x (met: target >= 0.97)" in md
+    assert "- hvdkit-guard-off / plain: 1.026 (1.000-1.053)x\n" in md
     assert "| hvdkit | 135 (90-180) |" in md and "- torch mlp: torch ran 2/2" in md
+    # read back per row and turn: one row on 2 threads is named; rows that trained different samples are flagged
+    one = {"framework": "torch", "intra_op": 1, "inter_op": 1}
+    found[0].update(ran_with=_ran(), threads={"hvdkit": [one, one], "plain": [one, dict(one, intra_op=2)]},
+                    samples={"hvdkit": [16, 16], "hvdkit-guard-off": [16, 16], "plain": [16, 8]})
+    assert overhead_report(found)["mismatches"] == [
+        "torch mlp plain: torch ran 2/1 intra/inter-op threads, asked 1",
+        "torch mlp: the rows trained different sample counts per turn "
+        "{'hvdkit': [16, 16], 'hvdkit-guard-off': [16, 16], 'plain': [16, 8]}"]
 
 
 def test_a_lever_of_a_mode_not_benched_is_one_line(tmp_path):
