@@ -136,6 +136,31 @@ def test_a_step_that_raised_is_forgotten():
     assert rec.waited == [r["name"] for r in rec.launches[len(buckets.buckets):]]
 
 
+def test_a_gradient_arriving_twice_in_one_pass_is_refused():
+    # a layer run twice under reentrant checkpointing gets two gradient hooks in one backward pass: its bucket
+    # would go out after the first with the rest as zeros, and the second gradient land in a tensor on the wire
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    first, shared, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    params = [*first.parameters(), *shared.parameters(), *head.parameters()]
+    rec = Recorder()
+    buckets = GradientBuckets(params, rec.launch, rec.wait, bucket_bytes=1 << 20)
+    buckets.arm()
+    h = first(torch.randn(3, 4))
+    for _ in range(2):
+        h = checkpoint(shared, h, use_reentrant=True)
+    with pytest.raises(HvdkitError, match="got its gradient twice in one backward pass"):
+        head(h).sum().backward()
+    buckets.reset()                               # the adapter forgets the step that raised
+    for p in params:
+        p.grad = None
+    buckets.arm()
+    h = first(torch.randn(3, 4))
+    head(checkpoint(shared, h, use_reentrant=False)).sum().backward()   # once per pass: fine
+    buckets.synchronize()
+    assert len(rec.launches) == 1 and rec.launches[0]["sizes"] == [p.numel() for p in reversed(params)]
+
+
 # ---- the adapter: which reducer, and the numbers of plain torch -------------------------------------------------
 class TwoRanksInOneProcess(LocalProcess):
     """LocalProcess, but the adapter asks it for gradient buckets as it would at 2 ranks; the allreduce is the
@@ -183,6 +208,29 @@ def test_adapter_with_buckets_trains_as_plain_torch(accumulation, clip):
     assert len(process.recorder.launches) == result.global_step * len(adapter._buckets.buckets)
     diff = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     assert diff < 1e-6
+
+
+def test_a_step_that_raised_leaves_no_hook_armed():
+    # armed hooks left behind would launch from the next backward pass, even one of another adapter's first
+    # micro-batch, under the same bucket names
+    model = cnn(dropout=0.0)
+    process = TwoRanksInOneProcess()
+    calls = []
+
+    def loss_fn(outputs, targets):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected in the second step")
+        return torch.nn.functional.cross_entropy(outputs, targets)
+    adapter = TorchAdapter(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, reducer="buckets")
+    cfg = TrainConfig(epochs=1, batch_size=4, progress_bar=False, lr_scaling="none", seed=0)
+    with pytest.raises(Exception, match="injected in the second step"):
+        Trainer(adapter, cfg, process=process).fit((DATA_X, DATA_Y))
+    launched = len(process.recorder.launches)
+    assert launched == len(adapter._buckets.buckets)   # the first step's
+    model.zero_grad()
+    backward(model)
+    assert len(process.recorder.launches) == launched
 
 
 def test_adasum_and_sparse_gradients_keep_horovods_wrapper_and_a_bad_reducer_is_refused():

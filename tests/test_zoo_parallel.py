@@ -240,4 +240,7 @@ def test_gradient_buckets_equal_horovods_wrapper_with_an_unused_layer_and_fp16(s
             assert r["buckets_steps"] == r["horovod_steps"] == 2 * 4   # 60 images, 2 x 4 x 2 a step
             assert r["buckets_moved"] > 1e-3 and r["buckets_extra_moved"] > 1e-4   # rank 0's layer trained
             assert r["maxdiff"] < 1e-6, (compression, r["maxdiff"])
+            # 3 buckets, the unused layer's bias and weight (and the last fc bias) first: another order on each rank
+            assert r["buckets_buckets"] == 3 and r["buckets_first_bucket"] == [[10], [10, 10], [10]], r
+            assert r["horovod_buckets"] == 0
         assert recs[0]["params_crc"] == recs[1]["params_crc"]   # the ranks agree

@@ -288,10 +288,19 @@ class TorchAdapter(Adapter):
         return loss_sum, count
 
     def _forward_backward_update(self, micro_batches) -> Tuple[float, int]:
-        loss_sum, count = 0.0, 0
         buckets = self._buckets
         if buckets is not None:
             buckets.reset()   # after a step that raised (a lost peer): nothing of it is pending
+        try:
+            return self._reduced_update(micro_batches)
+        except BaseException:
+            if buckets is not None:
+                buckets.reset()   # armed hooks must not launch from a later backward pass (another adapter's)
+            raise
+
+    def _reduced_update(self, micro_batches) -> Tuple[float, int]:
+        loss_sum, count = 0.0, 0
+        buckets = self._buckets
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
             if buckets is not None and i == last:

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
+from ..errors import HvdkitError
+
 #: Small enough that a model's large late-layer gradients go out while backward still computes the early layers:
 #: on the bench CNN (0.84 MB of gradients in 8 tensors) 1 MiB made one bucket, launched only when backward ended,
 #: and ran 0.72x Horovod's per-tensor hooks; 256 KiB (3 buckets) 0.92-1.09x, as fast (docs/bench/buckets).
@@ -53,7 +55,7 @@ class GradientBuckets:
 
     launch(tensors, name) -> handle: start an in-place averaging allreduce of ``tensors`` as one group.
     wait(handle): block until it is done.
-    compression: "none" or "fp16" (each bucket's gradients travel as float16; written back as float32).
+    compression: "none" or "fp16" (each bucket's gradients travel as float16; written back in their own dtype).
     Hooks only launch after :meth:`arm` (the last backward pass of a step: earlier micro-batches accumulate
     locally). A bucket whose gradients never came (a parameter unused this step, on this rank or all) goes out at
     :meth:`synchronize`, its missing gradients as zeros, so every rank runs the same collectives.
@@ -68,6 +70,7 @@ class GradientBuckets:
         self._launch, self._wait, self._compression = launch, wait, compression
         self._bucket_of: Dict[int, int] = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self._left = [len(b) for b in self.buckets]
+        self._seen: set = set()                 # ids of the parameters whose gradient came in this armed pass
         self._pending: Dict[int, Any] = {}      # bucket -> (handle, tensors on the wire)
         self._armed = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
@@ -79,6 +82,14 @@ class GradientBuckets:
     def _ready(self, param: torch.Tensor) -> None:
         if not self._armed:
             return
+        if id(param) in self._seen:
+            # its bucket may be on the wire already: a second gradient would be added into a tensor being reduced
+            # (as Horovod's wrapper and DDP, refuse it)
+            raise HvdkitError(f"a {tuple(param.shape)} parameter got its gradient twice in one backward pass (a "
+                              "module run twice under reentrant checkpointing?), which gradient buckets cannot "
+                              "average; use reducer='horovod' with backward_passes_per_step, or non-reentrant "
+                              "checkpointing (use_reentrant=False)")
+        self._seen.add(id(param))
         i = self._bucket_of[id(param)]
         self._left[i] -= 1
         if self._left[i] == 0 and i not in self._pending:
@@ -89,6 +100,7 @@ class GradientBuckets:
         if self._pending or self._armed:
             self._pending.clear()
             self._left = [len(b) for b in self.buckets]
+            self._seen.clear()
             self._armed = False
 
     def _start(self, i: int) -> None:
@@ -116,6 +128,7 @@ class GradientBuckets:
                     p.grad.copy_(w)
         self._pending.clear()
         self._left = [len(b) for b in self.buckets]
+        self._seen.clear()
         self._armed = False
 
     def remove(self) -> None:

@@ -271,7 +271,7 @@ def regularized():
 def reducers():
     """The same training under reducer="horovod" and reducer="buckets" (hvdkit.torch.buckets), with and without
     fp16 compression: conv-BatchNorm-dropout with Adam, 2 micro-batches a step, gradient clipping, and a layer
-    only rank 0 uses (rank 1's gradient for it never comes: its bucket goes out with zeros)."""
+    only rank 0 uses (rank 1's gradient for it never comes: its bucket goes out with zeros, last)."""
     import torch
     nn = torch.nn
 
@@ -293,14 +293,20 @@ def reducers():
             torch.manual_seed(rank_seed())
             model = OneRankBranch()
             init = Z.params(model)
+            # 1 KiB buckets: several, rank 0's extra layer in the first (launched first on rank 0, at the end on
+            # rank 1, which never uses it): the ranks launch the same buckets in different orders
             adapter = Z.Adapter(model, torch.optim.Adam(model.parameters(), lr=0.01), Z.loss_fn,
-                                compression=compression, reducer=reducer)
+                                compression=compression, reducer=reducer,
+                                **({"bucket_bytes": 1024} if reducer == "buckets" else {}))
             cfg = TrainConfig(epochs=2, batch_size=BATCH, accumulation=2, clip_grad_norm=0.5, **QUIET)
             result = Trainer(adapter, cfg).fit((XI, YI))
             runs[reducer] = {"params": Z.params(model), "steps": result.global_step,
                              "hooked": sum(bool(p._post_accumulate_grad_hooks) for p in model.parameters()),
                              "wrapped": hasattr(adapter.optimizer, "synchronize"),
                              "moved": maxdiff(Z.params(model), init),
+                             "buckets": len(adapter._buckets.buckets) if adapter._buckets is not None else 0,
+                             "first_bucket": ([tuple(p.shape) for p in adapter._buckets.buckets[0]]
+                                              if adapter._buckets is not None else []),
                              "extra_moved": float(np.abs(model.extra.weight.detach().numpy() - init[-2][1]).max())}
         rec[compression] = {"maxdiff": maxdiff(runs["horovod"]["params"], runs["buckets"]["params"]),
                             "params_crc": crc(runs["buckets"]["params"]), "tensors": len(runs["buckets"]["params"]),
