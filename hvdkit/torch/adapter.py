@@ -288,14 +288,13 @@ class TorchAdapter(Adapter):
         return loss_sum, count
 
     def _forward_backward_update(self, micro_batches) -> Tuple[float, int]:
-        buckets = self._buckets
-        if buckets is not None:
-            buckets.reset()   # after a step that raised (a lost peer): nothing of it is pending
         try:
             return self._reduced_update(micro_batches)
         except BaseException:
-            if buckets is not None:
-                buckets.reset()   # armed hooks must not launch from a later backward pass (another adapter's)
+            # a step that raised (a lost peer, a bad batch): nothing of it stays pending, and its armed hooks must
+            # not launch from a later backward pass (another adapter's)
+            if self._buckets is not None:
+                self._buckets.reset()
             raise
 
     def _reduced_update(self, micro_batches) -> Tuple[float, int]:

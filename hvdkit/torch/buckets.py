@@ -98,10 +98,13 @@ class GradientBuckets:
     def reset(self) -> None:
         """Forget a step that did not finish (it raised between :meth:`arm` and :meth:`synchronize`)."""
         if self._pending or self._armed:
-            self._pending.clear()
-            self._left = [len(b) for b in self.buckets]
-            self._seen.clear()
-            self._armed = False
+            self._disarm()
+
+    def _disarm(self) -> None:
+        self._pending.clear()
+        self._left = [len(b) for b in self.buckets]
+        self._seen.clear()
+        self._armed = False
 
     def _start(self, i: int) -> None:
         grads = []
@@ -126,10 +129,7 @@ class GradientBuckets:
             if self._compression == "fp16":
                 for p, w in zip(self.buckets[i], wire):
                     p.grad.copy_(w)
-        self._pending.clear()
-        self._left = [len(b) for b in self.buckets]
-        self._seen.clear()
-        self._armed = False
+        self._disarm()
 
     def remove(self) -> None:
         """Take the hooks off the parameters (the adapter prepared again)."""
