@@ -120,19 +120,51 @@ def test_a_model_trained_by_fit_with_batchnorm_still_saves_and_loads(tmp_path):
     assert np.abs(loaded.predict(X, verbose=0) - model.predict(X, verbose=0)).max() < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["loop", "fit"])
+@pytest.mark.parametrize("mode,accumulation", [("loop", 1), ("loop", 2), ("fit", 1)])
 @pytest.mark.parametrize("shard", [False, True])
-def test_the_gradient_norm_is_read_once_per_step(monkeypatch, mode, shard):
+def test_the_gradient_norm_is_read_at_most_once_per_step(monkeypatch, mode, accumulation, shard):
     # An eager read of the norm variable is ~0.45 ms of a small model's step: the loop asks for the verdict in
-    # several places (the trainer, the skip undo, the fit callback), the adapter reads it once per step.
+    # several places (the trainer, the skip undo, the fit callback), the adapter reads it once per step, and a
+    # one-batch loop step not at all (the traced step returns the norm with the loss, one transfer).
     from hvdkit.keras.adapter import UpdateGate
     from hvdkit.keras.zero import ShardedOptimizer
     reads = []
     for cls, name in ((UpdateGate, "last"), (ShardedOptimizer, "last_step")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, real=real: reads.append(1) or real(self))
-    result, _ = fit(mode, epochs=2, nonfinite="skip", shard_optimizer=shard)
-    assert result.global_step == 16 and len(reads) == 16, (result.global_step, len(reads))
+    result, _ = fit(mode, epochs=2, nonfinite="skip", shard_optimizer=shard, accumulation=accumulation)
+    expected = 0 if (mode, accumulation) == ("loop", 1) else result.global_step
+    assert result.global_step == 16 // accumulation and len(reads) == expected, (result.global_step, len(reads))
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_the_norm_handed_over_with_the_loss_is_the_checked_one(shard):
+    # The one-batch loop step returns [loss, norm]: the verdict must hold the norm the update was gated on (read
+    # back from the variable after the step), and the losses must be those of a run without the check.
+    from hvdkit.callbacks import Callback
+
+    class Grab(Callback):
+        def __init__(self):
+            self.pairs, self.losses = [], []
+
+        def on_step_end(self, trainer, step, loss):
+            adapter = trainer.adapter
+            if adapter.nonfinite != "off":
+                self.pairs.append((adapter.last_step_finite(), float(adapter._checked_norm().numpy())))
+            self.losses.append(loss)
+
+    runs = {}
+    for nonfinite in ("stop", "off"):
+        model, optimizer = build()
+        grab = Grab()
+        Trainer(KerasAdapter(model, optimizer, LOSS), TrainConfig(**dict(QUIET, epochs=1, nonfinite=nonfinite,
+                                                                          shard_optimizer=shard)),
+                [grab], process=LocalProcess()).fit((X, Y))
+        runs[nonfinite] = grab
+    pairs = runs["stop"].pairs
+    assert len(pairs) == 8 and all(finite and norm == read and norm > 0 for (finite, norm), read in pairs), pairs
+    assert len({norm for (_, norm), _ in pairs}) == 8   # a new norm every step, not a stale one
+    np.testing.assert_allclose(runs["stop"].losses, runs["off"].losses, rtol=1e-6)
 
 
 def test_fit_refuses_several_steps_per_execution():
