@@ -204,8 +204,8 @@ class KerasAdapter(Adapter):
             # Optimizer variables exist only once built; build now so they can be broadcast (horovod #2652).
             self.optimizer.build(self.model.trainable_variables)
             self._lr = LrScaling.of(self.optimizer)
-            if self.nonfinite != "off":
-                self._gate = UpdateGate.of(self.optimizer)
+            # a later fit with the check off must not hand over (or gate on) the norm the earlier one checked
+            self._gate = UpdateGate.of(self.optimizer) if self.nonfinite != "off" else None
         self._make_steps()
         self.set_lr_factor(lr_factor)
 
