@@ -29,5 +29,5 @@ for model in mlp cnn; do                                                       #
   cp "$OUT/levers-$model/$name.json" "$OUT/levers-$model.json"
 done
 "${BENCH[@]}" zero --rounds 2 --out "$OUT"                                       # zero.*
-"${BENCH[@]}" overhead --rounds 5 --out "$OUT"                                   # overhead.*: the kit at 1 worker
+"${BENCH[@]}" overhead --rounds 9 --out "$OUT"                                   # overhead.*: the kit at 1 worker
 echo "bench: everything in $OUT"
