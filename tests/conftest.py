@@ -78,6 +78,7 @@ _SHARED_RUNS = {}   # name -> spec, from the collected modules' SHARED_RUNS
 _LAUNCHED = []      # (group, seconds, [(run name, its seconds on rank 0 or None)]) for the terminal summary
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's own, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(session, config, items):
     seen = set()
     for item in items:
@@ -88,6 +89,51 @@ def pytest_collection_modifyitems(session, config, items):
         for name, spec in getattr(module, "SHARED_RUNS", {}).items():
             assert _SHARED_RUNS.get(name, spec) == spec, f"two modules declare different shared runs {name!r}"
             _SHARED_RUNS[name] = spec
+    if hasattr(config, "workerinput"):   # a pytest-xdist worker (the README's `-n 2 --dist loadgroup`)
+        items[:] = _in_lanes(items)
+
+
+# ---- two lanes (pytest-xdist) ------------------------------------------------------------------------------------
+# The suite is mostly waiting: on Horovod's background cycle, on a Gloo timeout (the multi-host cut-off waits 60 s),
+# on elastic gates and discovery intervals, on a Keras worker's 15-25 s start. Run as `pytest -n 2 --dist loadgroup`,
+# two workers each take whole groups of tests: a module is one group (its module-scoped fixtures, netns hosts or a
+# launch, are made once), and the modules sharing a launch group of SHARED_RUNS are one group together (else both
+# workers would launch it). Heaviest groups first, so the last one to start is a small one.
+HEAVY_FIRST = ["test_elastic", "test_multihost", "test_rank_failure", "test_chaos", "test_zero_elastic",
+               "test_bench_smoke", "test_job_end", "test_launch", "test_stream_resize",
+               "test_peer_lost", "test_stall", "test_zero_torch", "test_tfdata_robust", "test_keras_threads"]
+SHARED_LANE = "shared-launches"
+
+
+def _in_lanes(items):
+    """``items`` marked with their xdist group and ordered: the shared launches, the heavy modules, the rest."""
+    # one lane for every module declaring a shared run: the launch groups chain them (contract + zoo share
+    # torch/horovodrun, zoo + tfdata share tensorflow/horovodrun, ...), so a lane per chain would not be smaller
+    sharing = {item.module.__name__ for item in items
+               if getattr(item, "module", None) is not None and getattr(item.module, "SHARED_RUNS", None)}
+    rank = {SHARED_LANE: -1, **{name: i for i, name in enumerate(HEAVY_FIRST)}}
+    lanes = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        name = module.__name__ if module is not None else item.nodeid.split("::")[0]
+        lane = SHARED_LANE if name in sharing else name
+        item.add_marker(pytest.mark.xdist_group(lane))
+        lanes.setdefault(lane, []).append(item)
+    order = sorted(lanes, key=lambda lane: rank.get(lane, len(rank)))   # stable: collection order after those
+    return [item for lane in order for item in lanes[lane]]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, only ``--dist loadgroup`` keeps a group on one worker (other modes would split the multi-host
+    module's netns hosts and the shared launches over both), and only with a pytest whose node ids xdist can tag."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if config.getoption("dist") != "loadgroup":
+        raise pytest.UsageError(f"--dist {config.getoption('dist')} would split this suite's groups over the workers; "
+                                "add --dist loadgroup --no-loadscope-reorder (the README's command)")
+    if pytest.version_tuple[:2] >= (9, 2):
+        raise pytest.UsageError(f"pytest {pytest.__version__} renamed the node id xdist's --dist loadgroup tags, so "
+                                "its groups would be ignored; install the test extras' pytest (pip install 'pytest>=8,<9')")
 
 
 class SharedRuns:
@@ -150,6 +196,19 @@ class SharedRuns:
 def shared_runs(tmp_path_factory):
     """Runs declared in the modules' SHARED_RUNS, one launch per (framework, launcher, np) group."""
     return SharedRuns(tmp_path_factory)
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:   # an xdist worker: its launches go to the controller's summary
+        workeroutput["shared_launches"] = [[list(group), seconds, runs] for group, seconds, runs in _LAUNCHED]
+
+
+@pytest.hookimpl(optionalhook=True)   # an xdist hook: pytest without xdist must not reject it
+def pytest_testnodedown(node, error):
+    """xdist controller: a worker's shared launches, for the summary."""
+    for group, seconds, runs in getattr(node, "workeroutput", {}).get("shared_launches", []):
+        _LAUNCHED.append((tuple(group), seconds, [tuple(run) for run in runs]))
 
 
 def pytest_terminal_summary(terminalreporter):
