@@ -94,29 +94,28 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 # ---- two lanes (pytest-xdist) ------------------------------------------------------------------------------------
-# The suite is mostly waiting: on Horovod's background cycle, on a Gloo timeout (the multi-host cut-off waits 60 s),
+# Much of the suite is waiting: on Horovod's background cycle, on a Gloo timeout (the multi-host cut-off waits 60 s),
 # on elastic gates and discovery intervals, on a Keras worker's 15-25 s start. Run as `pytest -n 2 --dist loadgroup`,
 # two workers each take whole groups of tests: a module is one group (its module-scoped fixtures, netns hosts or a
-# launch, are made once), and the modules sharing a launch group of SHARED_RUNS are one group together (else both
-# workers would launch it). Heaviest groups first, so the last one to start is a small one.
+# launch, are made once), and every test reading a shared launch (SHARED_RUNS) is in one group (else both workers
+# would launch it). Heaviest groups first, so the last one to start is a small one.
 HEAVY_FIRST = ["test_elastic", "test_multihost", "test_rank_failure", "test_chaos", "test_zero_elastic",
-               "test_bench_smoke", "test_job_end", "test_launch", "test_stream_resize",
+               "test_bench_smoke", "test_job_end", "test_launch", "test_zero_keras", "test_stream_resize",
                "test_peer_lost", "test_stall", "test_zero_torch", "test_tfdata_robust", "test_keras_threads"]
 SHARED_LANE = "shared-launches"
 
 
 def _in_lanes(items):
     """``items`` marked with their xdist group and ordered: the shared launches, the heavy modules, the rest."""
-    # one lane for every module declaring a shared run: the launch groups chain them (contract + zoo share
-    # torch/horovodrun, zoo + tfdata share tensorflow/horovodrun, ...), so a lane per chain would not be smaller
-    sharing = {item.module.__name__ for item in items
-               if getattr(item, "module", None) is not None and getattr(item.module, "SHARED_RUNS", None)}
+    # Every test reading a shared launch in one lane: the launch groups chain the modules (contract + zoo share
+    # torch/horovodrun, zoo + tfdata share tensorflow/horovodrun, ...), so a lane per chain would not be smaller.
+    # Those modules' other tests (in-process ones, launches of their own) go to their module's lane.
     rank = {SHARED_LANE: -1, **{name: i for i, name in enumerate(HEAVY_FIRST)}}
     lanes = {}
     for item in items:
         module = getattr(item, "module", None)
         name = module.__name__ if module is not None else item.nodeid.split("::")[0]
-        lane = SHARED_LANE if name in sharing else name
+        lane = SHARED_LANE if "shared_runs" in getattr(item, "fixturenames", ()) else name
         item.add_marker(pytest.mark.xdist_group(lane))
         lanes.setdefault(lane, []).append(item)
     order = sorted(lanes, key=lambda lane: rank.get(lane, len(rank)))   # stable: collection order after those
