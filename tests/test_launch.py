@@ -82,6 +82,20 @@ def test_horovodrun_runs_gloo_when_asked_and_for_elastic_jobs():
         launch_command(SCRIPT, np=2, python="python", launcher="mpirun", controller="gloo")
 
 
+def test_elastic_jobs_get_a_60_s_gloo_timeout_unless_one_is_set(monkeypatch):
+    # The Gloo timeout also bounds the wait for a joining worker: Horovod's 30 s failed a job here (hvdkit.launch).
+    from hvdkit.launch import Elastic
+    monkeypatch.delenv("HOROVOD_GLOO_TIMEOUT_SECONDS", raising=False)
+    cmd = launch_command(SCRIPT, np=2, python="python", elastic=Elastic("discover"))
+    assert cmd[:2] == ["env", "HOROVOD_GLOO_TIMEOUT_SECONDS=60"] and tool_name(cmd) == "horovodrun"
+    assert not any("GLOO_TIMEOUT" in c for c in launch_command(SCRIPT, np=2, python="python"))   # static: untouched
+    cmd = launch_command(SCRIPT, np=2, python="python", elastic=Elastic("discover"),
+                         env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "90"})
+    assert [c for c in cmd if "GLOO_TIMEOUT" in c] == ["HOROVOD_GLOO_TIMEOUT_SECONDS=90"]
+    monkeypatch.setenv("HOROVOD_GLOO_TIMEOUT_SECONDS", "10")   # horovodrun passes it on as it is
+    assert not any("GLOO_TIMEOUT" in c for c in launch_command(SCRIPT, np=2, python="python", elastic=Elastic("d")))
+
+
 def test_horovodrun_is_the_default_launcher_and_np_default_is_2():
     cmd = launch_command(SCRIPT, python="python")
     assert tool_name(cmd) == "horovodrun"

@@ -29,9 +29,9 @@ under test is held after step 28, one worker is SIGKILLed, the survivors roll ba
 576) and train the epoch's rest at 2 (steps 26-39); the reference is held after step 25 and a host removed, so it
 shrinks at that same commit. Epoch 3: steps 40-62 at 2.
 
-About 30 s of the failing job's ~70 s is Gloo's: of the two survivors of a 3-worker job, one sees the dead peer's
-connection reset at once, the other waits out HOROVOD_GLOO_TIMEOUT_SECONDS (30 s by default) in a recv before it
-fails too. The reference runs during that wait, so the pair costs little more than the failing job alone.
+About 60 s of the failing job's ~100 s is Gloo's: of the two survivors of a 3-worker job, one sees the dead peer's
+connection reset at once, the other waits out HOROVOD_GLOO_TIMEOUT_SECONDS (60 s, hvdkit's elastic default) in a
+recv before it fails too. The reference runs during that wait, so the pair costs little more than the failing job alone.
 """
 import importlib.util
 import io
