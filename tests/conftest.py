@@ -73,8 +73,12 @@ def elastic_job(tmp_path):
 # (framework, launcher, np) group launches every run of that group declared by the collected modules, in
 # ``order`` (then declaration order), with the sum of their timeouts; one framework per interpreter. A run whose
 # ranks did not all finish fails its tests with the launch's output; the runs before it still count.
+# ``launch="NAME"`` in a spec puts the run in a launch of its own, (framework, launcher, np, NAME): a module whose
+# runs all have one keeps its tests in its own lane (below), off the shared lane, for one more interpreter start.
 RUNS_WORKER = os.path.join(WORKERS, "runs.py")
 _SHARED_RUNS = {}   # name -> spec, from the collected modules' SHARED_RUNS
+_DECLARED_IN = {}   # name -> the module declaring it
+_CURRENT = []       # the test being set up or run (for the lane check in SharedRuns.get)
 _LAUNCHED = []      # (group, seconds, [(run name, its seconds on rank 0 or None)]) for the terminal summary
 
 
@@ -89,6 +93,7 @@ def pytest_collection_modifyitems(session, config, items):
         for name, spec in getattr(module, "SHARED_RUNS", {}).items():
             assert _SHARED_RUNS.get(name, spec) == spec, f"two modules declare different shared runs {name!r}"
             _SHARED_RUNS[name] = spec
+            _DECLARED_IN.setdefault(name, module.__name__)
     if hasattr(config, "workerinput"):   # a pytest-xdist worker (the README's `-n 2 --dist loadgroup`)
         items[:] = _in_lanes(items)
 
@@ -99,23 +104,32 @@ def pytest_collection_modifyitems(session, config, items):
 # two workers each take whole groups of tests: a module is one group (its module-scoped fixtures, netns hosts or a
 # launch, are made once), and every test reading a shared launch (SHARED_RUNS) is in one group (else both workers
 # would launch it). Heaviest groups first, so the last one to start is a small one.
-HEAVY_FIRST = ["test_elastic", "test_multihost", "test_rank_failure", "test_chaos", "test_zero_elastic",
-               "test_bench_smoke", "test_job_end", "test_launch", "test_zero_keras", "test_stream_resize",
+HEAVY_FIRST = ["test_elastic", "test_multihost", "test_zero_keras", "test_rank_failure", "test_chaos",
+               "test_zero_elastic", "test_bench_smoke", "test_job_end", "test_launch", "test_stream_resize",
                "test_peer_lost", "test_stall", "test_zero_torch", "test_tfdata_robust", "test_keras_threads"]
 SHARED_LANE = "shared-launches"
+
+
+def _lane_of_run(name):
+    """A launch of its own (``launch=``) is read in its module's lane, every other shared run in the shared lane."""
+    return _DECLARED_IN[name] if "launch" in _SHARED_RUNS[name] else SHARED_LANE
 
 
 def _in_lanes(items):
     """``items`` marked with their xdist group and ordered: the shared launches, the heavy modules, the rest."""
     # Every test reading a shared launch in one lane: the launch groups chain the modules (contract + zoo share
     # torch/horovodrun, zoo + tfdata share tensorflow/horovodrun, ...), so a lane per chain would not be smaller.
-    # Those modules' other tests (in-process ones, launches of their own) go to their module's lane.
+    # Those modules' other tests (in-process ones, launches of their own) go to their module's lane, and so do the
+    # tests of a module whose runs are all launches of its own. A test must name `shared_runs` in its fixtures'
+    # closure to be placed here (a getfixturevalue is not seen): SharedRuns.get fails one that does not.
     rank = {SHARED_LANE: -1, **{name: i for i, name in enumerate(HEAVY_FIRST)}}
     lanes = {}
     for item in items:
         module = getattr(item, "module", None)
         name = module.__name__ if module is not None else item.nodeid.split("::")[0]
-        lane = SHARED_LANE if "shared_runs" in getattr(item, "fixturenames", ()) else name
+        own = [_lane_of_run(run) for run in getattr(module, "SHARED_RUNS", {})]
+        shared = "shared_runs" in getattr(item, "fixturenames", ()) and (not own or SHARED_LANE in own)
+        lane = SHARED_LANE if shared else name
         item.add_marker(pytest.mark.xdist_group(lane))
         lanes.setdefault(lane, []).append(item)
     order = sorted(lanes, key=lambda lane: rank.get(lane, len(rank)))   # stable: collection order after those
@@ -141,13 +155,13 @@ class SharedRuns:
 
     @staticmethod
     def _group(spec):
-        return spec["framework"], spec["launcher"], spec["np"]
+        return spec["framework"], spec["launcher"], spec["np"], spec.get("launch")
 
     def _launch(self, group):
-        framework, launcher, np_ = group
+        framework, launcher, np_, own = group
         names = [n for n, spec in _SHARED_RUNS.items() if self._group(spec) == group]
         names.sort(key=lambda n: _SHARED_RUNS[n].get("order", 50))   # stable: declaration order within an order
-        root = self.tmp_path_factory.mktemp(f"shared-{framework}-{launcher}-np{np_}")
+        root = self.tmp_path_factory.mktemp(f"shared-{framework}-{launcher}-np{np_}" + (f"-{own}" if own else ""))
         args, index = [str(root / "records")], {}
         for i, name in enumerate(names):
             spec, out = _SHARED_RUNS[name], root / name
@@ -176,6 +190,11 @@ class SharedRuns:
         assert name in _SHARED_RUNS, f"no collected module declares the shared run {name!r}"
         spec = _SHARED_RUNS[name]
         group = self._group(spec)
+        lane = _CURRENT[0].get_closest_marker("xdist_group") if _CURRENT else None
+        if lane is not None and lane.args[0] != _lane_of_run(name):   # else this lane would launch it a second time
+            pytest.fail(f"{_CURRENT[0].nodeid} reads the shared run {name!r} but runs in the lane {lane.args[0]!r}, not "
+                        f"{_lane_of_run(name)!r}; name the fixture that reads it in the test's signature (not through "
+                        "request.getfixturevalue)", pytrace=False)
         if group not in self.groups:
             self.groups[group] = self._launch(group)
         launched = self.groups[group]
@@ -191,9 +210,14 @@ class SharedRuns:
                                records=[Path(p) for p in records if p.exists()])
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _CURRENT[:] = [item]
+
+
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory):
-    """Runs declared in the modules' SHARED_RUNS, one launch per (framework, launcher, np) group."""
+    """Runs declared in the modules' SHARED_RUNS, one launch per (framework, launcher, np, own launch) group."""
     return SharedRuns(tmp_path_factory)
 
 
@@ -212,6 +236,7 @@ def pytest_testnodedown(node, error):
 
 def pytest_terminal_summary(terminalreporter):
     """One line per shared launch: its wall time and each run's seconds (rank 0), to see where a launch goes."""
-    for (framework, launcher, np_), seconds, runs in _LAUNCHED:
+    for (framework, launcher, np_, own), seconds, runs in _LAUNCHED:
         shown = ", ".join(f"{name} {'-' if t is None else f'{t:.0f}'}" for name, t in runs)
-        terminalreporter.write_line(f"shared launch {framework} {launcher} -np {np_}: {seconds:.0f} s ({shown})")
+        terminalreporter.write_line(f"shared launch {framework} {launcher} -np {np_}{f' ({own})' if own else ''}: "
+                                    f"{seconds:.0f} s ({shown})")

@@ -212,10 +212,11 @@ def test_weight_decay_exclusions_by_name_are_refused():
 
 
 # ---- launched: 2 and 3 workers -----------------------------------------------------------------------------
-# The 2-worker run is part of TensorFlow's shared horovodrun launch (tests/conftest.py); the 3-worker one is a
-# launch of its own: it resumes the 2-worker checkpoint, a path known only once that launch ended, while a shared
-# run's arguments are fixed when the modules are collected.
-SHARED_RUNS = {"zero-keras": dict(framework="tensorflow", launcher="horovodrun", np=2, order=50,
+# The 2-worker run is a launch of its own through tests/conftest.py's shared runs (``launch=``), so this module's
+# tests run in their own lane, beside the shared TF launches rather than after them; the 3-worker one is started
+# here: it resumes the 2-worker checkpoint, a path known only once that launch ended, while a shared run's arguments
+# are fixed when the modules are collected.
+SHARED_RUNS = {"zero-keras": dict(framework="tensorflow", launcher="horovodrun", np=2, order=50, launch="zero-keras",
                                   script="tests/workers/zero_checks.py",
                                   args=["keras", "{out}", "{out}/checkpoints"], timeout=300)}
 
