@@ -48,8 +48,10 @@ def _tool(name: str, python: str) -> str:
 # Horovod's Gloo timeout (default 30 s) also bounds the rendezvous wait for a worker that joins an elastic job: one
 # that takes longer to start (Python, torch or TF, its data) kills every rank with gloo::IoException, which elastic
 # does not recover from. Seen with 30 s on a loaded 2-core machine (a torch worker joining a 3-worker job); 60 s has
-# passed every such run here. The price: a peer that goes silent (a cut-off host) is noticed after 60 s, not 30 s;
-# a killed one is still noticed at once. Kept when set (README "Timeouts").
+# passed every such run here. The price: a peer that goes silent (a cut-off host) is noticed after 60 s, not 30 s,
+# and so is a killed one by one survivor of a job of 3 or more (it waits out the timeout in a recv); in a 2-worker
+# job the survivor sees the reset at once. Kept when set, or when horovodrun gets --gloo-timeout-seconds
+# (README "Timeouts").
 GLOO_TIMEOUT_VAR = "HOROVOD_GLOO_TIMEOUT_SECONDS"
 ELASTIC_GLOO_TIMEOUT = 60
 
@@ -134,7 +136,8 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     ``NAME`` or ``NAME=VALUE`` for every rank (mpirun ``-x``; horovodrun forwards its environment itself).
     mpirun with a remote host also forwards HOROVOD_*, HVDKIT_*, OMP_* and PYTHONUNBUFFERED.
     controller: horovodrun's ``mpi`` (the default for static jobs) or ``gloo`` (the default, and the only choice,
-    for elastic ones). Elastic jobs get ``HOROVOD_GLOO_TIMEOUT_SECONDS=60`` unless it is set (``ELASTIC_GLOO_TIMEOUT``).
+    for elastic ones). Elastic jobs get ``HOROVOD_GLOO_TIMEOUT_SECONDS=60`` (``ELASTIC_GLOO_TIMEOUT``) unless it is in
+    ``env`` or in this process's environment, or ``extra`` has horovodrun's ``--gloo-timeout-seconds``.
     """
     if launcher not in LAUNCHERS:
         raise HvdkitError(f"unknown launcher {launcher!r}; use one of {', '.join(LAUNCHERS)}")
@@ -148,7 +151,8 @@ def launch_command(script: Sequence[str], np: int = 2, launcher: str = "horovodr
     controller = horovodrun_controller(launcher, controller, elastic=elastic is not None)
     names, values = _split_forward(forward)
     env.update(values)
-    if elastic is not None and GLOO_TIMEOUT_VAR not in env and GLOO_TIMEOUT_VAR not in os.environ:
+    if (elastic is not None and GLOO_TIMEOUT_VAR not in env and GLOO_TIMEOUT_VAR not in os.environ
+            and not any(arg.startswith("--gloo-timeout-seconds") for arg in extra)):
         env[GLOO_TIMEOUT_VAR] = str(ELASTIC_GLOO_TIMEOUT)
     if launcher == "horovodrun":
         if elastic is not None and network_interface and not elastic.network_interface:

@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 import time
 import uuid
@@ -90,7 +91,11 @@ def pytest_collection_modifyitems(session, config, items):
         if module is None or id(module) in seen:
             continue
         seen.add(id(module))
-        for name, spec in getattr(module, "SHARED_RUNS", {}).items():
+        runs = getattr(module, "SHARED_RUNS", {})
+        own = {"launch" in spec for spec in runs.values()}
+        assert len(own) <= 1, f"{module.__name__} mixes launches of its own (launch=) and shared ones; pick one"
+        for name, spec in runs.items():
+            assert re.fullmatch(r"[\w-]+", spec.get("launch", "x")), f"{name}: launch= takes letters, digits, _, -"
             assert _SHARED_RUNS.get(name, spec) == spec, f"two modules declare different shared runs {name!r}"
             _SHARED_RUNS[name] = spec
             _DECLARED_IN.setdefault(name, module.__name__)
@@ -192,8 +197,8 @@ class SharedRuns:
         group = self._group(spec)
         lane = _CURRENT[0].get_closest_marker("xdist_group") if _CURRENT else None
         if lane is not None and lane.args[0] != _lane_of_run(name):   # else this lane would launch it a second time
-            pytest.fail(f"{_CURRENT[0].nodeid} reads the shared run {name!r} but runs in the lane {lane.args[0]!r}, not "
-                        f"{_lane_of_run(name)!r}; name the fixture that reads it in the test's signature (not through "
+            pytest.fail(f"{_CURRENT[0].nodeid} reads the shared run {name!r} but runs in the lane {lane.args[0]!r}, "
+                        f"not {_lane_of_run(name)!r}; name the fixture that reads it in the test's signature (not through "
                         "request.getfixturevalue)", pytrace=False)
         if group not in self.groups:
             self.groups[group] = self._launch(group)

@@ -51,7 +51,9 @@ class ElasticJob:
                 "--metrics-json", self.metrics, "--checkpoint-dir", self.ckpt, "--no-progress", *extra]
         elastic = Elastic(discovery_command(self.hosts_file), min_np=1, max_np=max_np, timeout=timeout,
                           reset_limit=reset_limit, cooldown=cooldown, network_interface="lo")
-        self.cmd = launch_command(args, np=np, elastic=elastic, python=sys.executable)
+        # a Gloo timeout of the job's own replaces launch_command's elastic default (which yields to one in os.environ)
+        gloo = {k: v for k, v in (env or {}).items() if k == "HOROVOD_GLOO_TIMEOUT_SECONDS"}
+        self.cmd = launch_command(args, np=np, elastic=elastic, python=sys.executable, env=gloo)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HVDKIT_TEST_JOB=tmp, **(env or {}))
         if gate_step is not None or gate_at is not None:  # gate_at: "end" or "exit" (see workers/gated.py)
             os.makedirs(self.gate_dir, exist_ok=True)

@@ -92,6 +92,8 @@ def test_elastic_jobs_get_a_60_s_gloo_timeout_unless_one_is_set(monkeypatch):
     cmd = launch_command(SCRIPT, np=2, python="python", elastic=Elastic("discover"),
                          env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "90"})
     assert [c for c in cmd if "GLOO_TIMEOUT" in c] == ["HOROVOD_GLOO_TIMEOUT_SECONDS=90"]
+    cmd = launch_command(SCRIPT, np=2, python="python", elastic=Elastic("d"), extra=["--gloo-timeout-seconds", "5"])
+    assert not any("GLOO_TIMEOUT" in c for c in cmd) and "--gloo-timeout-seconds" in cmd   # horovodrun's flag wins
     monkeypatch.setenv("HOROVOD_GLOO_TIMEOUT_SECONDS", "10")   # horovodrun passes it on as it is
     assert not any("GLOO_TIMEOUT" in c for c in launch_command(SCRIPT, np=2, python="python", elastic=Elastic("d")))
 
@@ -207,11 +209,13 @@ def test_np_below_one_raises(np):
 
 def test_cli_builds_the_elastic_line(tmp_path):
     hosts = tmp_path / "hosts.txt"
+    env = {k: v for k, v in os.environ.items() if k != "HOROVOD_GLOO_TIMEOUT_SECONDS"}
     out = subprocess.run([sys.executable, "-m", "hvdkit.cli", "launch", "-np", "2", "--hosts-file", str(hosts),
                           "--max-np", "4", "--network-interface", "lo", "--print", "train.py", "--epochs", "1"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()
+    assert line.startswith("env HOROVOD_GLOO_TIMEOUT_SECONDS=60 "), line
     assert "--min-np 1" in line and "--max-np 4" in line and "--elastic-timeout 600" in line
     assert "--network-interface lo" in line and "--blacklist-cooldown-range 60 300" in line
     assert f" -m hvdkit.discover_hosts {hosts}" in line and line.endswith("train.py --epochs 1")
