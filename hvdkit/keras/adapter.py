@@ -125,6 +125,43 @@ def poison(loss, variable):
     return tf.cast(zero, loss.dtype) * tf.where(bad, tf.constant(float("nan"), loss.dtype), tf.zeros((), loss.dtype))
 
 
+class AnyBatchSize:
+    """A step ``tf.function(x, y, weight, training)`` traced once for every batch size.
+
+    ``reduce_retracing`` traces a second time when a batch of another size comes (an epoch's short last batch, an
+    empty micro-batch): a stall of the whole graph's tracing (0.5 s on a two-layer model here, seconds on a large
+    one) while the other ranks wait in the step's collectives. Before the first call this traces the step on the
+    inputs' specs with the batch dimension unknown, as Keras' ``fit`` does through its dataset's specs; every batch
+    size then runs that one graph.
+
+    Example::
+
+        step = AnyBatchSize(tf.function(lambda x, y, w, training: ..., reduce_retracing=True))
+        step(x[:4], y[:4], w, True); step(x[:2], y[:2], w, True)   # one trace
+    """
+
+    def __init__(self, step):
+        self.step, self._traced = step, set()
+
+    def __call__(self, x, y, weight, training):
+        if training not in self._traced:
+            self.step.get_concrete_function(_any_batch(x), _any_batch(y), weight, training)
+            self._traced.add(training)
+        return self.step(x, y, weight, training)
+
+
+def _any_batch(inputs):
+    """The TensorSpecs of a batch (an array, a dense tensor, or a nest of them) with the batch dimension unknown;
+    anything else (a ragged or sparse tensor) is left as it is, to be traced as TensorFlow would."""
+    def spec(a):
+        if isinstance(a, np.ndarray) and a.ndim:
+            return tf.TensorSpec((None,) + a.shape[1:], tf.as_dtype(a.dtype))
+        if isinstance(a, tf.Tensor) and a.shape.rank:
+            return tf.TensorSpec(tf.TensorShape([None]).concatenate(a.shape[1:]), a.dtype)
+        return a
+    return tf.nest.map_structure(spec, inputs)
+
+
 def _is_stateful(metric) -> bool:
     return isinstance(metric, keras.metrics.Metric)
 
@@ -215,9 +252,9 @@ class KerasAdapter(Adapter):
 
     def _make_steps(self) -> None:
         """(Re)make the traced steps: after a reshard they must capture the new shard variables."""
-        self._grad_step = tf.function(self._grads, reduce_retracing=True)
+        self._grad_step = AnyBatchSize(tf.function(self._grads, reduce_retracing=True))
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
-        self._one_step = tf.function(self._step, reduce_retracing=True)
+        self._one_step = AnyBatchSize(tf.function(self._step, reduce_retracing=True))
 
     def _place_shards(self) -> None:
         """Sharded: cut this rank's shards when a load or a resize asks for it (no collective)."""
