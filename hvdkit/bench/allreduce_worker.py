@@ -10,7 +10,7 @@ operations Horovod's timeline shows for one more allreduce after the measurement
 IMPL: ``mpi4py``, ``torch.distributed gloo`` (mpirun); ``horovod mpi ops`` (mpirun); ``horovod gloo ops``
 (horovodrun: Gloo tensor ops need the Gloo controller, under the MPI one they crash in this build); ``hvdkit
 (mpirun)`` and ``hvdkit (horovodrun)``: Horovod as hvdkit's torch process starts it (its tuned defaults, its thread
-pinning), under mpirun and under horovodrun (what ``hvdkit launch`` runs by default).
+pinning), under mpirun and under horovodrun --gloo (what ``hvdkit launch`` runs for elastic jobs).
 """
 import json
 import os
