@@ -178,9 +178,9 @@ def test_fit_refuses_several_steps_per_execution():
 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_the_loop_step_is_traced_once_for_every_batch_size(accumulation):
-    """30 samples in batches of 4: every epoch ends on a batch of 2, and with accumulation 2 the last step holds an
-    empty micro-batch too. reduce_retracing alone traced the step again for the short batch (a whole graph's tracing
-    while the other ranks wait); read back from TensorFlow: one trace of the step that ran."""
+    """30 samples in batches of 4: every epoch ends on a batch of 2 (with accumulation 2, a step of micro-batches of
+    4 and 2). reduce_retracing alone traced the step again for the short batch (a whole graph's tracing while the
+    other ranks wait); read back from TensorFlow: one trace of the step that ran."""
     model, optimizer = build()
     adapter = KerasAdapter(model, optimizer, LOSS)
     result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=2, accumulation=accumulation)),
@@ -188,3 +188,4 @@ def test_the_loop_step_is_traced_once_for_every_batch_size(accumulation):
     assert result.global_step == (16 if accumulation == 1 else 8)
     ran = adapter._one_step if accumulation == 1 else adapter._grad_step
     assert ran.step.experimental_get_tracing_count() == 1
+

@@ -128,11 +128,12 @@ def poison(loss, variable):
 class AnyBatchSize:
     """A step ``tf.function(x, y, weight, training)`` traced once for every batch size.
 
-    ``reduce_retracing`` traces a second time when a batch of another size comes (an epoch's short last batch, an
-    empty micro-batch): a stall of the whole graph's tracing (0.5 s on a two-layer model here, seconds on a large
-    one) while the other ranks wait in the step's collectives. Before the first call this traces the step on the
-    inputs' specs with the batch dimension unknown, as Keras' ``fit`` does through its dataset's specs; every batch
-    size then runs that one graph.
+    ``reduce_retracing`` traces a second time when a batch of another size comes (an epoch's short last batch): a
+    stall of the whole graph's tracing (0.5 s on a two-layer model here, seconds on a large one) while the other
+    ranks wait in the step's collectives. Before the first call with a ``training`` value this traces the step on
+    the inputs' specs with the batch dimension unknown, as hvdkit's ``fit`` path (and Keras' ``fit`` on a tf.data
+    input) does; every batch size then runs that one graph. (An empty micro-batch without SyncBatchNorm runs with
+    ``training=False``, its own graph, traced when the first one comes, as before.)
 
     Example::
 
@@ -142,6 +143,9 @@ class AnyBatchSize:
 
     def __init__(self, step):
         self.step, self._traced = step, set()
+
+    def get_concrete_function(self, *args, **kwargs):
+        return self.step.get_concrete_function(*args, **kwargs)
 
     def __call__(self, x, y, weight, training):
         if training not in self._traced:
@@ -176,7 +180,9 @@ class KerasAdapter(Adapter):
     ranks and its ``result()`` computed from them; reported under ``name``).
     Non-finite steps (``TrainConfig.nonfinite``): see :class:`UpdateGate`; a rank's non-finite loss is folded
     into its gradients (:func:`poison`).
-    Batches are ``(inputs, targets)``; the model is called as ``model(inputs, training=...)``.
+    Batches are ``(inputs, targets)``; the model is called as ``model(inputs, training=...)``, traced once for
+    every batch size (:class:`AnyBatchSize`), so a ``call`` must take the batch size from ``keras.ops.shape(x)``,
+    not from the static ``x.shape[0]`` (as under ``fit``).
     The optimizer's learning rate may be a float or a ``keras.optimizers.schedules.LearningRateSchedule``: the
     step applies ``schedule(optimizer.iterations) * factor`` (world size, warmup; see :class:`LrScaling`).
     Precision: a ``TrainConfig(precision="bf16")`` needs a model built under ``hvdkit.keras.use_precision("bf16")``
@@ -359,7 +365,11 @@ class KerasAdapter(Adapter):
     def _inputs(self, batch):
         """(x, y, weight, training) for one micro-batch; an empty one runs the model on zero samples (a stream's
         weight-0 filler example cut away), so regularizers and SyncBatchNorm's collective still run."""
-        x, y = (batch.inputs, batch.targets) if batch.count else (batch.inputs[:0], batch.targets[:0])
+        if batch.count:
+            x, y = batch.inputs, batch.targets
+        else:   # every array of a nest (a multi-input model's dict or tuple) cut to zero rows
+            x, y = (tf.nest.map_structure(lambda a: a[:0], batch.inputs),
+                    tf.nest.map_structure(lambda a: a[:0], batch.targets))
         return x, y, tf.constant(batch.weight, tf.float32), bool(batch.count) or self.sync_batchnorm
 
     def buffers_before_step(self):
