@@ -198,8 +198,8 @@ class SharedRuns:
         lane = _CURRENT[0].get_closest_marker("xdist_group") if _CURRENT else None
         if lane is not None and lane.args[0] != _lane_of_run(name):   # else this lane would launch it a second time
             pytest.fail(f"{_CURRENT[0].nodeid} reads the shared run {name!r} but runs in the lane {lane.args[0]!r}, "
-                        f"not {_lane_of_run(name)!r}; name the fixture that reads it in the test's signature (not through "
-                        "request.getfixturevalue)", pytrace=False)
+                        f"not {_lane_of_run(name)!r}; name the fixture that reads it in the test's signature "
+                        "(not through request.getfixturevalue)", pytrace=False)
         if group not in self.groups:
             self.groups[group] = self._launch(group)
         launched = self.groups[group]
