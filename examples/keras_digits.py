@@ -1,4 +1,4 @@
-"""Train a small Keras 3 network on scikit-learn's 8x8 digits on N Horovod workers (TensorFlow backend).
+"""Train a small Keras 3 network on the 8x8 digits (shipped in hvdkit) on N Horovod workers (TensorFlow backend).
 
     hvdkit launch -np 2 examples/keras_digits.py --metrics-json results/keras_digits.json
     hvdkit launch --launcher mpirun -np 2 examples/keras_digits.py

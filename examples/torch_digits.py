@@ -1,4 +1,4 @@
-"""Train a small network on scikit-learn's 8x8 digits with PyTorch on N Horovod workers.
+"""Train a small network on the 8x8 handwritten digits (shipped in hvdkit) with PyTorch on N Horovod workers.
 
     hvdkit launch -np 2 examples/torch_digits.py --metrics-json results/torch_digits.json
     hvdkit launch --launcher mpirun -np 2 examples/torch_digits.py
