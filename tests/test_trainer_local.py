@@ -6,6 +6,8 @@ exceptions from a callback, exactly where a lost peer or a host change would sur
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,6 +96,34 @@ def test_callbacks_see_every_event_in_order():
         expected += [("epoch_end", epoch, 50)]
     assert recorder.events == expected + [("end", 26)]
     assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_tensorboard_scalars_read_back_by_tensorboard_itself(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    result, _ = fit(epochs=2, tensorboard_dir=str(tmp_path / "tb"))
+    files = os.listdir(tmp_path / "tb")
+    assert len(files) == 1 and files[0].startswith("events.out.tfevents.")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    steps = events.Scalars("train/step_loss")
+    assert [s.step for s in steps] == list(range(1, 27))
+    losses = events.Scalars("epoch/loss")
+    assert [s.step for s in losses] == [1, 2]
+    assert [s.value for s in losses] == pytest.approx([h["loss"] for h in result.history], rel=1e-6)
+    assert [s.value for s in events.Scalars("epoch/eval_accuracy")] == pytest.approx(
+        [h["eval_accuracy"] for h in result.history], rel=1e-6)
+
+
+def test_tensorboard_in_a_torch_job_does_not_import_tensorflow(tmp_path):
+    # tensorboard's own writer opens files through tf.io.gfile: 7 s of CPU and TF's thread pools on rank 0
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_trainer_local as t; "
+            f"t.fit(epochs=1, tensorboard_dir={str(tmp_path / 'tb')!r}); "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert len(os.listdir(tmp_path / "tb")) == 1
 
 
 def test_checkpoints_are_written_and_resume_gives_the_uninterrupted_result(tmp_path):
