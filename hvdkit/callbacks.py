@@ -13,6 +13,8 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
+import numbers
 import os
 import socket
 import time
@@ -62,30 +64,64 @@ class LogLines(Callback):
         trainer.log.info(f"epoch {epoch + 1}/{trainer.config.epochs}: {shown}")
 
 
+_FILE_NUMBERS = itertools.count()   # two writers of one process in one second still get a file each
+
+
+class _EventFile:
+    """TensorBoard's event file format (TFRecord framing of ``Event`` protos) in a plain local file."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        os.makedirs(logdir, exist_ok=True)
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+                f"{next(_FILE_NUMBERS)}")
+        self._records = RecordWriter(open(os.path.join(logdir, name), "xb"))
+        self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add_event(self, event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self._records.flush()
+
+    def close(self) -> None:
+        self._records.close()
+
+
 class TensorBoard(Callback):
     """Scalars to a TensorBoard event file (rank 0): TensorBoard's own protos and record format, in a plain file.
 
-    Not through tensorboard's ``EventFileWriter``: it opens its file with ``tf.io.gfile``, which imports the whole of
-    TensorFlow wherever it is installed, 7 s of CPU (and TF's thread pools) in a torch job's rank 0 here.
+    Not through tensorboard's ``EventFileWriter`` for local directories: it opens its file with ``tf.io.gfile``,
+    which imports the whole of TensorFlow wherever it is installed, 7 s of CPU (and TF's thread pools) in a torch
+    job's rank 0 here. A ``gs://``-like URL still goes through it: only gfile writes there.
 
     Example::
 
         Trainer(adapter, TrainConfig(tensorboard_dir="runs/tb"))   # then: tensorboard --logdir runs/tb
     """
+    FLUSH_SECONDS = 30   # step losses reach the file at least this often (tensorboard's own writer: 120 s)
 
     def __init__(self, logdir: str):
         self.logdir = logdir
         self.writer = None
+        self.flushed = 0.0
 
     def _event(self, **fields):
         from tensorboard.compat.proto.event_pb2 import Event
         if self.writer is None:
-            from tensorboard.summary.writer.record_writer import RecordWriter
-            os.makedirs(self.logdir, exist_ok=True)
-            name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
-            self.writer = RecordWriter(open(os.path.join(self.logdir, name), "wb"))
-            self.writer.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-        self.writer.write(Event(wall_time=time.time(), **fields).SerializeToString())
+            if "://" in self.logdir:
+                from tensorboard.summary.writer.event_file_writer import EventFileWriter
+                self.writer = EventFileWriter(self.logdir)
+            else:
+                self.writer = _EventFile(self.logdir)
+            self.flushed = time.monotonic()
+        self.writer.add_event(Event(wall_time=time.time(), **fields))
+
+    def _flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+            self.flushed = time.monotonic()
 
     def _scalar(self, tag, value, step):
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -93,13 +129,14 @@ class TensorBoard(Callback):
 
     def on_step_end(self, trainer, global_step, loss):
         self._scalar("train/step_loss", loss, global_step)
+        if time.monotonic() - self.flushed > self.FLUSH_SECONDS:
+            self._flush()
 
     def on_epoch_end(self, trainer, epoch, metrics):
         for key, value in metrics.items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):   # numpy floats too
                 self._scalar(f"epoch/{key}", value, epoch + 1)
-        if self.writer is not None:
-            self.writer.flush()
+        self._flush()
 
     def on_train_end(self, trainer, result):
         if self.writer is not None:

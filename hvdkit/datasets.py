@@ -1,9 +1,9 @@
 """Real data that ships inside the package (no downloads): the 8x8 handwritten digits.
 
 ``hvdkit/data/digits.npz`` is the test set of the UCI "Optical Recognition of Handwritten Digits" data (E. Alpaydin
-and C. Kaynak, 1998; CC BY 4.0), the same 1,797 images and labels as scikit-learn's ``load_digits``: pixels are
-integer counts 0..16, stored as uint8. Shipped here so that the kit needs no scikit-learn: where it is installed, Keras
-imports it (and SciPy) at every TensorFlow process's start, 1.5 s of CPU here.
+and C. Kaynak, 1998; CC BY 4.0, see data/README.md), the same 1,797 images and labels as scikit-learn's
+``load_digits``: pixels are integer counts 0..16, stored as uint8. Shipped here so that the kit needs no
+scikit-learn: where it is installed, Keras imports it (and SciPy) at every TensorFlow process's start, 1.5 s of CPU.
 
 Example::
 
@@ -37,7 +37,10 @@ def digits_split(test_size: int = DIGITS_TEST_SIZE, split_seed: int = 1234, imag
 
 
 def load_digits():
-    """The 1,797 digits as ``(pixels, labels)``: uint8 arrays of shape ``(1797, 64)`` (0..16) and ``(1797,)``."""
+    """The 1,797 digits as ``(pixels, labels)``: uint8 arrays of shape ``(1797, 64)`` (0..16) and ``(1797,)``.
+
+    (scikit-learn's function of this name returns a Bunch of float64 pixels and int labels; these are its values.)
+    """
     with np.load(DIGITS_FILE) as f:
         return f["data"], f["target"]
 

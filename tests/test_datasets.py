@@ -1,4 +1,6 @@
 """The digits data shipped in the package: the UCI test set, split the same way on every rank."""
+import hashlib
+
 import numpy as np
 
 from hvdkit.datasets import digits_split, load_digits
@@ -13,6 +15,8 @@ def test_the_shipped_digits_are_the_uci_test_set():
     assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
     # three pixels on the left and right edges are never inked in this data; the centre ones usually are
     assert np.flatnonzero(x.max(axis=0) == 0).tolist() == [0, 32, 39] and x[:, 27].mean() > 8
+    # the exact bytes shipped (the same arrays, in the same order, as scikit-learn 1.9's load_digits)
+    assert hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16] == "87ff0c9e40dc7e2c"
 
 
 def test_the_split_is_disjoint_scaled_and_the_same_every_time():
@@ -23,9 +27,11 @@ def test_the_split_is_disjoint_scaled_and_the_same_every_time():
     again = digits_split()
     assert all(np.array_equal(a, b) for a, b in zip((x_train, y_train, x_test, y_test), again))
     # every image lands in exactly one part: together they are the whole data, each row once
-    x, _ = load_digits()
-    whole = np.concatenate([x_train, x_test]) * 16.0
-    assert sorted(map(bytes, whole.astype(np.uint8))) == sorted(map(bytes, x))
+    # every (image, label) pair lands in exactly one part: together they are the whole data, each pair once
+    x, y = load_digits()
+    whole = (np.concatenate([x_train, x_test]) * 16.0).astype(np.uint8)
+    labels = np.concatenate([y_train, y_test])
+    assert sorted(zip(map(bytes, whole), labels.tolist())) == sorted(zip(map(bytes, x), y.tolist()))
     other = digits_split(split_seed=7)
     assert not np.array_equal(other[0], x_train)
     images = digits_split(images=True)

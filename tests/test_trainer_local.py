@@ -112,6 +112,10 @@ def test_tensorboard_scalars_read_back_by_tensorboard_itself(tmp_path):
     assert [s.value for s in losses] == pytest.approx([h["loss"] for h in result.history], rel=1e-6)
     assert [s.value for s in events.Scalars("epoch/eval_accuracy")] == pytest.approx(
         [h["eval_accuracy"] for h in result.history], rel=1e-6)
+    # a second run into the same directory (same process, same second) gets a file of its own
+    first = (tmp_path / "tb" / files[0]).read_bytes()
+    fit(epochs=1, tensorboard_dir=str(tmp_path / "tb"))
+    assert len(os.listdir(tmp_path / "tb")) == 2 and (tmp_path / "tb" / files[0]).read_bytes() == first
 
 
 def test_tensorboard_in_a_torch_job_does_not_import_tensorflow(tmp_path):
@@ -122,7 +126,7 @@ def test_tensorboard_in_a_torch_job_does_not_import_tensorflow(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert done.stdout.strip().endswith("[]"), done.stdout
     assert len(os.listdir(tmp_path / "tb")) == 1
 
 
