@@ -79,6 +79,7 @@ def elastic_job(tmp_path):
 RUNS_WORKER = os.path.join(WORKERS, "runs.py")
 _SHARED_RUNS = {}   # name -> spec, from the collected modules' SHARED_RUNS
 _DECLARED_IN = {}   # name -> the module declaring it
+_OWN_LAUNCHES = set()   # the modules whose runs all have launch= (their tests stay in their own lane)
 _CURRENT = []       # the test being set up or run (for the lane check in SharedRuns.get)
 _LAUNCHED = []      # (group, seconds, [(run name, its seconds on rank 0 or None)]) for the terminal summary
 
@@ -94,6 +95,8 @@ def pytest_collection_modifyitems(session, config, items):
         runs = getattr(module, "SHARED_RUNS", {})
         own = {"launch" in spec for spec in runs.values()}
         assert len(own) <= 1, f"{module.__name__} mixes launches of its own (launch=) and shared ones; pick one"
+        if own == {True}:
+            _OWN_LAUNCHES.add(module.__name__)
         for name, spec in runs.items():
             assert re.fullmatch(r"[\w-]+", spec.get("launch", "x")), f"{name}: launch= takes letters, digits, _, -"
             assert _SHARED_RUNS.get(name, spec) == spec, f"two modules declare different shared runs {name!r}"
@@ -132,8 +135,7 @@ def _in_lanes(items):
     for item in items:
         module = getattr(item, "module", None)
         name = module.__name__ if module is not None else item.nodeid.split("::")[0]
-        own = [_lane_of_run(run) for run in getattr(module, "SHARED_RUNS", {})]
-        shared = "shared_runs" in getattr(item, "fixturenames", ()) and (not own or SHARED_LANE in own)
+        shared = "shared_runs" in getattr(item, "fixturenames", ()) and name not in _OWN_LAUNCHES
         lane = SHARED_LANE if shared else name
         item.add_marker(pytest.mark.xdist_group(lane))
         lanes.setdefault(lane, []).append(item)
