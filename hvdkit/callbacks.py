@@ -74,9 +74,14 @@ class _EventFile:
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.summary.writer.record_writer import RecordWriter
         os.makedirs(logdir, exist_ok=True)
-        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
-                f"{next(_FILE_NUMBERS)}")
-        self._records = RecordWriter(open(os.path.join(logdir, name), "xb"))
+        while True:   # never over another writer's file (same second, host name and pid: containers)
+            name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+                    f"{next(_FILE_NUMBERS)}")
+            try:
+                self._records = RecordWriter(open(os.path.join(logdir, name), "xb"))
+                break
+            except FileExistsError:
+                continue
         self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def add_event(self, event) -> None:
@@ -106,6 +111,11 @@ class TensorBoard(Callback):
         self.logdir = logdir
         self.writer = None
         self.flushed = 0.0
+
+    def on_train_begin(self, trainer):
+        if "://" not in self.logdir:   # a bad directory stops the job before training, in one line
+            from .checkpoint import ensure_writable_dir
+            ensure_writable_dir(self.logdir, "tensorboard directory", "--tensorboard-dir")
 
     def _event(self, **fields):
         from tensorboard.compat.proto.event_pb2 import Event

@@ -56,19 +56,19 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def ensure_writable_dir(path: str) -> str:
+def ensure_writable_dir(path: str, what: str = "checkpoint directory", flag: str = "--checkpoint-dir") -> str:
     """Create ``path`` if needed and prove it is writable; raise one clear HvdkitError otherwise."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise HvdkitError(f"checkpoint directory {path} is a file, not a directory; pass a directory to "
-                          "--checkpoint-dir (it is created if missing)")
+        raise HvdkitError(f"{what} {path} is a file, not a directory; pass a directory to {flag} (it is created if "
+                          "missing)")
     try:
         os.makedirs(path, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
         probe.close()
     except OSError as e:
-        raise HvdkitError(f"checkpoint directory {path} cannot be created or written ({e.strerror}); "
-                          "pass a writable --checkpoint-dir") from None
+        raise HvdkitError(f"{what} {path} cannot be created or written ({e.strerror}); pass a writable {flag}") \
+            from None
     return path
 
 

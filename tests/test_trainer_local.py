@@ -118,6 +118,40 @@ def test_tensorboard_scalars_read_back_by_tensorboard_itself(tmp_path):
     assert len(os.listdir(tmp_path / "tb")) == 2 and (tmp_path / "tb" / files[0]).read_bytes() == first
 
 
+def test_tensorboard_writer_never_overwrites_flushes_on_time_and_logs_only_numbers(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import hvdkit.callbacks as cb
+    monkeypatch.setattr(cb.time, "time", lambda: 1_700_000_000.0)   # the same second for every file
+    monkeypatch.setattr(cb, "_FILE_NUMBERS", iter([0, 0, 1]))        # and a clash on the counter
+    first = cb.TensorBoard(str(tmp_path))
+    first.on_train_begin(None)
+    first.on_step_end(None, 1, 0.5)
+    first.on_train_end(None, None)
+    second = cb.TensorBoard(str(tmp_path))
+    second.FLUSH_SECONDS = -1                                          # flush after every step
+    second.on_step_end(None, 1, 0.25)
+    assert sorted(os.listdir(tmp_path)) == [f"events.out.tfevents.1700000000.{cb.socket.gethostname()}."
+                                            f"{os.getpid()}.{n}" for n in (0, 1)]
+    written = os.path.getsize(second.writer._records._writer.name)
+    second.on_step_end(None, 2, 0.125)
+    assert os.path.getsize(second.writer._records._writer.name) > written   # on disk before the epoch ends
+    second.on_epoch_end(None, 0, {"loss": np.float32(0.2), "samples": np.int64(7), "stopped": True, "note": "x"})
+    second.on_train_end(None, None)
+    events = EventAccumulator(str(tmp_path / sorted(os.listdir(tmp_path))[1]))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["epoch/loss", "epoch/samples", "train/step_loss"]
+    assert [s.value for s in events.Scalars("train/step_loss")] == [0.25, 0.125]
+
+
+def test_a_tensorboard_dir_that_is_a_file_stops_the_job_before_training(tmp_path):
+    (tmp_path / "file").touch()
+    recorder = Recorder()
+    with pytest.raises(HvdkitError, match="tensorboard directory .*file is a file, not a directory; pass a "
+                                          "directory to --tensorboard-dir"):
+        fit(callbacks=[recorder], epochs=1, tensorboard_dir=str(tmp_path / "file"))
+    assert not any(event[0] == "step" for event in recorder.events)
+
+
 def test_tensorboard_in_a_torch_job_does_not_import_tensorflow(tmp_path):
     # tensorboard's own writer opens files through tf.io.gfile: 7 s of CPU and TF's thread pools on rank 0
     code = ("import sys; sys.path.insert(0, 'tests'); import test_trainer_local as t; "
