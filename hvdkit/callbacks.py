@@ -111,6 +111,7 @@ class TensorBoard(Callback):
         self.logdir = logdir
         self.writer = None
         self.flushed = 0.0
+        self.last_step = 0
 
     def on_train_begin(self, trainer):
         if "://" not in self.logdir:   # a bad directory stops the job before training, in one line
@@ -138,6 +139,12 @@ class TensorBoard(Callback):
         self._event(step=int(step), summary=Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]))
 
     def on_step_end(self, trainer, global_step, loss):
+        if global_step <= self.last_step:
+            # An elastic rollback redoes steps: a SessionLog START at this step makes TensorBoard drop the points
+            # at and after it (the undone steps), as TF's own writers do on a restart, instead of drawing both.
+            from tensorboard.compat.proto.event_pb2 import SessionLog
+            self._event(step=int(global_step), session_log=SessionLog(status=SessionLog.START))
+        self.last_step = global_step
         self._scalar("train/step_loss", loss, global_step)
         if time.monotonic() - self.flushed > self.FLUSH_SECONDS:
             self._flush()

@@ -202,6 +202,18 @@ def test_elastic_rollback_restores_the_last_commit_and_trains_each_sample_once(t
     assert durable and all(d["global_step"] % 3 == 0 or d["position"] == 0 for d in durable)
 
 
+def test_an_elastic_rollback_leaves_one_tensorboard_point_per_step(tmp_path):
+    from horovod.common.exceptions import HorovodInternalError
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    lost_peer = RaiseOnce(at=8, error=HorovodInternalError("peer lost (simulated)"))
+    result, _ = fit(callbacks=[lost_peer], epochs=2, elastic=True, commit_every=3, tensorboard_dir=str(tmp_path))
+    assert lost_peer.fired and result.resets == 1 and result.global_step == 26
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    # steps 7 and 8 were logged, undone and redone: TensorBoard keeps the redone ones only
+    assert [s.step for s in events.Scalars("train/step_loss")] == list(range(1, 27))
+
+
 def test_elastic_host_change_syncs_without_rolling_back(tmp_path):
     from horovod.common.exceptions import HostsUpdatedInterrupt
     _, whole = fit(epochs=2)
