@@ -12,7 +12,7 @@ import pytest
 SCRIPTS = {"torch": "examples/torch_resnet.py", "tensorflow": "examples/keras_resnet.py"}
 DEFAULT_BATCH = 32   # the examples' default
 # 5 of the examples' 10 epochs (constant LR: the same model as a 10-epoch run's after epoch 5), for suite time.
-# Measured here with the default seed, the 5 runs below (the same on 2026-11-27 and 11-29: the runs are
+# Measured here with the default seed, the 5 runs below (the same in two suite runs on 2026-11-29: the runs are
 # deterministic): 0.953-0.981 after epoch 4, 0.983-0.992 after epoch 5, 0.983-0.989 after epoch 7; earlier, all 6
 # runs then: 0.992-0.997 after epoch 10.
 EPOCHS = 5
