@@ -109,19 +109,20 @@ class TensorBoard(Callback):
 
     def __init__(self, logdir: str):
         self.logdir = logdir
+        self.remote = "://" in logdir   # gs://, s3://, ...: only tensorboard's gfile writer reaches those
         self.writer = None
         self.flushed = 0.0
         self.last_step = 0
 
     def on_train_begin(self, trainer):
-        if "://" not in self.logdir:   # a bad directory stops the job before training, in one line
+        if not self.remote:   # a bad local directory stops the job before training, in one line
             from .checkpoint import ensure_writable_dir
             ensure_writable_dir(self.logdir, "tensorboard directory", "--tensorboard-dir")
 
     def _event(self, **fields):
         from tensorboard.compat.proto.event_pb2 import Event
         if self.writer is None:
-            if "://" in self.logdir:
+            if self.remote:
                 from tensorboard.summary.writer.event_file_writer import EventFileWriter
                 self.writer = EventFileWriter(self.logdir)
             else:

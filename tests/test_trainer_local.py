@@ -112,7 +112,8 @@ def test_tensorboard_scalars_read_back_by_tensorboard_itself(tmp_path):
     assert [s.value for s in losses] == pytest.approx([h["loss"] for h in result.history], rel=1e-6)
     assert [s.value for s in events.Scalars("epoch/eval_accuracy")] == pytest.approx(
         [h["eval_accuracy"] for h in result.history], rel=1e-6)
-    # a second run into the same directory (same process, same second) gets a file of its own
+    # a second run into the same directory gets a file of its own and leaves the first as it was (the same second
+    # and a name clash are forced in the next test)
     first = (tmp_path / "tb" / files[0]).read_bytes()
     fit(epochs=1, tensorboard_dir=str(tmp_path / "tb"))
     assert len(os.listdir(tmp_path / "tb")) == 2 and (tmp_path / "tb" / files[0]).read_bytes() == first
