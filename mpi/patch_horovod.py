@@ -9,6 +9,8 @@ Three known problems (see README "How Horovod is built"):
   3. TF 2.21's headers lack ``highwayhash/``, which only the optional XLA ops need:
      leave ``xla_mpi_ops.cc`` out of the TF target.
   4. A runtime bug: under Gloo the stall check never reports a stalled rank (its rank table is empty).
+  5. A runtime cost: under the MPI controller one rank's background thread busy-waits a whole core on an idle
+     or lightly loaded job (cycles timed from each rank's own loop start drift apart; see the edit below).
 
 Every edit asserts that its anchor text exists, so a different sdist fails loudly instead of
 building something half-patched. Running it twice is harmless (edits are marked).
@@ -76,6 +78,26 @@ def patch(src):
         src / "horovod/common/gloo/gloo_controller.cc",
         "  global_ranks_.reserve(size_);",
         "  global_ranks_.resize(size_);",
+        comment="//",
+    )
+    # 5. MPI controller: each cycle sleeps until `last_cycle_start + cycle time`, timed from that rank's own loop
+    #    start. The rank that waited longest in the last negotiation starts its next loop late, sleeps ~0, reaches
+    #    the next negotiation first and busy-waits inside MPI for the whole cycle, every cycle: 96-99% of a core on
+    #    an idle 2-rank job (3-5% with this edit). Timing the next cycle from the end of the negotiation, a moment
+    #    every rank shares, keeps the ranks in step. Gloo blocks instead of spinning, so it keeps its timing.
+    _edit(
+        src / "horovod/common/operations.cc",
+        "    if (process_set_id == 0) {\n"
+        "      state.mark_cycles_in_timeline =\n"
+        "          state.timeline_controller.MarkCyclesInTimelinePending();\n"
+        "    }\n",
+        "    if (process_set_id == 0) {\n"
+        "      state.mark_cycles_in_timeline =\n"
+        "          state.timeline_controller.MarkCyclesInTimelinePending();\n"
+        "    }\n"
+        "    if (process_set_id == 0 && state.control_operation == LibType::MPI) {\n"
+        "      state.last_cycle_start = std::chrono::steady_clock::now();\n"
+        "    }\n",
         comment="//",
     )
     # 3. TF target: drop the optional XLA ops (need highwayhash headers that TF 2.21 does not ship).

@@ -2,7 +2,8 @@
 horovodrun --controller gloo (what elastic jobs run; torch only) and mpirun (OpenMPI).
 
 Each is the first run of its framework's shared launch under that launcher (tests/conftest.py, ``shared_runs``):
-it runs before anything else in those workers, so a broken launcher or controller shows here first.
+it runs before anything else in those workers, so a broken launcher or controller shows here first. The torch
+runs then sit idle for IDLE_SECONDS and report their busiest thread's CPU time (the idle-spin patch).
 """
 import json
 
@@ -11,9 +12,11 @@ import pytest
 # Gloo with TF is what every Keras elastic test runs; a static TF launch on Gloo of its own would add ~13 s
 CASES = [("torch", "horovodrun"), ("torch", "horovodrun-gloo"), ("torch", "mpirun"),
          ("tensorflow", "horovodrun"), ("tensorflow", "mpirun")]
+IDLE_SECONDS = 2.0
 SHARED_RUNS = {f"allreduce-{framework}-{launcher}": dict(
     framework=framework, launcher=launcher, np=2, order=0, script="tests/workers/allreduce.py",
-    args=[framework, "{out}"], timeout=150) for framework, launcher in CASES}
+    args=[framework, "{out}"] + ([str(IDLE_SECONDS)] if framework == "torch" else []), timeout=150)
+    for framework, launcher in CASES}
 
 
 @pytest.mark.parametrize("framework, launcher", CASES)
@@ -29,3 +32,17 @@ def test_two_process_allreduce(shared_runs, launcher, framework):
         assert record["gloo"] == (launcher == "horovodrun-gloo")
         assert record["mpi"] == (launcher != "horovodrun-gloo")
         assert record["cpu_ops"] == ("gloo" if launcher == "horovodrun-gloo" else "mpi")   # the tensor ops too
+
+
+@pytest.mark.parametrize("launcher", [launcher for framework, launcher in CASES if framework == "torch"])
+def test_idle_job_does_not_spin(shared_runs, launcher):
+    """No thread of an idle rank busy-waits: unpatched, under the MPI controller one rank's Horovod background
+    thread spent 96-99% of a core waiting in the next negotiation (mpi/patch_horovod.py, edit 5); patched and
+    under Gloo, 3-11%. Load from other processes can only lower a thread's share, never raise it."""
+    run = shared_runs.get(f"allreduce-torch-{launcher}")
+    for rank in range(2):
+        record = json.loads((run.out / f"rank{rank}.json").read_text())
+        assert record["idle_seconds"] >= IDLE_SECONDS
+        share = record["idle_busiest_thread_cpu"] / record["idle_seconds"]
+        assert share < 0.3, (f"rank {rank}: a thread used {share:.0%} of a core while the job sat idle "
+                             f"for {record['idle_seconds']:.1f} s (is mpi/patch_horovod.py's edit 5 built in?)")
