@@ -1,6 +1,6 @@
 """Patch an unpacked Horovod 0.28.1 sdist so it builds against torch >= 2.1 and TF >= 2.16.
 
-Three known problems (see README "How Horovod is built"):
+Known problems, each fixed by one edit below (see README "How Horovod is built"):
   1. torch >= 2.1 headers need C++17, but the torch target is compiled as C++14.
      Fix: build the torch target as C++17 and link it against the C++17 copy of Gloo
      (``compatible17_gloo``) that the sdist already makes for TF >= 2.10.
@@ -10,7 +10,7 @@ Three known problems (see README "How Horovod is built"):
      leave ``xla_mpi_ops.cc`` out of the TF target.
   4. A runtime bug: under Gloo the stall check never reports a stalled rank (its rank table is empty).
   5. A runtime cost: under the MPI controller one rank's background thread busy-waits a whole core on an idle
-     or lightly loaded job (cycles timed from each rank's own loop start drift apart; see the edit below).
+     or lightly loaded job (each rank times its cycle from its own loop start; see the edit below).
 
 Every edit asserts that its anchor text exists, so a different sdist fails loudly instead of
 building something half-patched. Running it twice is harmless (edits are marked).

@@ -6,11 +6,16 @@ import os
 import sys
 import time
 
+from hvdkit.process import apply_stall_defaults
 from hvdkit.tuning import apply_defaults
 
 framework, out_dir = sys.argv[1], sys.argv[2]
 idle_seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-apply_defaults()   # the settings every kit job runs with (cycle time, MPI yielding), before hvd.init()
+# What the kit's processes set before hvd.init() (cycle time, MPI yielding, stall check). This is the first
+# hvd.init() of its shared launch and Horovod reads them only there, so the later runs get them too, as each
+# would in a launch of its own.
+apply_defaults()
+apply_stall_defaults()
 if framework == "torch":
     import horovod.torch as hvd
     import torch
