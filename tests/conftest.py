@@ -86,7 +86,7 @@ _LAUNCHED = []      # (group, seconds, [(run name, its seconds on rank 0 or None
 
 @pytest.hookimpl(tryfirst=True)   # before xdist's own, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(session, config, items):
-    seen = set()
+    seen, own_groups = set(), {}
     for item in items:
         module = getattr(item, "module", None)
         if module is None or id(module) in seen:
@@ -102,6 +102,11 @@ def pytest_collection_modifyitems(session, config, items):
             assert _SHARED_RUNS.get(name, spec) == spec, f"two modules declare different shared runs {name!r}"
             _SHARED_RUNS[name] = spec
             _DECLARED_IN.setdefault(name, module.__name__)
+            if "launch" in spec:   # a launch of its own runs in its module's lane: two modules' would launch it twice
+                group = (spec["framework"], spec["launcher"], spec["np"], spec["launch"])
+                owner = own_groups.setdefault(group, module.__name__)
+                assert owner == module.__name__, (f"{name}: launch={spec['launch']!r} ({group[0]}, {group[1]}, "
+                                                     f"-np {group[2]}) is also a launch of {owner}; rename one")
     if hasattr(config, "workerinput"):   # a pytest-xdist worker (the README's `-n 2 --dist loadgroup`)
         items[:] = _in_lanes(items)
 
