@@ -215,6 +215,7 @@ class KerasAdapter(Adapter):
         self._gate: Optional[UpdateGate] = None
         self._sharded = None   # a hvdkit.keras.zero.ShardedOptimizer with shard_optimizer
         self._lr_written = None   # (factor variable, value) last assigned by set_lr_factor
+        self._eval_step = None    # the traced evaluation forward (eval_batch), made when first needed
         self._verdict = None      # last_step_finite() of the step run last; cleared by _before_update
 
     def default_process(self):
@@ -261,6 +262,7 @@ class KerasAdapter(Adapter):
         self._grad_step = AnyBatchSize(tf.function(self._grads, reduce_retracing=True))
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
         self._one_step = AnyBatchSize(tf.function(self._step, reduce_retracing=True))
+        self._eval_step = None   # traced again on first use: prepare() may have changed the layers (SyncBatchNorm)
 
     def _place_shards(self) -> None:
         """Sharded: cut this rank's shards when a load or a resize asks for it (no collective)."""
@@ -484,10 +486,18 @@ class KerasAdapter(Adapter):
         self._assign_summed(self._state_variables(), summed_state)
         return self._stateful_results()
 
+    def _eval_forward(self, x, y, weight, training):
+        outputs = self.model(x, training=training)
+        return outputs, self.loss_fn(y, outputs)
+
     def eval_batch(self, inputs, targets) -> Dict[str, float]:
-        outputs = self.model(inputs, training=False)
+        # One graph call per batch, like the training step (eager, a small model's forward cost several times more
+        # than its graph's); traced once for every batch size, so a short last batch does not trace it again.
+        if self._eval_step is None:
+            self._eval_step = AnyBatchSize(tf.function(self._eval_forward, reduce_retracing=True))
+        outputs, loss = self._eval_step(inputs, targets, 1.0, False)
         count = len(targets)
-        sums = {"loss": float(self.loss_fn(targets, outputs)) * count, "count": float(count)}
+        sums = {"loss": float(loss) * count, "count": float(count)}
         if self.accuracy:
             sums["correct"] = float(np.sum(np.argmax(outputs, axis=-1) == np.asarray(targets)))
         for name, fn in self.metrics.items():
