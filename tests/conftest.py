@@ -105,8 +105,10 @@ def pytest_collection_modifyitems(session, config, items):
             if "launch" in spec:   # a launch of its own runs in its module's lane: two modules' would launch it twice
                 group = (spec["framework"], spec["launcher"], spec["np"], spec["launch"])
                 owner = own_groups.setdefault(group, module.__name__)
-                assert owner == module.__name__, (f"{name}: launch={spec['launch']!r} ({group[0]}, {group[1]}, "
-                                                     f"-np {group[2]}) is also a launch of {owner}; rename one")
+                if owner != module.__name__:
+                    raise pytest.UsageError(f"{module.__name__}: {name}: launch={spec['launch']!r} ({group[0]}, "
+                                            f"{group[1]}, -np {group[2]}) is also a launch of {owner}; give one of "
+                                            "the two modules' launches another launch= name")
     if hasattr(config, "workerinput"):   # a pytest-xdist worker (the README's `-n 2 --dist loadgroup`)
         items[:] = _in_lanes(items)
 

@@ -191,17 +191,53 @@ def test_the_loop_step_is_traced_once_for_every_batch_size(accumulation):
 
 
 
-def test_evaluation_is_one_traced_inference_forward_per_batch():
-    """The loop's evaluation (both adapters) runs the model in a graph, in inference mode, traced once though the
-    last of 30 samples' batches of 4 holds 2: loss and accuracy equal the model's own on all 30 at once. With
-    BatchNorm and Dropout(0.5), a forward in training mode would give other numbers."""
+
+def eval_model(mode, first_layers=(), **compile_kwargs):
+    """An MLP with BatchNorm and Dropout(0.5) (a forward in training mode gives other numbers than inference)."""
     keras.utils.set_random_seed(3)
-    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
-                              keras.layers.Activation("tanh"), keras.layers.Dropout(0.5), keras.layers.Dense(3)])
-    adapter = KerasAdapter(model, keras.optimizers.Adam(0.01), LOSS)
-    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
+    model = keras.Sequential([keras.Input(shape=(6,)), *first_layers, keras.layers.Dense(8),
+                              keras.layers.BatchNormalization(), keras.layers.Activation("tanh"),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(3)])
+    optimizer = keras.optimizers.Adam(0.01)
+    if mode == "fit":
+        model.compile(optimizer=optimizer, loss=LOSS, **compile_kwargs)
+        return model, KerasFitAdapter(model)
+    return model, KerasAdapter(model, optimizer, LOSS)
+
+
+def assert_inference_eval(result, model):
+    """Loss and accuracy equal the model's own in inference mode on all 30 samples at once."""
     logits = model(X, training=False).numpy()
     assert result.eval["samples"] == 30
     assert result.eval["loss"] == pytest.approx(float(LOSS(Y, logits)), rel=1e-5)
     assert result.eval["accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, axis=-1) == Y)))
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
+def test_evaluation_is_one_traced_inference_forward_per_batch(mode):
+    """Evaluation runs the model in a graph, in inference mode, traced once though the last of 30 samples' batches
+    of 4 holds 2 (eager, a small model's forward cost several times its graph's)."""
+    model, adapter = eval_model(mode)
+    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
+    assert_inference_eval(result, model)
     assert adapter._eval_step.step.experimental_get_tracing_count() == 1
+
+
+class EagerOnly(keras.layers.Layer):
+    """Code that runs eagerly only (numpy on its input): a model holding it must be compiled run_eagerly=True."""
+
+    def call(self, x):
+        if not isinstance(x, keras.KerasTensor):   # Keras' symbolic build passes; a graph's tensor fails
+            np.asarray(x)
+        return x
+
+    def compute_output_shape(self, input_shape):   # else Sequential leaves the layers after it unbuilt
+        return input_shape
+
+
+def test_a_model_compiled_to_run_eagerly_is_evaluated_eagerly():
+    """Keras' fit trains it eagerly; tracing its evaluation failed ("Cannot convert a symbolic tf.Tensor")."""
+    model, adapter = eval_model("fit", first_layers=[EagerOnly()], run_eagerly=True)
+    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
+    assert_inference_eval(result, model)
+    assert adapter._eval_step is None

@@ -251,6 +251,7 @@ class KerasAdapter(Adapter):
             # a later fit with the check off must not hand over (or gate on) the norm the earlier one checked
             self._gate = UpdateGate.of(self.optimizer) if self.nonfinite != "off" else None
         self._make_steps()
+        self._eval_step = None   # traced again on first use: prepare() may have changed the layers (SyncBatchNorm)
         self.set_lr_factor(lr_factor)
 
     def _graph_accumulation(self, accumulation: int) -> int:
@@ -262,7 +263,6 @@ class KerasAdapter(Adapter):
         self._grad_step = AnyBatchSize(tf.function(self._grads, reduce_retracing=True))
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
         self._one_step = AnyBatchSize(tf.function(self._step, reduce_retracing=True))
-        self._eval_step = None   # traced again on first use: prepare() may have changed the layers (SyncBatchNorm)
 
     def _place_shards(self) -> None:
         """Sharded: cut this rank's shards when a load or a resize asks for it (no collective)."""
@@ -493,9 +493,13 @@ class KerasAdapter(Adapter):
     def eval_batch(self, inputs, targets) -> Dict[str, float]:
         # One graph call per batch, like the training step (eager, a small model's forward cost several times more
         # than its graph's); traced once for every batch size, so a short last batch does not trace it again.
-        if self._eval_step is None:
-            self._eval_step = AnyBatchSize(tf.function(self._eval_forward, reduce_retracing=True))
-        outputs, loss = self._eval_step(inputs, targets, 1.0, False)
+        # A model compiled with run_eagerly=True may hold code that cannot be traced: it is evaluated eagerly too.
+        if getattr(self.model, "run_eagerly", False):
+            outputs, loss = self._eval_forward(inputs, targets, 1.0, False)
+        else:
+            if self._eval_step is None:
+                self._eval_step = AnyBatchSize(tf.function(self._eval_forward, reduce_retracing=True))
+            outputs, loss = self._eval_step(inputs, targets, 1.0, False)
         count = len(targets)
         sums = {"loss": float(loss) * count, "count": float(count)}
         if self.accuracy:
