@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from hvdkit import TrainConfig, Trainer
+from hvdkit.errors import HvdkitError
 from hvdkit.sharding import plan_epoch
 
 tf = pytest.importorskip("tensorflow")
@@ -241,3 +242,28 @@ def test_a_model_compiled_to_run_eagerly_is_evaluated_eagerly():
     result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
     assert_inference_eval(result, model)
     assert adapter._eval_step is None
+
+
+
+class Numpy(keras.layers.Layer):
+    """Numpy in a custom layer: Keras cannot run it on symbolic inputs (KerasTensors), so Sequential leaves the
+    layers after it unbuilt; such a model trains only compiled with run_eagerly=True."""
+
+    def call(self, x):
+        return tf.convert_to_tensor(np.tanh(np.asarray(x)))
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
+def test_a_sequential_model_with_unbuilt_layers_is_refused_in_one_line(mode):
+    """Keras' own fit builds such layers at the first step; the kit builds and broadcasts the optimizer before it,
+    and Keras failed later with "Unknown variable". Called once on a batch, the same model trains (Keras' fit,
+    eagerly: the loop traces its step, which this layer cannot be)."""
+    model, adapter = eval_model(mode, first_layers=[Numpy()], run_eagerly=True)
+    assert model.built and not model.trainable_variables   # what Keras reports
+    with pytest.raises(HvdkitError, match=r"^the Keras model's layers dense\w*, batch_normalization\w*, .* are not "
+                                          r"built; call the model once on a batch, model\(x\[:1\]\)"):
+        Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
+    if mode == "fit":
+        model(X[:1])
+        result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
+        assert result.global_step == 8 and np.isfinite(result.eval["loss"])

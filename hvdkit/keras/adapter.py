@@ -233,6 +233,15 @@ class KerasAdapter(Adapter):
         if not self.model.built:
             raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
                               "model.build(input_shape) before training")
+        # A Sequential model reports itself built when a layer could not be run on symbolic inputs (a custom layer
+        # without compute_output_shape) and leaves the layers after it unbuilt: their weights would appear only at
+        # the first step, after the optimizer was built and broadcast here ("Unknown variable" from Keras).
+        unbuilt = [layer.name for layer in getattr(self.model, "layers", []) if not layer.built] \
+            if isinstance(self.model, keras.Sequential) else []
+        if unbuilt:
+            raise HvdkitError(f"the Keras model's layers {', '.join(unbuilt)} are not built; call the model once on "
+                              "a batch, model(x[:1]), or give its custom layers compute_output_shape, before "
+                              "training")
         check_model_precision(self.model, precision)  # the dtype policy is fixed when the layers are built
         if shard_optimizer:
             from .zero import ShardedOptimizer   # here: zero.py builds on this module's LrScaling and UpdateGate
