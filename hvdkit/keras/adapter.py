@@ -241,7 +241,8 @@ class KerasAdapter(Adapter):
         if unbuilt:
             raise HvdkitError(f"the Keras model's layers {', '.join(unbuilt)} are not built; call the model once on "
                               "a batch, model(x[:1]), or give its custom layers compute_output_shape, before "
-                              "training")
+                              "training (a layer that cannot run on symbolic tensors trains only with "
+                              "KerasFitAdapter on a model compiled with run_eagerly=True)")
         check_model_precision(self.model, precision)  # the dtype policy is fixed when the layers are built
         if shard_optimizer:
             from .zero import ShardedOptimizer   # here: zero.py builds on this module's LrScaling and UpdateGate
