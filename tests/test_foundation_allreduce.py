@@ -38,7 +38,8 @@ def test_two_process_allreduce(shared_runs, launcher, framework):
 def test_idle_job_does_not_spin(shared_runs, launcher):
     """No thread of an idle rank busy-waits: unpatched, under the MPI controller one rank's Horovod background
     thread spent 73-92% of a core here (96-99% on a quiet machine) waiting in the next negotiation
-    (mpi/patch_horovod.py, edit 5); patched, and under Gloo, 3-5%. Load from other processes can only lower a thread's share, never raise it."""
+    (mpi/patch_horovod.py, edit 5); patched, and under Gloo, 3-5%. Load from other processes can only lower a
+    thread's share, never raise it (so on a busy machine an unpatched build may pass; on a quiet one it fails)."""
     run = shared_runs.get(f"allreduce-torch-{launcher}")
     for rank in range(2):
         record = json.loads((run.out / f"rank{rank}.json").read_text())

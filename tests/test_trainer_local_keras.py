@@ -191,8 +191,6 @@ def test_the_loop_step_is_traced_once_for_every_batch_size(accumulation):
     assert ran.step.experimental_get_tracing_count() == 1
 
 
-
-
 def eval_model(mode, first_layers=(), **compile_kwargs):
     """An MLP with BatchNorm and Dropout(0.5) (a forward in training mode gives other numbers than inference)."""
     keras.utils.set_random_seed(3)
@@ -242,7 +240,6 @@ def test_a_model_compiled_to_run_eagerly_is_evaluated_eagerly():
     result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
     assert_inference_eval(result, model)
     assert adapter._eval_step is None
-
 
 
 class Numpy(keras.layers.Layer):

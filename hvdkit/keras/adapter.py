@@ -233,8 +233,8 @@ class KerasAdapter(Adapter):
         if not self.model.built:
             raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
                               "model.build(input_shape) before training")
-        # A Sequential model reports itself built when a layer could not be run on symbolic inputs (a custom layer
-        # without compute_output_shape) and leaves the layers after it unbuilt: their weights would appear only at
+        # A Sequential model reports itself built when a layer could not be run on symbolic inputs (e.g. numpy in a
+        # custom layer's call) and leaves the layers after it unbuilt: their weights would appear only at
         # the first step, after the optimizer was built and broadcast here ("Unknown variable" from Keras).
         unbuilt = [layer.name for layer in getattr(self.model, "layers", []) if not layer.built] \
             if isinstance(self.model, keras.Sequential) else []
