@@ -103,7 +103,7 @@ def pytest_collection_modifyitems(session, config, items):
             _SHARED_RUNS[name] = spec
             _DECLARED_IN.setdefault(name, module.__name__)
             if "launch" in spec:   # a launch of its own runs in its module's lane: two modules' would launch it twice
-                group = (spec["framework"], spec["launcher"], spec["np"], spec["launch"])
+                group = SharedRuns._group(spec)
                 owner = own_groups.setdefault(group, module.__name__)
                 if owner != module.__name__:
                     raise pytest.UsageError(f"{module.__name__}: {name}: launch={spec['launch']!r} ({group[0]}, "

@@ -236,7 +236,7 @@ class KerasAdapter(Adapter):
         # A Sequential model reports itself built when a layer could not be run on symbolic inputs (e.g. numpy in a
         # custom layer's call) and leaves the layers after it unbuilt: their weights would appear only at
         # the first step, after the optimizer was built and broadcast here ("Unknown variable" from Keras).
-        unbuilt = [layer.name for layer in getattr(self.model, "layers", []) if not layer.built] \
+        unbuilt = [layer.name for layer in self.model.layers if not layer.built] \
             if isinstance(self.model, keras.Sequential) else []
         if unbuilt:
             raise HvdkitError(f"the Keras model's layers {', '.join(unbuilt)} are not built; call the model once on "

@@ -30,33 +30,18 @@ else:
     value = tf.range(4, dtype=tf.float32) * float(hvd.rank() + 1)
     summed = hvd.allreduce(value, op=hvd.Sum).numpy().tolist()
     averaged = hvd.allreduce(value, op=hvd.Average).numpy().tolist()
-from hvdkit.bench.models import horovod_collectives  # noqa: E402  (the CPU tensor ops Horovod parsed)
+from hvdkit.bench.models import _thread_cpu, horovod_collectives  # noqa: E402  (CPU per thread; the tensor ops)
 
 record = {"rank": hvd.rank(), "size": hvd.size(), "sum": summed, "average": averaged,
           "mpi": bool(hvd.mpi_enabled()), "gloo": bool(hvd.gloo_enabled()),
           "cpu_ops": horovod_collectives(hvd)["cpu_ops"]}
 
-
-def thread_cpu_seconds():
-    """CPU seconds (user + system) of each thread of this process, by thread id."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    seconds = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:   # a thread that ended meanwhile
-            continue
-        seconds[tid] = (int(fields[11]) + int(fields[12])) / ticks   # utime, stime (stat fields 14 and 15)
-    return seconds
-
-
 if idle_seconds:
     hvd.allreduce(value, name="idle.start")   # both ranks start the idle window together
-    before, started = thread_cpu_seconds(), time.perf_counter()
+    before, started = _thread_cpu(), time.perf_counter()   # tid -> (name, CPU seconds), from /proc
     time.sleep(idle_seconds)
-    after, record["idle_seconds"] = thread_cpu_seconds(), time.perf_counter() - started
-    record["idle_busiest_thread_cpu"] = max(after[tid] - before.get(tid, 0.0) for tid in after)
+    after, record["idle_seconds"] = _thread_cpu(), time.perf_counter() - started
+    record["idle_busiest_thread_cpu"] = max(cpu - before.get(tid, (name, 0.0))[1] for tid, (name, cpu) in after.items())
 
 with open(os.path.join(out_dir, f"rank{hvd.rank()}.json"), "w") as f:
     json.dump(record, f)
