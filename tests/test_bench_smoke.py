@@ -3,8 +3,10 @@ ran in a fresh environment with what it asked for, as its workers read it back (
 tensor operations). The caller's environment is polluted on purpose (Gloo ops, 2 threads, legacy Keras): no row may
 see it. The report's arithmetic (medians, ranges, per-round ratios, scaling, read-back mismatches) is checked on
 made-up worker outputs, without processes. No timing asserts beyond numbers > 0."""
+import hashlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -120,6 +122,15 @@ def test_train_bench_smallest_size(tmp_path):
     assert f"horovodrun --mpi: hvdkit-torch-horovodrun, {lever}" in md and "mpirun: hvdkit-keras" in md
     assert "; buckets reducer |" in md and "; horovod reducer |" in md
     assert "| hvdkit-keras | 2 | TF 1/1 |" in md
+    # what it was measured on: this checkout's commit and the Horovod wheel pip installed, named after the build
+    # key mpi/setup.sh derives from mpi/patch_horovod.py
+    made = report["provenance"]
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    assert made["commit"].split("+")[0] == head.stdout.strip(), made
+    patch = open(os.path.join(REPO, "mpi", "patch_horovod.py"), "rb").read()
+    assert made["horovod_build"].endswith("-" + hashlib.sha256(patch).hexdigest()[:12]), made
+    assert made["versions"]["horovod"] == "0.28.1" and made["cores"] == os.cpu_count(), made
+    assert len(made["load_average"]) == 3 and bench_run.provenance_line(made) in md
     assert (tmp_path / "train-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -283,6 +294,16 @@ def test_combine_gives_each_ratio_per_run_and_the_spread_over_runs(tmp_path):
     assert c["samples_per_sec"]["hvdkit-torch @2"]["runs"] == [120, 95, 100]
     md = (tmp_path / "out" / "train-runs.md").read_text()
     assert "| hvdkit-torch / torch-ddp @2 | 1.20x | 0.95x | 1.00x | 1.00x (0.95x-1.20x) |" in md
+    assert "Measured on" not in md     # reports from before reports carried their provenance: no footer
+    made = {"commit": "abc", "horovod_build": "horovod-x-k1", "versions": {"horovod": "0.28.1", "torch": None},
+            "python": "3.11.7", "cores": 2, "load_average": [1.5, 2.0, 2.25], "written": "2026-11-29 17:00 UTC"}
+    runs[1]["provenance"] = made
+    (tmp_path / "r1" / "train.json").write_text(json.dumps(runs[1]))
+    bench_run.bench_combine(str(tmp_path / "out"), [str(tmp_path / f"r{i}") for i in range(3)])
+    md = (tmp_path / "out" / "train-runs.md").read_text()
+    assert ("- run 2: Measured on hvdkit abc, Horovod build horovod-x-k1; horovod 0.28.1; Python 3.11.7; 2 cores, "
+            "load average 1.5/2/2.25 (1/5/15 min) when written, 2026-11-29 17:00 UTC.") in md, md
+    assert json.loads((tmp_path / "out" / "train-runs.json").read_text())["provenance"] == [None, made, None]
     (tmp_path / "r2" / "train.json").write_text(json.dumps(report([1], [1], model="mlp")))
     with pytest.raises(bench_run.HvdkitError, match=r"different models \(cnn, mlp\)"):
         bench_run.bench_combine(str(tmp_path / "out"), [str(tmp_path / f"r{i}") for i in range(3)])

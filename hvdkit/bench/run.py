@@ -30,6 +30,7 @@ from typing import Dict, List, Sequence
 from ..errors import HvdkitError
 from ..launch import launch_command
 from .models import BUSY_SHARE
+from .provenance import provenance, provenance_line
 
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TORCH_MODES = ["hvdkit-torch", "hvdkit-torch-horovodrun", "hvdkit-torch-gloo", "raw-horovod-torch", "torch-ddp"]
@@ -521,9 +522,14 @@ def bench_combine(out_dir: str, run_dirs: List[str], model: str = "cnn") -> Dict
     combined = combine_train(reports)
     os.makedirs(out_dir, exist_ok=True)
     markdown = _combined_markdown(combined)
+    footers = [f"- run {i}: {provenance_line(r.get('provenance'))}" for i, r in enumerate(reports, 1)
+               if r.get("provenance")]
+    if footers:
+        markdown += "\n" + "\n".join(footers) + "\n"
     name = f"{train_name(model)}-runs"
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(dict(combined, run_dirs=list(run_dirs)), f, indent=1)
+        json.dump(dict(combined, run_dirs=list(run_dirs), provenance=[r.get("provenance") for r in reports]), f,
+                  indent=1)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(markdown)
     print(markdown)
@@ -532,6 +538,8 @@ def bench_combine(out_dir: str, run_dirs: List[str], model: str = "cnn") -> Dict
 
 
 def _write(out_dir: str, name: str, report: Dict, markdown: str, plot) -> None:
+    report["provenance"] = provenance()
+    markdown = f"{markdown.rstrip()}\n\n{provenance_line(report['provenance'])}\n"
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
