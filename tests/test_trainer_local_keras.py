@@ -264,3 +264,41 @@ def test_a_sequential_model_with_unbuilt_layers_is_refused_in_one_line(mode):
         model(X[:1])
         result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
         assert result.global_step == 8 and np.isfinite(result.eval["loss"])
+
+
+class Subclassed(keras.Model):
+    """A subclassed model without a build() of its own: Keras' model.build(shape) warns, marks it built and leaves its
+    layers unbuilt (no weights at all until the first call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.norm = keras.layers.Dense(8), keras.layers.BatchNormalization()
+        self.flat, self.out = keras.layers.Flatten(), keras.layers.Dense(3)
+
+    def call(self, x, training=False):
+        return self.out(self.flat(self.norm(self.hidden(x), training=training)))
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
+def test_a_subclassed_model_built_without_its_layers_is_refused_then_trains_once_called(mode):
+    """Before, the optimizer was built over no variables and Keras failed at the first step ("Unknown variable").
+    Flatten holds no weights: it is left to build at its first call, not named."""
+    keras.utils.set_random_seed(3)
+    model = Subclassed()
+    with pytest.warns(UserWarning, match="does not have a `build\\(\\)` method"):
+        model.build((None, 6))
+    assert model.built and not model.trainable_variables   # what Keras reports
+    if mode == "fit":
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS)
+        adapter = KerasFitAdapter(model)
+    else:
+        adapter = KerasAdapter(model, keras.optimizers.Adam(0.01), LOSS)
+    trainer = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess())
+    with pytest.raises(HvdkitError, match=r"^the Keras model's layers dense\w*, batch_normalization\w*, dense\w* are "
+                                          r"not built; call the model once on a batch, model\(x\[:1\]\)"):
+        trainer.fit((X, Y), (X, Y))
+    model(X[:1])
+    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
+    assert result.global_step == 8 and np.isfinite(result.eval["loss"])
+    assert len(model.trainable_variables) == 6 and all(   # trained: every weight moved from its initial value
+        not np.allclose(v.numpy(), 0) for v in model.trainable_variables if "bias" in v.path or "beta" in v.path)

@@ -170,6 +170,25 @@ def _is_stateful(metric) -> bool:
     return isinstance(metric, keras.metrics.Metric)
 
 
+def refuse_unbuilt_layers(model) -> None:
+    """Refuse a model that says it is built while layers that create weights in ``build`` are not.
+
+    Keras 3 leaves them so when it cannot run a layer on symbolic inputs (numpy in a custom layer's call: the layers
+    after it in a Sequential) or when ``model.build(shape)`` meets a subclassed model without a ``build`` of its own
+    (it warns and marks the model built). Their weights would appear only at the first step, after the optimizer
+    was built and broadcast, and Keras fails there with "Unknown variable". Layers without a ``build`` of their own
+    (Flatten, Dropout, ...) hold no weights and are left to build at their first call.
+
+        >>> refuse_unbuilt_layers(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))  # built: passes
+    """
+    unbuilt = [layer.name for layer in model._flatten_layers(include_self=False)
+               if not layer.built and type(layer).build is not keras.layers.Layer.build]
+    if unbuilt:
+        raise HvdkitError(f"the Keras model's layers {', '.join(unbuilt)} are not built; call the model once on a "
+                          "batch, model(x[:1]), before training (or give a custom layer compute_output_shape, a "
+                          "subclassed model a build() that builds its layers); a layer that cannot run on symbolic "
+                          "tensors trains only with KerasFitAdapter on a model compiled with run_eagerly=True")
+
 class KerasAdapter(Adapter):
     """A built Keras 3 model, a Keras optimizer and a mean-reducing ``loss_fn(y_true, y_pred)``.
 
@@ -233,16 +252,7 @@ class KerasAdapter(Adapter):
         if not self.model.built:
             raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
                               "model.build(input_shape) before training")
-        # A Sequential model reports itself built when a layer could not be run on symbolic inputs (e.g. numpy in a
-        # custom layer's call) and leaves the layers after it unbuilt: their weights would appear only at
-        # the first step, after the optimizer was built and broadcast here ("Unknown variable" from Keras).
-        unbuilt = [layer.name for layer in self.model.layers if not layer.built] \
-            if isinstance(self.model, keras.Sequential) else []
-        if unbuilt:
-            raise HvdkitError(f"the Keras model's layers {', '.join(unbuilt)} are not built; call the model once on "
-                              "a batch, model(x[:1]), or give its custom layers compute_output_shape, before "
-                              "training (a layer that cannot run on symbolic tensors trains only with "
-                              "KerasFitAdapter on a model compiled with run_eagerly=True)")
+        refuse_unbuilt_layers(self.model)
         check_model_precision(self.model, precision)  # the dtype policy is fixed when the layers are built
         if shard_optimizer:
             from .zero import ShardedOptimizer   # here: zero.py builds on this module's LrScaling and UpdateGate
