@@ -128,9 +128,11 @@ def test_train_bench_smallest_size(tmp_path):
     head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     assert made["commit"].split("+")[0] == head.stdout.strip(), made
     patch = open(os.path.join(REPO, "mpi", "patch_horovod.py"), "rb").read()
-    assert made["horovod_build"].endswith("-" + hashlib.sha256(patch).hexdigest()[:12]), made
-    assert made["versions"]["horovod"] == "0.28.1" and made["cores"] == os.cpu_count(), made
-    assert len(made["load_average"]) == 3 and bench_run.provenance_line(made) in md
+    assert made["horovod_build"].endswith("-" + hashlib.sha256(patch).hexdigest()[:12]), \
+        f"{made['horovod_build']}: not built from this checkout's mpi/patch_horovod.py; run mpi/setup.sh"
+    assert made["versions"]["horovod"] == "0.28.1" and made["versions"]["hvdkit"], made
+    assert made["cores"] == len(os.sched_getaffinity(0)), made
+    assert len(made["load_average"]) == len(made["load_average_end"]) == 3 and bench_run.provenance_line(made) in md
     assert (tmp_path / "train-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -295,15 +297,63 @@ def test_combine_gives_each_ratio_per_run_and_the_spread_over_runs(tmp_path):
     md = (tmp_path / "out" / "train-runs.md").read_text()
     assert "| hvdkit-torch / torch-ddp @2 | 1.20x | 0.95x | 1.00x | 1.00x (0.95x-1.20x) |" in md
     assert "Measured on" not in md     # reports from before reports carried their provenance: no footer
-    made = {"commit": "abc", "horovod_build": "horovod-x-k1", "versions": {"horovod": "0.28.1", "torch": None},
-            "python": "3.11.7", "cores": 2, "load_average": [1.5, 2.0, 2.25], "written": "2026-11-29 17:00 UTC"}
+    made = {"commit": "abc", "horovod_build": "horovod-x-k1",
+            "versions": {"hvdkit": "0.1.0", "horovod": "0.28.1", "torch": None}, "python": "3.11.7", "cores": 2,
+            "load_average": [0.5, 1.0, 1.25], "load_average_end": [1.5, 2.0, 2.25], "started": "2026-11-29 17:00 UTC"}
     runs[1]["provenance"] = made
     (tmp_path / "r1" / "train.json").write_text(json.dumps(runs[1]))
     bench_run.bench_combine(str(tmp_path / "out"), [str(tmp_path / f"r{i}") for i in range(3)])
     md = (tmp_path / "out" / "train-runs.md").read_text()
-    assert ("- run 2: Measured on hvdkit abc, Horovod build horovod-x-k1; horovod 0.28.1; Python 3.11.7; 2 cores, "
-            "load average 1.5/2/2.25 (1/5/15 min) when written, 2026-11-29 17:00 UTC.") in md, md
-    assert json.loads((tmp_path / "out" / "train-runs.json").read_text())["provenance"] == [None, made, None]
+    assert ("- run 2: Measured on hvdkit abc, Horovod build horovod-x-k1; horovod 0.28.1; Python 3.11.7; 2 cores; "
+            "load average (1/5/15 min) 0.5/1/1.25 at the start, 1.5/2/2.25 at the end; started 2026-11-29 17:00 UTC."
+            ) in md, md
+    assert json.loads((tmp_path / "out" / "train-runs.json").read_text())["run_provenance"] == [None, made, None]
     (tmp_path / "r2" / "train.json").write_text(json.dumps(report([1], [1], model="mlp")))
     with pytest.raises(bench_run.HvdkitError, match=r"different models \(cnn, mlp\)"):
         bench_run.bench_combine(str(tmp_path / "out"), [str(tmp_path / f"r{i}") for i in range(3)])
+
+
+def test_provenance_names_the_checkout_only_when_the_kit_is_one(tmp_path, monkeypatch):
+    """Commit and "+dirty" (code only, not docs/bench's copies of reports) from the kit's own checkout; None when the
+    kit sits in another project's tree or outside git; the Horovod build from pip's record, else None."""
+    from hvdkit.bench import provenance as prov
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    kit = tmp_path / "kit"
+    (kit / "hvdkit").mkdir(parents=True)
+    (kit / "docs").mkdir()
+    (kit / "hvdkit" / "a.py").write_text("x = 1\n")
+    (kit / "docs" / "t.md").write_text("table\n")
+    monkeypatch.setattr(prov, "_PACKAGE_DIR", str(kit))
+    assert prov._commit() is None                         # not in git at all
+    git("init", "-q", str(kit))
+    git("-C", str(kit), "add", "-A")
+    git("-C", str(kit), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "1")
+    head = subprocess.run(["git", "-C", str(kit), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert prov._commit() == head
+    (kit / "docs" / "t.md").write_text("a newer table\n")
+    assert prov._commit() == head                         # reports copied into docs/ leave the code clean
+    (kit / "hvdkit" / "a.py").write_text("x = 2\n")
+    assert prov._commit() == head + "+dirty"
+    monkeypatch.setattr(prov, "_PACKAGE_DIR", str(kit / "hvdkit"))   # installed inside another project's checkout
+    assert prov._commit() is None
+
+    class Dist:
+        def __init__(self, text):
+            self.text = text
+
+        def read_text(self, name):
+            return self.text
+    for text, build in [(json.dumps({"url": "file:///c/wheels/horovod-0.28.1-py3.11-abc123/horovod-0.28.1-cp311.whl"}),
+                         "horovod-0.28.1-py3.11-abc123"),
+                        (json.dumps({"url": "file:///tmp/horovod-0.28.1-cp311.whl"}), "horovod-0.28.1-cp311.whl"),
+                        (json.dumps({"url": "https://github.com/horovod/horovod", "vcs_info": {}}), None),
+                        (None, None), ("{not json", None), ("[]", None)]:
+        monkeypatch.setattr(prov.metadata, "distribution", lambda name, t=text: Dist(t))
+        assert prov._horovod_build() == build, text
+    monkeypatch.undo()
+    made = prov.provenance()
+    line = prov.provenance_line(prov.finished(dict(made, commit=None, horovod_build=None)))
+    assert line.startswith(f"Measured on hvdkit {made['versions']['hvdkit']}, Horovod build (unknown); "), line

@@ -300,5 +300,47 @@ def test_a_subclassed_model_built_without_its_layers_is_refused_then_trains_once
     model(X[:1])
     result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
     assert result.global_step == 8 and np.isfinite(result.eval["loss"])
-    assert len(model.trainable_variables) == 6 and all(   # trained: every weight moved from its initial value
+    assert len(model.trainable_variables) == 6 and all(   # trained: the biases and BatchNorm's beta left zero
         not np.allclose(v.numpy(), 0) for v in model.trainable_variables if "bias" in v.path or "beta" in v.path)
+
+
+class OwnBuild(keras.Model):
+    """Builds its weighted layers in its own build(); calls Add and Concatenate (which override build only to check
+    shapes, and stay unbuilt until called) and holds a layer it never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right, self.out = keras.layers.Dense(4), keras.layers.Dense(4), keras.layers.Dense(3)
+        self.add, self.cat = keras.layers.Add(), keras.layers.Concatenate()
+        self.unused = keras.layers.Dense(5)
+
+    def build(self, input_shape):
+        self.left.build(input_shape)
+        self.right.build(input_shape)
+        self.out.build((input_shape[0], 8))
+
+    def call(self, x):
+        a, b = self.left(x), self.right(x)
+        return self.out(self.cat([self.add([a, b]), a]))
+
+
+class CalledOnce(OwnBuild):
+    build = keras.layers.Layer.build   # Keras' default: the layers are built by calling the model on a batch
+
+
+@pytest.mark.parametrize("how", ["own build()", "called once"])
+def test_built_models_with_unbuilt_weightless_or_unused_layers_train(how):
+    """Not refused (a first version of the check named add, concatenate and the unused dense): a model with its own
+    build(), and a subclassed model without one once it was called on a batch."""
+    keras.utils.set_random_seed(3)
+    if how == "own build()":
+        model = OwnBuild()
+        model.build((None, 6))
+    else:
+        model = CalledOnce()
+        model(X[:1])
+    adapter = KerasAdapter(model, keras.optimizers.Adam(0.01), LOSS)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
+    assert result.global_step == 8 and np.isfinite(result.eval["loss"])
+    assert len(before) == 6 and all(not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables))

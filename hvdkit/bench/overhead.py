@@ -20,6 +20,7 @@ import tempfile
 from typing import Dict, List
 
 from ..errors import HvdkitError
+from .provenance import provenance
 from .run import _clean_env, _row_env, _spread, _write   # the bench's clean base, spread and writer
 
 TARGET = 0.97
@@ -121,6 +122,7 @@ def bench_overhead(out_dir: str, frameworks: List[str], models: List[str], steps
                    rounds: int = 5, timeout: float = 1800) -> Dict:
     """Run one worker per (framework, model) in a fresh environment; write ``overhead.md``, ``.json``, ``.png``."""
     os.makedirs(out_dir, exist_ok=True)
+    made = provenance()   # before the run: the checkout may change under it
     base, found = _clean_env(), []
     with tempfile.TemporaryDirectory() as tmp:
         for framework in frameworks:
@@ -131,5 +133,5 @@ def bench_overhead(out_dir: str, frameworks: List[str], models: List[str], steps
                 with open(result) as f:
                     found.append(json.load(f))
     report = overhead_report(found)
-    _write(out_dir, "overhead", report, overhead_markdown(report), _plot)
+    _write(out_dir, "overhead", report, overhead_markdown(report), _plot, made)
     return report

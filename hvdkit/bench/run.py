@@ -30,7 +30,7 @@ from typing import Dict, List, Sequence
 from ..errors import HvdkitError
 from ..launch import launch_command
 from .models import BUSY_SHARE
-from .provenance import provenance, provenance_line
+from .provenance import finished, provenance, provenance_line
 
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TORCH_MODES = ["hvdkit-torch", "hvdkit-torch-horovodrun", "hvdkit-torch-gloo", "raw-horovod-torch", "torch-ddp"]
@@ -216,6 +216,7 @@ def bench_allreduce(out_dir: str, sizes: List[int], iters: int, rounds: int = 3,
     its own fresh environment), ``rounds`` interleaved rounds; per size the median over rounds of each round's
     median over ``iters``."""
     os.makedirs(out_dir, exist_ok=True)
+    made = provenance()   # before the run: the checkout may change under it
     base_env = _clean_env()
     impls = list(impls)
     found: Dict[str, List[Dict]] = {impl: [] for impl in impls}
@@ -232,7 +233,7 @@ def bench_allreduce(out_dir: str, sizes: List[int], iters: int, rounds: int = 3,
                 found[impl].append(json.load(f))
     report = dict(_allreduce_report(found, sizes, iters, rounds), probe_ops=probe_ops)
     _warn(report["mismatches"])
-    _write(out_dir, "allreduce", report, _allreduce_markdown(report), _allreduce_plot)
+    _write(out_dir, "allreduce", report, _allreduce_markdown(report), _allreduce_plot, made)
     return report
 
 
@@ -335,6 +336,7 @@ def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, 
     measure: ``{"hvdkit-torch HOROVOD_CACHE_CAPACITY=0": ("hvdkit-torch", {"HOROVOD_CACHE_CAPACITY": "0"})}``),
     interleaved with the others and compared with their mode's row round by round."""
     os.makedirs(out_dir, exist_ok=True)
+    made = provenance()   # before the run: the checkout may change under it
     base_env = _clean_env()
     variants = dict(variants or {})
     base = {**{m: (m, {}) for m in modes}, **variants}   # row name -> (mode, settings)
@@ -354,7 +356,7 @@ def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, 
                 found[(name, world)].append(json.load(f))
     report = dict(_train_report(found, workers, steps, batch, rounds, variants), probe_ops=probe_ops, model=model)
     _warn(report["mismatches"])
-    _write(out_dir, train_name(model), report, _train_markdown(report), _train_plot)
+    _write(out_dir, train_name(model), report, _train_markdown(report), _train_plot, made)
     return report
 
 
@@ -528,8 +530,8 @@ def bench_combine(out_dir: str, run_dirs: List[str], model: str = "cnn") -> Dict
         markdown += "\n" + "\n".join(footers) + "\n"
     name = f"{train_name(model)}-runs"
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(dict(combined, run_dirs=list(run_dirs), provenance=[r.get("provenance") for r in reports]), f,
-                  indent=1)
+        json.dump(dict(combined, run_dirs=list(run_dirs), run_provenance=[r.get("provenance") for r in reports]),
+                  f, indent=1)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(markdown)
     print(markdown)
@@ -537,8 +539,9 @@ def bench_combine(out_dir: str, run_dirs: List[str], model: str = "cnn") -> Dict
     return combined
 
 
-def _write(out_dir: str, name: str, report: Dict, markdown: str, plot) -> None:
-    report["provenance"] = provenance()
+def _write(out_dir: str, name: str, report: Dict, markdown: str, plot, made: Dict) -> None:
+    """Write ``name``.json, .md and .png; ``made``: :func:`provenance` as the bench started."""
+    report["provenance"] = finished(made)
     markdown = f"{markdown.rstrip()}\n\n{provenance_line(report['provenance'])}\n"
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -565,6 +568,7 @@ def bench_zero(out_dir: str, workers: List[int], rounds: int = 3, steps: int = 2
     fresh copy of one environment; every round runs every row (rows interleaved, the order rotated each round);
     each figure is the median over rounds of its largest value over ranks."""
     os.makedirs(out_dir, exist_ok=True)
+    made = provenance()   # before the run: the checkout may change under it
     base_env = _clean_env()
     rows = [(v, w) for w in workers for v in variants]
     runs: Dict[tuple, List[Dict]] = {row: [] for row in rows}
@@ -603,7 +607,7 @@ def bench_zero(out_dir: str, workers: List[int], rounds: int = 3, steps: int = 2
               "optimizer": "Adam", "steps": steps, "batch_per_worker": batch, "rounds": rounds, "workers": workers,
               "variants": list(variants), "launcher": "horovodrun (Gloo); torch-zero: torch.distributed gloo + DDP",
               "results": results}
-    _write(out_dir, "zero", report, _zero_markdown(report), _zero_plot)
+    _write(out_dir, "zero", report, _zero_markdown(report), _zero_plot, made)
     return report
 
 

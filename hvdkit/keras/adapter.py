@@ -171,23 +171,40 @@ def _is_stateful(metric) -> bool:
 
 
 def refuse_unbuilt_layers(model) -> None:
-    """Refuse a model that says it is built while layers that create weights in ``build`` are not.
+    """Refuse a model that says it is built while some of its layers are not, and would get their weights only at
+    the first step: after the optimizer was built over the weights there are and broadcast, so that Keras fails
+    there with "Unknown variable".
 
-    Keras 3 leaves them so when it cannot run a layer on symbolic inputs (numpy in a custom layer's call: the layers
-    after it in a Sequential) or when ``model.build(shape)`` meets a subclassed model without a ``build`` of its own
-    (it warns and marks the model built). Their weights would appear only at the first step, after the optimizer
-    was built and broadcast, and Keras fails there with "Unknown variable". Layers without a ``build`` of their own
-    (Flatten, Dropout, ...) hold no weights and are left to build at their first call.
+    Keras 3 leaves such layers in two cases: a Sequential after a layer it cannot run on symbolic inputs (numpy in
+    a custom layer's call), and a subclassed model without a ``build`` of its own that ``model.build(shape)`` marked
+    built without calling it (Keras warns). Layers that keep Keras' default ``build`` (Flatten, Dropout, ...) hold
+    no weights and are not named; a model with its own ``build``, or one called once on data, is taken as built (a
+    layer it never calls holds no weights).
 
         >>> refuse_unbuilt_layers(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))  # built: passes
+        >>> class Net(keras.Model):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.dense = keras.layers.Dense(2, name="dense")
+        ...     def call(self, x):
+        ...         return self.dense(x)
+        >>> net = Net(); net.build((None, 3))   # Keras warns: no build() of its own
+        >>> refuse_unbuilt_layers(net)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        hvdkit.errors.HvdkitError: the Keras model's layer dense is not built; call the model once on a batch, ...
     """
+    own_build = type(model).build is not keras.layers.Layer.build
+    if not isinstance(model, keras.Sequential) and (own_build or model._called):
+        return
     unbuilt = [layer.name for layer in model._flatten_layers(include_self=False)
                if not layer.built and type(layer).build is not keras.layers.Layer.build]
     if unbuilt:
-        raise HvdkitError(f"the Keras model's layers {', '.join(unbuilt)} are not built; call the model once on a "
-                          "batch, model(x[:1]), before training (or give a custom layer compute_output_shape, a "
-                          "subclassed model a build() that builds its layers); a layer that cannot run on symbolic "
-                          "tensors trains only with KerasFitAdapter on a model compiled with run_eagerly=True")
+        raise HvdkitError(f"the Keras model's {'layers' if len(unbuilt) > 1 else 'layer'} {', '.join(unbuilt)} "
+                          f"{'are' if len(unbuilt) > 1 else 'is'} not built; call the model once on a batch, "
+                          "model(x[:1]), before training (or give a custom layer compute_output_shape, a subclassed "
+                          "model a build() that builds its layers); a layer that cannot run on symbolic tensors "
+                          "trains only with KerasFitAdapter on a model compiled with run_eagerly=True")
+
 
 class KerasAdapter(Adapter):
     """A built Keras 3 model, a Keras optimizer and a mean-reducing ``loss_fn(y_true, y_pred)``.
@@ -250,8 +267,8 @@ class KerasAdapter(Adapter):
         if sync_batchnorm:
             make_sync_batchnorm(self.model)
         if not self.model.built:
-            raise HvdkitError("the Keras model is not built; start it with keras.Input(shape=...) or call "
-                              "model.build(input_shape) before training")
+            raise HvdkitError("the Keras model is not built; call it once on a batch, model(x[:1]), or start it "
+                              "with keras.Input(shape=...), before training")
         refuse_unbuilt_layers(self.model)
         check_model_precision(self.model, precision)  # the dtype policy is fixed when the layers are built
         if shard_optimizer:
