@@ -98,7 +98,7 @@ def test_train_bench_smallest_size(tmp_path):
     assert lever_knobs["HOROVOD_CYCLE_TIME"] == "5"
     assert lever_knobs["HVDKIT_BENCH_REDUCER"] == "buckets", lever_knobs   # the reducer, read back from torch
     assert report["results"]["hvdkit-torch-horovodrun"]["2"]["ran_with"][0]["collectives"]["knobs"] == {
-        "HOROVOD_CYCLE_TIME": "2", "HOROVOD_FUSION_THRESHOLD": None, "HOROVOD_CACHE_CAPACITY": None,
+        "HOROVOD_CYCLE_TIME": "2", "HOROVOD_FUSION_THRESHOLD": "4194304", "HOROVOD_CACHE_CAPACITY": None,
         "OMPI_MCA_mpi_yield_when_idle": "1",     # the kit's defaults (hvdkit/tuning.py)
         "HVDKIT_BENCH_REDUCER": "horovod"}
     assert report["ratios"][f"{lever} / hvdkit-torch-horovodrun @2"]["median"] > 0

@@ -20,7 +20,7 @@ done
 cp "$OUT"/mlp-run1/train-mlp.* "$OUT"/
 "${BENCH[@]}" combine --model mlp --out "$OUT" "$OUT"/mlp-run1 "$OUT"/mlp-run2 "$OUT"/mlp-run3   # train-mlp-runs.*
 LEVERS=(--variant hvdkit-torch:HOROVOD_CYCLE_TIME=1 --variant hvdkit-torch:HOROVOD_CYCLE_TIME=5
-        --variant hvdkit-torch:HOROVOD_CACHE_CAPACITY=0 --variant hvdkit-torch:HOROVOD_FUSION_THRESHOLD=8388608)
+        --variant hvdkit-torch:HOROVOD_CACHE_CAPACITY=0 --variant hvdkit-torch:HOROVOD_FUSION_THRESHOLD=134217728)
 for model in mlp cnn; do                                                       # levers-*.md
   "${BENCH[@]}" train --model "$model" --modes hvdkit-torch,torch-ddp --workers 2 --rounds 3 "${LEVERS[@]}" \
     --out "$OUT/levers-$model"
