@@ -325,7 +325,7 @@ def test_provenance_names_the_checkout_only_when_the_kit_is_one(tmp_path, monkey
     (kit / "docs").mkdir()
     (kit / "hvdkit" / "a.py").write_text("x = 1\n")
     (kit / "docs" / "t.md").write_text("table\n")
-    monkeypatch.setattr(prov, "_PACKAGE_DIR", str(kit))
+    monkeypatch.setattr(prov, "_KIT_ROOT", str(kit))
     assert prov._commit() is None                         # not in git at all
     git("init", "-q", str(kit))
     git("-C", str(kit), "add", "-A")
@@ -337,7 +337,7 @@ def test_provenance_names_the_checkout_only_when_the_kit_is_one(tmp_path, monkey
     assert prov._commit() == head                         # reports copied into docs/ leave the code clean
     (kit / "hvdkit" / "a.py").write_text("x = 2\n")
     assert prov._commit() == head + "+dirty"
-    monkeypatch.setattr(prov, "_PACKAGE_DIR", str(kit / "hvdkit"))   # installed inside another project's checkout
+    monkeypatch.setattr(prov, "_KIT_ROOT", str(kit / "hvdkit"))   # installed inside another project's checkout
     assert prov._commit() is None
 
     class Dist:
@@ -354,6 +354,8 @@ def test_provenance_names_the_checkout_only_when_the_kit_is_one(tmp_path, monkey
         monkeypatch.setattr(prov.metadata, "distribution", lambda name, t=text: Dist(t))
         assert prov._horovod_build() == build, text
     monkeypatch.undo()
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    assert os.path.realpath(prov._KIT_ROOT) == os.path.realpath(REPO) and prov._commit().startswith(head.stdout.strip())
     made = prov.provenance()
     line = prov.provenance_line(prov.finished(dict(made, commit=None, horovod_build=None)))
     assert line.startswith(f"Measured on hvdkit {made['versions']['hvdkit']}, Horovod build (unknown); "), line

@@ -29,7 +29,8 @@ from urllib.parse import unquote, urlparse
 
 from ..doctor.facts import cpu_facts, package_version
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the directory that holds the hvdkit package: a checkout's top when the kit runs from one (editable install)
+_KIT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CODE = ("hvdkit", "mpi", "setup.cfg")   # what "+dirty" is about: not docs/bench's copies of reports
 
 
@@ -49,7 +50,7 @@ def _horovod_build() -> Optional[str]:
 
 def _git(*args: str) -> Optional[str]:
     try:
-        done = subprocess.run(["git", "--no-optional-locks", "-C", _PACKAGE_DIR, *args], capture_output=True,
+        done = subprocess.run(["git", "--no-optional-locks", "-C", _KIT_ROOT, *args], capture_output=True,
                               text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -60,7 +61,7 @@ def _commit() -> Optional[str]:
     """``<sha>`` of the checkout the kit runs from, ``<sha>+dirty`` when its code has uncommitted changes; None when
     the kit is not a checkout of its own (installed into another project's tree, or no git)."""
     top = _git("rev-parse", "--show-toplevel")
-    if top is None or os.path.realpath(top) != os.path.realpath(_PACKAGE_DIR):
+    if top is None or os.path.realpath(top) != os.path.realpath(_KIT_ROOT):
         return None
     head = _git("rev-parse", "--short=12", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *_CODE)
