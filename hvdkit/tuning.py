@@ -27,9 +27,10 @@ HOROVOD_DEFAULTS = {
     # fills the threshold alone is reduced by itself, in place for torch (TF and Gloo still copy it once): memory
     # bandwidth is what a CPU host runs short of. Measured on one host; across a network re-measure (README).
     # Bench wide MLP (6.4 and 16.8 MB weight gradients), 2 workers, hvdkit torch against Horovod's 128 MiB, per
-    # round: 4 MiB 1.12x (1.04-1.14), 1.06x (0.95-1.19); 8 MiB 1.09x, 1.06x; Keras loop 4 MiB 1.00x (TF copies a
-    # lone tensor into its output anyway). The CNN (every tensor < 1 MiB) fuses as before: 8 MiB 0.99x.
-    # README "Tuned defaults", docs/bench/fusion-*.md.
+    # round: 4 MiB 1.12x (1.04-1.14), 1.06x (0.95-1.19), and 128 MiB 0.89x of it under horovodrun; 8 MiB 1.09x,
+    # 1.06x; Keras loop 4 MiB 1.00x (TF copies a lone tensor into its output anyway). The CNN (0.8 MB of gradients
+    # a step) fuses as before: 8 MiB 0.99x. Not in elastic jobs (apply_defaults). README "Tuned defaults",
+    # docs/bench/fusion-*.md.
     "HOROVOD_FUSION_THRESHOLD": str(4 << 20),
 }
 
