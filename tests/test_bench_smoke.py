@@ -125,7 +125,8 @@ def test_train_bench_smallest_size(tmp_path):
     # what it was measured on: this checkout's commit and the Horovod wheel pip installed, named after the build
     # key mpi/setup.sh derives from mpi/patch_horovod.py
     made = report["provenance"]
-    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          timeout=30)
     assert made["commit"].split("+")[0] == head.stdout.strip(), made
     patch = open(os.path.join(REPO, "mpi", "patch_horovod.py"), "rb").read()
     assert made["horovod_build"].endswith("-" + hashlib.sha256(patch).hexdigest()[:12]), \
@@ -319,7 +320,7 @@ def test_provenance_names_the_checkout_only_when_the_kit_is_one(tmp_path, monkey
     from hvdkit.bench import provenance as prov
 
     def git(*args):
-        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, timeout=30)
     kit = tmp_path / "kit"
     (kit / "hvdkit").mkdir(parents=True)
     (kit / "docs").mkdir()
@@ -331,7 +332,7 @@ def test_provenance_names_the_checkout_only_when_the_kit_is_one(tmp_path, monkey
     git("-C", str(kit), "add", "-A")
     git("-C", str(kit), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "1")
     head = subprocess.run(["git", "-C", str(kit), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+                          text=True, timeout=30).stdout.strip()
     assert prov._commit() == head
     (kit / "docs" / "t.md").write_text("a newer table\n")
     assert prov._commit() == head                         # reports copied into docs/ leave the code clean
@@ -354,7 +355,8 @@ def test_provenance_names_the_checkout_only_when_the_kit_is_one(tmp_path, monkey
         monkeypatch.setattr(prov.metadata, "distribution", lambda name, t=text: Dist(t))
         assert prov._horovod_build() == build, text
     monkeypatch.undo()
-    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          timeout=30)
     assert os.path.realpath(prov._KIT_ROOT) == os.path.realpath(REPO) and prov._commit().startswith(head.stdout.strip())
     made = prov.provenance()
     line = prov.provenance_line(prov.finished(dict(made, commit=None, horovod_build=None)))

@@ -193,11 +193,12 @@ def refuse_unbuilt_layers(model) -> None:
         Traceback (most recent call last):
         hvdkit.errors.HvdkitError: the Keras model's layer dense is not built; call the model once on a batch, ...
     """
-    own_build = type(model).build is not keras.layers.Layer.build
-    if not isinstance(model, keras.Sequential) and (own_build or model._called):
+    def own_build(layer):   # Keras' default build creates no weights
+        return type(layer).build is not keras.layers.Layer.build
+    if not isinstance(model, keras.Sequential) and (own_build(model) or model._called):
         return
     unbuilt = [layer.name for layer in model._flatten_layers(include_self=False)
-               if not layer.built and type(layer).build is not keras.layers.Layer.build]
+               if not layer.built and own_build(layer)]
     if unbuilt:
         raise HvdkitError(f"the Keras model's {'layers' if len(unbuilt) > 1 else 'layer'} {', '.join(unbuilt)} "
                           f"{'are' if len(unbuilt) > 1 else 'is'} not built; call the model once on a batch, "
