@@ -38,12 +38,15 @@ def test_two_process_allreduce(shared_runs, launcher, framework):
 def test_idle_job_does_not_spin(shared_runs, launcher):
     """No thread of an idle rank busy-waits: unpatched, under the MPI controller one rank's Horovod background
     thread spent 73-92% of a core here (96-99% on a quiet machine) waiting in the next negotiation
-    (mpi/patch_horovod.py, edit 5); patched, and under Gloo, 3-5%. Load from other processes can only lower a
-    thread's share, never raise it (so on a busy machine an unpatched build may pass; on a quiet one it fails)."""
+    (mpi/patch_horovod.py, edit 5); patched, and under Gloo, 3-5%. A spin holds its core all along, so the smaller
+    share of two windows is checked: once, in CI, a Gloo rank's busiest thread used 40% of a core in a single 2-s
+    window (cause not found; 2-13% in 36 windows here beside 4-5 busy processes). Load from other processes lowers
+    a spinning thread's share, so on a busy machine an unpatched build may pass; on a quiet one it fails."""
     run = shared_runs.get(f"allreduce-torch-{launcher}")
     for rank in range(2):
-        record = json.loads((run.out / f"rank{rank}.json").read_text())
-        assert record["idle_seconds"] >= IDLE_SECONDS
-        share = record["idle_busiest_thread_cpu"] / record["idle_seconds"]
-        assert share < 0.3, (f"rank {rank}: a thread used {share:.0%} of a core while the job sat idle "
-                             f"for {record['idle_seconds']:.1f} s (is mpi/patch_horovod.py's edit 5 built in?)")
+        windows = json.loads((run.out / f"rank{rank}.json").read_text())["idle_windows"]
+        assert len(windows) == 2 and all(window["seconds"] >= IDLE_SECONDS for window in windows)
+        shares = [window["busiest_thread_cpu"] / window["seconds"] for window in windows]
+        assert min(shares) < 0.3, (f"rank {rank}: a thread used {shares[0]:.0%} and {shares[1]:.0%} of a core in two "
+                                   f"{IDLE_SECONDS:.0f}-s windows while the job sat idle (is mpi/patch_horovod.py's "
+                                   f"edit 5 built in?): {windows}")
