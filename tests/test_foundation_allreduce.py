@@ -3,7 +3,8 @@ horovodrun --controller gloo (what elastic jobs run; torch only) and mpirun (Ope
 
 Each is the first run of its framework's shared launch under that launcher (tests/conftest.py, ``shared_runs``):
 it runs before anything else in those workers, so a broken launcher or controller shows here first. The torch
-runs then sit idle for IDLE_SECONDS and report their busiest thread's CPU time (the idle-spin patch).
+runs then sit idle for two windows of IDLE_SECONDS and report, per window, their busiest threads' CPU time (the
+idle-spin patch).
 """
 import json
 
@@ -43,10 +44,11 @@ def test_idle_job_does_not_spin(shared_runs, launcher):
     window (cause not found; 2-13% in 36 windows here beside 4-5 busy processes). Load from other processes lowers
     a spinning thread's share, so on a busy machine an unpatched build may pass; on a quiet one it fails."""
     run = shared_runs.get(f"allreduce-torch-{launcher}")
-    for rank in range(2):
-        windows = json.loads((run.out / f"rank{rank}.json").read_text())["idle_windows"]
-        assert len(windows) == 2 and all(window["seconds"] >= IDLE_SECONDS for window in windows)
-        shares = [window["busiest_thread_cpu"] / window["seconds"] for window in windows]
-        assert min(shares) < 0.3, (f"rank {rank}: a thread used {shares[0]:.0%} and {shares[1]:.0%} of a core in two "
-                                   f"{IDLE_SECONDS:.0f}-s windows while the job sat idle (is mpi/patch_horovod.py's "
-                                   f"edit 5 built in?): {windows}")
+    windows = [json.loads((run.out / f"rank{rank}.json").read_text())["idle_windows"] for rank in range(2)]
+    assert all(len(w) == 2 and all(window["seconds"] >= IDLE_SECONDS for window in w) for w in windows)
+    # per window the busier rank (a spin that moved from one rank to the other still counts), then the calmer window
+    shares = [max(w[i]["busiest_thread_cpu"] / w[i]["seconds"] for w in windows) for i in range(2)]
+    assert min(shares) < 0.3, (f"a thread used {shares[0]:.0%} of a core in the first {IDLE_SECONDS:.0f}-s window "
+                               f"and {shares[1]:.0%} in the second while the job sat idle (under the MPI controller: "
+                               f"is mpi/patch_horovod.py's edit 5 built in?); per rank, window, the two busiest "
+                               f"threads as (CPU s, name, tid - pid): {[[x['busiest'] for x in w] for w in windows]}")

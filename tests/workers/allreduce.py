@@ -38,15 +38,17 @@ record = {"rank": hvd.rank(), "size": hvd.size(), "sum": summed, "average": aver
 
 if idle_seconds:
     # Two windows back to back: a busy wait holds its core in both; a one-off burst (once in CI, a Gloo rank's
-    # thread at 40% of a core; cause not found) touches one
-    hvd.allreduce(value, name="idle.start")   # both ranks start the idle window together
+    # thread at 40% of a core; cause not found) most likely touches one
+    hvd.allreduce(value, name="idle.start")   # both ranks start the first idle window together
     record["idle_windows"] = []
     for _ in range(2):
         before, started = _thread_cpu(), time.perf_counter()   # tid -> (name, CPU seconds), from /proc
         time.sleep(idle_seconds)
         after, seconds = _thread_cpu(), time.perf_counter() - started
-        used = sorted((cpu - before.get(tid, (name, 0.0))[1] for tid, (name, cpu) in after.items()), reverse=True)
-        record["idle_windows"].append({"seconds": seconds, "busiest_thread_cpu": used[0], "next_thread_cpu": used[1]})
+        # each thread as (CPU seconds, name, its tid - the pid: 0 is the main thread, then in order of creation)
+        used = sorted(((cpu - before.get(tid, (name, 0.0))[1], name, int(tid) - os.getpid())
+                       for tid, (name, cpu) in after.items()), reverse=True)
+        record["idle_windows"].append({"seconds": seconds, "busiest_thread_cpu": used[0][0], "busiest": used[:2]})
 
 with open(os.path.join(out_dir, f"rank{hvd.rank()}.json"), "w") as f:
     json.dump(record, f)
