@@ -45,7 +45,8 @@ if idle_seconds:
         before, started = _thread_cpu(), time.perf_counter()   # tid -> (name, CPU seconds), from /proc
         time.sleep(idle_seconds)
         after, seconds = _thread_cpu(), time.perf_counter() - started
-        # each thread as (CPU seconds, name, its tid - the pid: 0 is the main thread, then in order of creation)
+        # each thread as (CPU seconds, name, its tid - the pid: 0 is the main thread; others mostly in order of
+        # creation, negative once thread ids wrapped around)
         used = sorted(((cpu - before.get(tid, (name, 0.0))[1], name, int(tid) - os.getpid())
                        for tid, (name, cpu) in after.items()), reverse=True)
         record["idle_windows"].append({"seconds": seconds, "busiest_thread_cpu": used[0][0], "busiest": used[:2]})
