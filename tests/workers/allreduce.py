@@ -37,8 +37,7 @@ record = {"rank": hvd.rank(), "size": hvd.size(), "sum": summed, "average": aver
           "cpu_ops": horovod_collectives(hvd)["cpu_ops"]}
 
 if idle_seconds:
-    # Two windows back to back: a busy wait holds its core in both; a one-off burst (once in CI, a Gloo rank's
-    # thread at 40% of a core; cause not found) most likely touches one
+    # Two windows back to back: a busy wait holds its core in both; a burst of other load most likely touches one
     hvd.allreduce(value, name="idle.start")   # both ranks start the first idle window together
     record["idle_windows"] = []
     for _ in range(2):
