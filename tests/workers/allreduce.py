@@ -48,7 +48,7 @@ if idle_seconds:
         # creation, negative once thread ids wrapped around)
         used = sorted(((cpu - before.get(tid, (name, 0.0))[1], name, int(tid) - os.getpid())
                        for tid, (name, cpu) in after.items()), reverse=True)
-        record["idle_windows"].append({"seconds": seconds, "busiest_thread_cpu": used[0][0], "busiest": used[:2]})
+        record["idle_windows"].append({"seconds": seconds, "busiest": used[:2]})
 
 with open(os.path.join(out_dir, f"rank{hvd.rank()}.json"), "w") as f:
     json.dump(record, f)
