@@ -82,3 +82,15 @@ def test_divergence_check_names_rank_and_tensor(ranks):
     assert perturbed
     for r in ranks:
         assert "rank 1" in r["divergence_error"] and perturbed in r["divergence_error"]
+
+
+def test_a_second_fit_of_the_same_adapter_continues_the_first(ranks):
+    # 2 epochs, then 1 more with 2-step accumulation (Keras fit: none; it is fixed when the optimizer is built),
+    # against one reference run: momentum and weights carry over, and a second fit wraps nothing twice (torch:
+    # Horovod's optimizer once, its hooks stay on the parameters)
+    for r in ranks:
+        assert "error" not in r["second_fit"], r["second_fit"]
+        assert r["second_fit"]["maxdiff"] < TOLERANCE, r["second_fit"]
+        assert r["second_fit"]["accumulation"] == (1 if r["backend"] == "keras-fit" else 2)
+        # 50 samples, 2 workers x batch 4 x the micro-batches a step: 4 steps with 2, 7 with 1
+        assert r["second_fit"]["steps"] == {2: 4, 1: 7}[r["second_fit"]["accumulation"]], r["second_fit"]

@@ -146,6 +146,9 @@ class TorchAdapter(Adapter):
         self._step_finite, self._grad_norm = True, None
         self._sharded: Optional[ShardedOptimizer] = None
         self._buckets: Optional[GradientBuckets] = None   # reducer="buckets", once prepared at > 1 rank
+        # Horovod's DistributedOptimizer, once a fit wrapped the optimizer in it: its gradient hooks stay on the
+        # parameters for good (Horovod keeps no handle to remove them), so a later fit steps the same wrapper
+        self._horovod_optimizer = None
 
     def default_process(self):
         return HorovodProcess()
@@ -169,6 +172,10 @@ class TorchAdapter(Adapter):
         if clip_grad_norm is not None and self.op == "adasum":
             raise HvdkitError("clip_grad_norm needs op='average': Adasum combines the ranks' parameter updates, "
                               "so there is no averaged gradient to clip")
+        if self._horovod_optimizer is not None and (shard_optimizer or self._buckets_wanted()):
+            raise HvdkitError("this TorchAdapter's earlier fit averaged gradients with Horovod's DistributedOptimizer, "
+                              "whose hooks stay on the parameters; build a new TorchAdapter (and optimizer) for a fit "
+                              "with " + ("shard_optimizer" if shard_optimizer else "reducer='buckets'"))
         if shard_optimizer:
             check_shardable(self.optimizer, self.model, self.op)
         if sync_batchnorm:
@@ -184,18 +191,27 @@ class TorchAdapter(Adapter):
             self._sharded = ShardedOptimizer(self.optimizer, self.process, compression=self.compression, state=kept)
         else:
             self._sharded = None
-            if self.reducer == "buckets" and self.op == "average" and not self._sparse_held():
+            if self._buckets_wanted():
                 self._buckets = self.process.gradient_buckets(self._held_in_model_order(), compression=self.compression,
                                                               bucket_bytes=self.bucket_bytes)
-            if self._buckets is None:
+            if self._horovod_optimizer is not None:   # a second fit: the same wrapper, this fit's accumulation
+                self._horovod_optimizer.set_backward_passes_per_step(accumulation)
+            elif self._buckets is None:
+                user = self.optimizer
                 self.optimizer = self.process.distributed_optimizer(
-                    self.optimizer, self.model.named_parameters(), compression=self.compression,
+                    user, self.model.named_parameters(), compression=self.compression,
                     accumulation=accumulation, op=self.op)
+                if self.optimizer is not user:
+                    self._horovod_optimizer = self.optimizer
         # Horovod's optimizer is a new object, sharing the param-group dicts only until a state dict is loaded
         # into it (broadcast, resume): the scheduler must set the LRs of the optimizer that steps.
         if self.scheduler is not None:
             _point_at(self.scheduler, self.optimizer)
         self.set_lr_factor(lr_factor)
+
+    def _buckets_wanted(self) -> bool:
+        """Does this adapter average with :class:`GradientBuckets` (reducer="buckets"; not Adasum, not sparse)?"""
+        return self.reducer == "buckets" and self.op == "average" and not self._sparse_held()
 
     def _held_in_model_order(self) -> List[torch.Tensor]:
         """The parameters the optimizer steps, in the model's order (param groups may be ordered otherwise, e.g.
