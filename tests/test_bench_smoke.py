@@ -83,7 +83,8 @@ def test_train_bench_smallest_size(tmp_path):
     # the other gradient reducer, which torch must show (hooks on the parameters, not Horovod's wrapper). At 2
     # workers only, for time: the kit's 1-worker step is bench overhead's (below) and a launched 1-worker job's is
     # tests/test_one_worker.py's; the scaling arithmetic is checked without processes
-    modes = ["hvdkit-torch-horovodrun", "hvdkit-keras"]
+    # torch-nocomm (each rank alone, nothing averaged): the ceiling row runs, on one thread, with no collective
+    modes = ["hvdkit-torch-horovodrun", "hvdkit-keras", "torch-nocomm"]
     result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
                    "--workers", "2", "--model", "mlp",
                    "--variant", "hvdkit-torch-horovodrun:HOROVOD_CYCLE_TIME=5,HVDKIT_BENCH_REDUCER=buckets",
@@ -93,6 +94,7 @@ def test_train_bench_smallest_size(tmp_path):
     report = json.loads((tmp_path / "train-mlp.json").read_text())
     lever = "hvdkit-torch-horovodrun HOROVOD_CYCLE_TIME=5 HVDKIT_BENCH_REDUCER=buckets"
     assert list(report["results"]) == modes + [lever] and report["mismatches"] == [] and report["model"] == "mlp"
+    modes = [m for m in modes if m != "torch-nocomm"] + [lever]   # the rows that average, checked alike below
     assert report["variants"] == {lever: {"HOROVOD_CYCLE_TIME": "5", "HVDKIT_BENCH_REDUCER": "buckets"}}
     lever_knobs = report["results"][lever]["2"]["ran_with"][0]["collectives"]["knobs"]
     assert lever_knobs["HOROVOD_CYCLE_TIME"] == "5"
@@ -102,7 +104,10 @@ def test_train_bench_smallest_size(tmp_path):
         "OMPI_MCA_mpi_yield_when_idle": "1",     # the kit's defaults (hvdkit/tuning.py)
         "HVDKIT_BENCH_REDUCER": "horovod"}
     assert report["ratios"][f"{lever} / hvdkit-torch-horovodrun @2"]["median"] > 0
-    modes = modes + [lever]
+    nocomm = report["results"].pop("torch-nocomm")["2"]
+    assert nocomm["median"] > 0 and nocomm["ran_with"][0]["collectives"] == {"backend": "none (each rank alone; 2 ranks)"}
+    assert (nocomm["ran_with"][0]["threads"]["intra_op"], nocomm["ran_with"][0]["threads"]["inter_op"]) == (1, 1)
+    assert report["ratios"]["hvdkit-torch-horovodrun / torch-nocomm @2"]["median"] > 0
     for mode, by_workers in report["results"].items():
         assert set(by_workers) == {"2"}, mode
         for world, row in by_workers.items():
@@ -118,8 +123,9 @@ def test_train_bench_smallest_size(tmp_path):
     md = (tmp_path / "train-mlp.md").read_text()
     assert "| hvdkit-torch-horovodrun |" in md and "wide MLP (784-2048-2048-10" in md
     assert report["launcher"] == {"hvdkit-torch-horovodrun": "horovodrun --mpi", "hvdkit-keras": "mpirun",
-                                  lever: "horovodrun --mpi"}
-    assert f"horovodrun --mpi: hvdkit-torch-horovodrun, {lever}" in md and "mpirun: hvdkit-keras" in md
+                                  "torch-nocomm": "mpirun", lever: "horovodrun --mpi"}
+    assert f"horovodrun --mpi: hvdkit-torch-horovodrun, {lever}" in md and "mpirun: hvdkit-keras, torch-nocomm" in md
+    assert "| torch-nocomm | 2 | torch 1/1 |" in md and "| none (each rank alone; 2 ranks) |" in md
     assert "; buckets reducer |" in md and "; horovod reducer |" in md
     assert "| hvdkit-keras | 2 | TF 1/1 |" in md
     # what it was measured on: this checkout's commit and the Horovod wheel pip installed, named after the build
@@ -206,8 +212,10 @@ def _ran(framework="torch", threads=1, backend=None, controller="mpi", ops="mpi"
 def test_train_report_medians_ratios_scaling_and_mismatches():
     speeds = {("hvdkit-torch", 1): [100, 120, 110], ("torch-ddp", 1): [100, 100, 110],
               ("hvdkit-torch", 2): [180, 180, 200], ("torch-ddp", 2): [200, 150, 200],
-              ("hvdkit-keras", 1): [50, 50, 50], ("hvdkit-keras", 2): [90, 90, 90]}
+              ("hvdkit-keras", 1): [50, 50, 50], ("hvdkit-keras", 2): [90, 90, 90],
+              ("torch-nocomm", 1): [120, 120, 120], ("torch-nocomm", 2): [220, 200, 180]}
     ran = {"hvdkit-torch": _ran(), "torch-ddp": _ran(backend="torch.distributed gloo"),
+           "torch-nocomm": _ran(backend="none (each rank alone; 2 ranks)"),
            "hvdkit-keras": _ran("tensorflow", threads=0, ops="gloo")}     # TF on every core, Gloo ops: not asked
     found = {row: [{"samples_per_sec": v, "ran_with": ran[row[0]]} for v in runs] for row, runs in speeds.items()}
     r = bench_run._train_report(found, [1, 2], steps=2, batch=8, rounds=3)
@@ -215,6 +223,12 @@ def test_train_report_medians_ratios_scaling_and_mismatches():
     assert (torch1["median"], torch1["min"], torch1["max"]) == (110, 100, 120)
     ratio = r["ratios"]["hvdkit-torch / torch-ddp @2"]       # per round: 0.9, 1.2, 1.0
     assert (round(ratio["median"], 6), round(ratio["min"], 6), round(ratio["max"], 6)) == (1.0, 0.9, 1.2)
+    # the ceiling (each rank alone) against DDP, per round 1.1, 1.333, 0.9; the kit against the ceiling; and not
+    # the other way round (a baseline over the ceiling says nothing more)
+    ceiling = r["ratios"]["torch-nocomm / torch-ddp @2"]
+    assert [round(v, 3) for v in ceiling["runs"]] == [1.1, 1.333, 0.9] and round(ceiling["median"], 6) == 1.1
+    assert [round(v, 3) for v in r["ratios"]["hvdkit-torch / torch-nocomm @2"]["runs"]] == [0.818, 0.9, 1.111]
+    assert "torch-ddp / torch-nocomm @2" not in r["ratios"] and "hvdkit-keras / torch-nocomm @2" not in r["ratios"]
     scaling = r["scaling_efficiency"]["hvdkit-torch"]["2"]   # per round: 180/200, 180/240, 200/220
     assert round(scaling["median"], 6) == round(180 / 200, 6) and round(scaling["min"], 6) == 0.75
     assert r["scaling_efficiency"]["hvdkit-keras"]["2"]["median"] == 0.9

@@ -13,7 +13,7 @@ for i in 1 2 3; do                                                             #
 done
 cp "$OUT"/cnn-run1/train.* "$OUT"/                                             # train.*: the first run
 "${BENCH[@]}" combine --out "$OUT" "$OUT"/cnn-run1 "$OUT"/cnn-run2 "$OUT"/cnn-run3   # train-runs.*
-TORCH=hvdkit-torch,hvdkit-torch-horovodrun,raw-horovod-torch,torch-ddp
+TORCH=hvdkit-torch,hvdkit-torch-horovodrun,raw-horovod-torch,torch-ddp,torch-nocomm
 for i in 1 2 3; do                                                             # the wide MLP, three runs
   "${BENCH[@]}" train --model mlp --modes "$TORCH" --rounds 2 --out "$OUT/mlp-run$i"
 done

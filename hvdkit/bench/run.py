@@ -33,8 +33,12 @@ from .models import BUSY_SHARE
 from .provenance import finished, provenance, provenance_line
 
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
-TORCH_MODES = ["hvdkit-torch", "hvdkit-torch-horovodrun", "hvdkit-torch-gloo", "raw-horovod-torch", "torch-ddp"]
+TORCH_MODES = ["hvdkit-torch", "hvdkit-torch-horovodrun", "hvdkit-torch-gloo", "raw-horovod-torch", "torch-ddp",
+               "torch-nocomm"]
 KERAS_MODES = ["hvdkit-keras", "hvdkit-keras-loop", "raw-horovod-tf", "tf-mwms"]  # hvdkit-keras: model.fit
+# rows that average nothing (each rank trains alone): what no data-parallel row can beat; compared with every other
+# baseline ("torch-nocomm / torch-ddp": the most any reducer could be over DDP on this machine)
+CEILING_MODES = ["torch-nocomm"]
 ZERO_VARIANTS = ["hvdkit", "hvdkit-sharded", "torch-zero"]
 
 # What every row must read back (``ran_with`` of hvdkit.bench.models): compute threads, and its collectives
@@ -72,6 +76,7 @@ def _launch_label(mode: str) -> str:
 TRAIN_EXPECT = {"hvdkit-torch": HOROVOD_MPI, "hvdkit-torch-horovodrun": HOROVOD_MPI, "hvdkit-torch-gloo": HOROVOD_GLOO,
                 "raw-horovod-torch": HOROVOD_MPI,
                 "torch-ddp": {"threads": 1, "backend": "torch.distributed gloo"},
+                "torch-nocomm": {"threads": 1, "backend": "none"},
                 "hvdkit-keras": HOROVOD_MPI, "hvdkit-keras-loop": HOROVOD_MPI, "raw-horovod-tf": HOROVOD_MPI,
                 "tf-mwms": {"threads": 1, "backend": "tf.distribute collective ops"}}
 # --probe-ops: Horovod rows keep a dynamic timeline, in which the workers record one allreduce after the measurement:
@@ -404,6 +409,10 @@ def _train_report(found: Dict[tuple, List[Dict]], workers: List[int], steps: int
             for other in (n for n in present if not n.startswith("hvdkit")):
                 for w in map(str, workers):
                     ratios[f"{ours} / {other} @{w}"] = per_round(ours, other, w)
+        for ceiling in (n for n in present if mode_of[n] in CEILING_MODES):
+            for other in (n for n in present if not n.startswith("hvdkit") and mode_of[n] not in CEILING_MODES):
+                for w in map(str, workers):
+                    ratios[f"{ceiling} / {other} @{w}"] = per_round(ceiling, other, w)
     for name, (mode, _) in variants.items():   # a lever against the same mode without it
         if mode in results:
             for w in map(str, workers):

@@ -1,6 +1,6 @@
 """One rank of ``hvdkit bench train`` (run under mpirun): one way of training the same model.
 
-argv: MODE OUT_JSON STEPS BATCH [MODEL]; MODE one of hvdkit-torch, raw-horovod-torch, torch-ddp,
+argv: MODE OUT_JSON STEPS BATCH [MODEL]; MODE one of hvdkit-torch, raw-horovod-torch, torch-ddp, torch-nocomm,
 hvdkit-keras, raw-horovod-tf, tf-mwms; MODEL ``cnn`` (default: the small CNN) or ``mlp`` (a wide MLP).
 Every mode trains on synthetic 28x28 images with batch BATCH per worker, one compute thread per worker, for one warm-up pass of STEPS steps and one timed
 pass of STEPS steps; rank 0 writes {"samples_per_sec": ..., "ran_with": ...} for the timed pass, ``ran_with``
@@ -52,7 +52,10 @@ def shard():
     return x[RANK::WORLD], y[RANK::WORLD]
 
 
-def timed_torch_loop(model, opt, x, y):
+def timed_torch_loop(model, opt, x, y, start_together=None, slowest=None):
+    """Samples/s over every rank of a timed pass after a warm-up pass. ``start_together()`` (a barrier) before the
+    timed pass and ``slowest(seconds)`` (the longest pass over the ranks) are for ranks that never synchronize
+    otherwise (torch-nocomm); a synchronizing job's ranks finish together anyway."""
     import torch
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     loss_fn = torch.nn.functional.cross_entropy
@@ -63,9 +66,12 @@ def timed_torch_loop(model, opt, x, y):
             loss_fn(model(xs[s * BATCH:(s + 1) * BATCH]), ys[s * BATCH:(s + 1) * BATCH]).backward()
             opt.step()
     one_pass()
+    if start_together is not None:
+        start_together()
     start = time.perf_counter()
     one_pass()
-    return STEPS * BATCH * WORLD / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return STEPS * BATCH * WORLD / (slowest(elapsed) if slowest is not None else elapsed)
 
 
 def hvdkit_torch():
@@ -123,6 +129,23 @@ def torch_ddp():
     speed = timed_torch_loop(model, opt, *shard())
     write(speed, ran_with("torch", cpu.busy(), {"backend": f"torch.distributed {dist.get_backend()}"}))
     dist.destroy_process_group()
+
+
+def torch_nocomm():
+    """Each worker trains its shard alone, nothing averaged: the same compute as every data-parallel row, without
+    communication and without waiting for the slower rank, so what no reducer can beat (the ceiling of a ratio to
+    DDP). MPI (mpi4py) only lines the ranks' timed passes up and takes the slowest one's time."""
+    import torch
+    from mpi4py import MPI
+    pin_torch_threads(1)
+    comm = MPI.COMM_WORLD
+    torch.manual_seed(0)
+    model = torch_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR * WORLD, momentum=0.9)
+    cpu = CpuThreads()
+    speed = timed_torch_loop(model, opt, *shard(), start_together=comm.Barrier,
+                             slowest=lambda seconds: comm.allreduce(seconds, op=MPI.MAX))
+    write(speed, ran_with("torch", cpu.busy(), {"backend": f"none (each rank alone; {comm.Get_size()} ranks)"}))
 
 
 def hvdkit_keras(mode="fit"):
@@ -204,6 +227,7 @@ def tf_mwms():
 MODES = {"hvdkit-torch": hvdkit_torch, "hvdkit-torch-horovodrun": hvdkit_torch,   # the launcher differs (run.py)
          "hvdkit-torch-gloo": hvdkit_torch,
          "raw-horovod-torch": raw_horovod_torch, "torch-ddp": torch_ddp,
+         "torch-nocomm": torch_nocomm,
          "hvdkit-keras": hvdkit_keras, "hvdkit-keras-loop": lambda: hvdkit_keras("loop"),
          "raw-horovod-tf": raw_horovod_tf, "tf-mwms": tf_mwms}
 
