@@ -97,6 +97,25 @@ def test_every_elementwise_optimizer_shards_alike(name):
     assert max_diff(finals[0], zc.keras_flat(zc.keras_model())) > 1e-3
 
 
+@pytest.mark.parametrize("mode,first,second", [("loop", True, False), ("fit", True, False), ("loop", True, True),
+                                               ("loop", False, True)])
+def test_a_second_fit_keeps_the_optimizer_state_sharded_or_not(mode, first, second):
+    """Two fits of one adapter, each sharded or not: the second steps from the first's Adam state (a sharded fit
+    before an unsharded one used to leave the user's optimizer with the state it had before)."""
+    def two_fits(first, second, fresh_state=False):
+        model = zc.keras_model()
+        adapter = zc.keras_adapter(mode, model, zc.keras_optimizer_for("adam"))
+        for shard in (first, second):
+            if fresh_state and shard is second:
+                adapter.optimizer = zc.keras_optimizer_for("adam")   # what dropping the state did
+            Trainer(adapter, TrainConfig(**dict(zc.QUIET, batch_size=4, epochs=1), shard_optimizer=shard),
+                    process=LocalProcess()).fit(zc.data())
+        return zc.keras_flat(model)
+    reference = two_fits(False, False)
+    assert max_diff(two_fits(False, False, fresh_state=True), reference) > 1e-3   # the state matters here
+    assert max_diff(two_fits(first, second), reference) <= 1e-5
+
+
 def test_the_applied_lr_is_the_schedule_times_the_factor():
     """Read where the update step receives it (lr_checks.LrProbe, unchanged): schedule(step) x a factor ramped
     from 1 to 3 over 4 steps."""

@@ -156,6 +156,24 @@ def test_a_skipped_nonfinite_step_is_skipped_alike():
     assert np.abs(finals[0] - finals[1]).max() <= 1e-6
 
 
+@pytest.mark.parametrize("first,second", [(True, True), (True, False), (False, True)])
+def test_a_second_fit_keeps_the_optimizer_state_sharded_or_not(first, second):
+    """Two fits of one adapter, each sharded or not: the second steps from the first's Adam state (a sharded fit
+    before an unsharded one used to drop it: the user's optimizer holds none while sharded)."""
+    def two_fits(first, second, fresh_state=False):
+        net = zc.model()
+        adapter = TorchAdapter(net, zc.optimizer_for("adam", net), torch.nn.functional.cross_entropy)
+        for shard in (first, second):
+            if fresh_state and shard is second:
+                adapter.optimizer.state.clear()   # what dropping the state did
+            Trainer(adapter, TrainConfig(**dict(zc.QUIET, batch_size=4), shard_optimizer=shard),
+                    process=LocalProcess()).fit(zc.data())
+        return zc.flat(net)
+    reference = two_fits(False, False)
+    assert np.abs(two_fits(False, False, fresh_state=True) - reference).max() > 1e-3   # the state matters here
+    assert np.abs(two_fits(first, second) - reference).max() <= 1e-5
+
+
 def uninterrupted_reference():
     """The checkpoint scenario's run, unsharded and in one go, at one worker on the same global batch."""
     net, _, result = zc.fit("adam", False, process=LocalProcess(), batchnorm=False, lr_scaling="none",

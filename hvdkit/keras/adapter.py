@@ -272,11 +272,11 @@ class KerasAdapter(Adapter):
                               "with keras.Input(shape=...), before training")
         refuse_unbuilt_layers(self.model)
         check_model_precision(self.model, precision)  # the dtype policy is fixed when the layers are built
+        # a sharded fit before this one: its state, gathered at its end, goes on in this fit, sharded or not
+        earlier = self._sharded if self._sharded is not None and self._sharded.gathered() else None
         if shard_optimizer:
             from .zero import ShardedOptimizer   # here: zero.py builds on this module's LrScaling and UpdateGate
-            # a second fit keeps the state of the first (gathered by its last commit)
-            kept = ({"state": self._sharded.known_state()} if self._sharded is not None and self._sharded.gathered()
-                    else {})
+            kept = {"state": earlier.known_state()} if earlier is not None else {}
             self._sharded = ShardedOptimizer(
                 self.optimizer, self.model.trainable_variables, self.process, compression=self.compression,
                 clip_grad_norm=clip_grad_norm, check_finite=self.nonfinite != "off",
@@ -285,6 +285,13 @@ class KerasAdapter(Adapter):
             self._sharded = None
             # Optimizer variables exist only once built; build now so they can be broadcast (horovod #2652).
             self.optimizer.build(self.model.trainable_variables)
+            if earlier is not None:   # the unsharded arrays, in the order of optimizer.variables (as a checkpoint)
+                state = earlier.full_state()
+                if len(state) != len(self.optimizer.variables):
+                    raise HvdkitError(f"the earlier sharded fit left {len(state)} optimizer variables, this optimizer "
+                                      f"has {len(self.optimizer.variables)}; build a new adapter for this fit")
+                for variable, value in zip(self.optimizer.variables, state):
+                    variable.assign(value)
             self._lr = LrScaling.of(self.optimizer)
             # a later fit with the check off must not hand over (or gate on) the norm the earlier one checked
             self._gate = UpdateGate.of(self.optimizer) if self.nonfinite != "off" else None

@@ -184,13 +184,15 @@ class TorchAdapter(Adapter):
         if self._buckets is not None:   # prepared again (a second fit): one set of hooks
             self._buckets.remove()
             self._buckets = None
+        # a sharded fit before this one: its state, gathered at its end, goes on in this fit, sharded or not
+        kept = self._sharded.full_state_dict() if self._sharded is not None and self._sharded.gathered() else None
         if shard_optimizer:
-            # no Horovod wrapper (no per-parameter allreduce hooks): the sharded step reduce-scatters. A second
-            # fit keeps the state of the first (gathered by its last commit).
-            kept = self._sharded.full_state_dict() if self._sharded is not None and self._sharded.gathered() else None
+            # no Horovod wrapper (no per-parameter allreduce hooks): the sharded step reduce-scatters
             self._sharded = ShardedOptimizer(self.optimizer, self.process, compression=self.compression, state=kept)
         else:
             self._sharded = None
+            if kept is not None:   # (the optimizer is the user's: a sharded fit never wraps it)
+                self.optimizer.load_state_dict(kept)
             if self._buckets_wanted():
                 self._buckets = self.process.gradient_buckets(self._held_in_model_order(), compression=self.compression,
                                                               bucket_bytes=self.bucket_bytes)
