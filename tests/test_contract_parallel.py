@@ -94,3 +94,17 @@ def test_a_second_fit_of_the_same_adapter_continues_the_first(ranks):
         assert r["second_fit"]["accumulation"] == (1 if r["backend"] == "keras-fit" else 2)
         # 50 samples, 2 workers x batch 4 x the micro-batches a step: 4 steps with 2, 7 with 1
         assert r["second_fit"]["steps"] == {2: 4, 1: 7}[r["second_fit"]["accumulation"]], r["second_fit"]
+        # the first fit sharded (ZeRO), the second not: the same result, from the first's gathered state
+        assert r["second_fit_after_sharded"].get("maxdiff", 1.0) < TOLERANCE, r["second_fit_after_sharded"]
+
+
+def test_a_sharded_fit_after_a_horovod_wrapped_one_is_refused_in_one_line(ranks):
+    # torch only: Horovod's DistributedOptimizer leaves its hooks on the parameters for good (2 workers: wrapped)
+    if ranks[0]["backend"] != "torch":
+        pytest.skip("torch only: the Keras adapters wrap no optimizer")
+    for r in ranks:
+        message = r["sharded_after_wrapped"]
+        assert message and "\n" not in message and "build a new TorchAdapter" in message, message
+        # a layer unfrozen after the first fit: Horovod's wrapper averages a fixed set of parameters
+        message = r["unfrozen_after_wrapped"]
+        assert message and "\n" not in message and "require grad" in message and "new TorchAdapter" in message, message

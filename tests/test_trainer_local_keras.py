@@ -177,6 +177,24 @@ def test_fit_refuses_several_steps_per_execution():
         KerasFitAdapter(model)
 
 
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_fit_refuses_another_accumulation_on_an_optimizer_built_by_an_earlier_fit(first, second):
+    """Keras fixes gradient_accumulation_steps when its optimizer is built: a second fit asking another one would
+    silently apply every first-th step (or be refused with a reason that did not say so)."""
+    model, optimizer = build()
+    model.compile(optimizer=optimizer, loss=LOSS)
+    adapter = KerasFitAdapter(model)
+    Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, accumulation=first)), process=LocalProcess()).fit((X, Y))
+    before = flat(model)
+    with pytest.raises(HvdkitError, match=rf"^gradient accumulation {second} on a Keras optimizer built \(by an "
+                                          rf"earlier fit\) for {first}; .* or keep accumulation={first}$"):
+        Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, accumulation=second)), process=LocalProcess()).fit((X, Y))
+    assert np.array_equal(flat(model), before)   # refused before any step
+    result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, accumulation=first)),
+                     process=LocalProcess()).fit((X, Y))
+    assert result.global_step == -(-30 // (4 * first))   # the same accumulation still trains
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_the_loop_step_is_traced_once_for_every_batch_size(accumulation):
     """30 samples in batches of 4: every epoch ends on a batch of 2 (with accumulation 2, a step of micro-batches of

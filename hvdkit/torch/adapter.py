@@ -148,7 +148,7 @@ class TorchAdapter(Adapter):
         self._buckets: Optional[GradientBuckets] = None   # reducer="buckets", once prepared at > 1 rank
         # Horovod's DistributedOptimizer, once a fit wrapped the optimizer in it: its gradient hooks stay on the
         # parameters for good (Horovod keeps no handle to remove them), so a later fit steps the same wrapper
-        self._horovod_optimizer = None
+        self._horovod_optimizer, self._wrapped_user = None, None
 
     def default_process(self):
         return HorovodProcess()
@@ -191,25 +191,41 @@ class TorchAdapter(Adapter):
             self._sharded = ShardedOptimizer(self.optimizer, self.process, compression=self.compression, state=kept)
         else:
             self._sharded = None
-            if kept is not None:   # (the optimizer is the user's: a sharded fit never wraps it)
-                self.optimizer.load_state_dict(kept)
             if self._buckets_wanted():
                 self._buckets = self.process.gradient_buckets(self._held_in_model_order(), compression=self.compression,
                                                               bucket_bytes=self.bucket_bytes)
             if self._horovod_optimizer is not None:   # a second fit: the same wrapper, this fit's accumulation
-                self._horovod_optimizer.set_backward_passes_per_step(accumulation)
+                self._reuse_horovod_optimizer(accumulation)
             elif self._buckets is None:
                 user = self.optimizer
                 self.optimizer = self.process.distributed_optimizer(
                     user, self.model.named_parameters(), compression=self.compression,
                     accumulation=accumulation, op=self.op)
                 if self.optimizer is not user:
-                    self._horovod_optimizer = self.optimizer
+                    self._horovod_optimizer, self._wrapped_user = self.optimizer, user
+            if kept is not None:   # into the optimizer that steps (Horovod's wrapper starts with an empty state)
+                self.optimizer.load_state_dict(kept)
         # Horovod's optimizer is a new object, sharing the param-group dicts only until a state dict is loaded
         # into it (broadcast, resume): the scheduler must set the LRs of the optimizer that steps.
         if self.scheduler is not None:
             _point_at(self.scheduler, self.optimizer)
         self.set_lr_factor(lr_factor)
+
+    def _reuse_horovod_optimizer(self, accumulation: int) -> None:
+        """A later fit steps the wrapper of the first, whose hooks and parameter list Horovod fixed when it wrapped:
+        refused in one line if the parameters it would average changed since (a layer unfrozen for fine-tuning would
+        step on each rank's own gradient, and the ranks would drift apart without a word)."""
+        wrapper = self._horovod_optimizer
+        held = [id(p) for group in wrapper.param_groups for p in group["params"]]
+        trainable = {id(p) for group in wrapper.param_groups for p in group["params"] if p.requires_grad}
+        if (self.optimizer is not wrapper or trainable != {id(p) for p in wrapper._requires_update}
+                or held != [id(p) for group in self._wrapped_user.param_groups for p in group["params"]]):
+            raise HvdkitError("the parameters this TorchAdapter's optimizer steps, or which of them require grad, "
+                              "changed since its first fit, whose Horovod DistributedOptimizer averages a fixed set; "
+                              "build a new TorchAdapter (and optimizer) for this fit")
+        wrapper.set_backward_passes_per_step(accumulation)
+        # a fit that raised between backward and the step leaves its allreduce handles behind: not this fit's
+        wrapper._handles, wrapper._synchronized, wrapper._should_synchronize = {}, False, True
 
     def _buckets_wanted(self) -> bool:
         """Does this adapter average with :class:`GradientBuckets` (reducer="buckets"; not Adasum, not sparse)?"""

@@ -201,6 +201,33 @@ try:
                             "accumulation": SECOND_ACCUMULATION}
 except Exception as e:   # named in the record: the test shows it
     record["second_fit"] = {"error": f"{type(e).__name__}: {e}"}
+# the same two fits, the first with the optimizer state sharded (ZeRO): the second, unsharded, goes on from its
+# gathered state (torch: into Horovod's wrapper, which starts empty)
+model, opt = B.model_and_opt(seed=123 + 1000 * LAUNCH_RANK)
+adapter = B.adapter(model, opt)
+try:
+    Trainer(adapter, TrainConfig(epochs=2, batch_size=4, shard_optimizer=True, **quiet)).fit((X, Y))
+    Trainer(adapter, TrainConfig(epochs=1, batch_size=4, accumulation=SECOND_ACCUMULATION, **quiet)).fit((X, Y))
+    record["second_fit_after_sharded"] = {"maxdiff": float(np.abs(B.flat(model) - B.flat(ref)).max())}
+except Exception as e:
+    record["second_fit_after_sharded"] = {"error": f"{type(e).__name__}: {e}"}
+if backend_name == "torch":   # after a fit on Horovod's optimizer (its hooks stay): a sharded fit is refused
+    try:
+        Trainer(adapter, TrainConfig(epochs=1, batch_size=4, shard_optimizer=True, **quiet)).fit((X, Y))
+        record["sharded_after_wrapped"] = None
+    except HvdkitError as e:
+        record["sharded_after_wrapped"] = str(e)
+    # fine-tuning: a layer frozen in the first fit, unfrozen for the second; Horovod's wrapper would not average it
+    model, opt = B.model_and_opt(seed=123)
+    model[0].weight.requires_grad_(False)
+    adapter = B.adapter(model, opt)
+    Trainer(adapter, TrainConfig(epochs=1, batch_size=4, **quiet)).fit((X, Y))
+    model[0].weight.requires_grad_(True)
+    try:
+        Trainer(adapter, TrainConfig(epochs=1, batch_size=4, **quiet)).fit((X, Y))
+        record["unfrozen_after_wrapped"] = None
+    except HvdkitError as e:
+        record["unfrozen_after_wrapped"] = str(e)
 
 # 6. Divergence check: make rank 1 differ on purpose; the check must name the rank and the tensor.
 model, opt = B.model_and_opt(seed=5)
