@@ -187,12 +187,22 @@ def test_fit_refuses_another_accumulation_on_an_optimizer_built_by_an_earlier_fi
     Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, accumulation=first)), process=LocalProcess()).fit((X, Y))
     before = flat(model)
     with pytest.raises(HvdkitError, match=rf"^gradient accumulation {second} on a Keras optimizer built \(by an "
-                                          rf"earlier fit\) for {first}; .* or keep accumulation={first}$"):
+                                          rf"earlier fit, or before this one\) for {first}; .* or keep "
+                                          rf"accumulation={first}$"):
         Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, accumulation=second)), process=LocalProcess()).fit((X, Y))
     assert np.array_equal(flat(model), before)   # refused before any step
     result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1, accumulation=first)),
                      process=LocalProcess()).fit((X, Y))
     assert result.global_step == -(-30 // (4 * first))   # the same accumulation still trains
+
+
+def test_fit_refuses_an_accumulation_the_optimizer_was_given_otherwise():
+    model, optimizer = build()
+    optimizer.gradient_accumulation_steps = 4   # Keras would apply every 4th step while the kit counts each
+    model.compile(optimizer=optimizer, loss=LOSS)
+    with pytest.raises(HvdkitError, match=r"^the optimizer's gradient_accumulation_steps=4 differs from "
+                                          r"accumulation=1; leave it unset and pass accumulation=4 to TrainConfig$"):
+        Trainer(KerasFitAdapter(model), TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y))
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -95,13 +95,16 @@ class KerasFitAdapter(KerasAdapter):
 
     def prepare(self, lr_factor: float, accumulation: int, sync_batchnorm: bool = False,
                 clip_grad_norm=None, precision: str = "fp32", shard_optimizer: bool = False) -> None:
-        built_with = int(getattr(self.optimizer, "gradient_accumulation_steps", None) or 1)
-        if self.optimizer.built and not shard_optimizer and built_with != accumulation:
-            # Keras fixes its accumulation when the optimizer is built (an earlier fit): it would apply every
-            # built_with-th step, whatever this fit asks
-            raise HvdkitError(f"gradient accumulation {accumulation} on a Keras optimizer built (by an earlier fit) "
-                              f"for {built_with}; compile the model with a new optimizer and make a new adapter "
-                              f"for this fit, or keep accumulation={built_with}")
+        steps = int(getattr(self.optimizer, "gradient_accumulation_steps", None) or 1)
+        if not shard_optimizer and steps != accumulation:
+            # Keras applies every steps-th update, whatever this fit asks; it fixes that when the optimizer is built
+            if self.optimizer.built:
+                raise HvdkitError(f"gradient accumulation {accumulation} on a Keras optimizer built (by an earlier "
+                                  f"fit, or before this one) for {steps}; compile the model with a new optimizer "
+                                  f"and make a new adapter for this fit, or keep accumulation={steps}")
+            if steps > 1:   # set on the optimizer by its user
+                raise HvdkitError(f"the optimizer's gradient_accumulation_steps={steps} differs from accumulation="
+                                  f"{accumulation}; leave it unset and pass accumulation={steps} to TrainConfig")
         if accumulation > 1 and not shard_optimizer:   # sharded: the sharded step accumulates
             # Keras accumulates k micro-batch gradients and applies their mean every k-th call.
             self.optimizer.gradient_accumulation_steps = accumulation

@@ -218,14 +218,19 @@ class TorchAdapter(Adapter):
         wrapper = self._horovod_optimizer
         held = [id(p) for group in wrapper.param_groups for p in group["params"]]
         trainable = {id(p) for group in wrapper.param_groups for p in group["params"] if p.requires_grad}
-        if (self.optimizer is not wrapper or trainable != {id(p) for p in wrapper._requires_update}
+        hooked = {id(p) for p in wrapper._requires_update}   # empty where Horovod registered no hooks (one rank)
+        if (self.optimizer is not wrapper or (wrapper._grad_accs and trainable != hooked)
                 or held != [id(p) for group in self._wrapped_user.param_groups for p in group["params"]]):
             raise HvdkitError("the parameters this TorchAdapter's optimizer steps, or which of them require grad, "
                               "changed since its first fit, whose Horovod DistributedOptimizer averages a fixed set; "
                               "build a new TorchAdapter (and optimizer) for this fit")
+        if any(handle is not None for handle, _ in wrapper._handles.values()):
+            # an earlier fit raised between backward and the step: allreduces in flight (and, under Adasum,
+            # parameters holding a partial update) that no later step may mix with its own
+            raise HvdkitError("this TorchAdapter's earlier fit stopped between the backward pass and the optimizer "
+                              "step; build a new TorchAdapter (and optimizer), from your last checkpoint, for this fit")
+        wrapper._handles.clear()   # (entries without a handle: an accumulation's passes before its last)
         wrapper.set_backward_passes_per_step(accumulation)
-        # a fit that raised between backward and the step leaves its allreduce handles behind: not this fit's
-        wrapper._handles, wrapper._synchronized, wrapper._should_synchronize = {}, False, True
 
     def _buckets_wanted(self) -> bool:
         """Does this adapter average with :class:`GradientBuckets` (reducer="buckets"; not Adasum, not sparse)?"""
