@@ -88,14 +88,23 @@ def test_train_bench_smallest_size(tmp_path):
     result = bench("train", "--modes", ",".join(modes), "--steps", "2", "--batch", "8", "--rounds", "1",
                    "--workers", "2", "--model", "mlp",
                    "--variant", "hvdkit-torch-horovodrun:HOROVOD_CYCLE_TIME=5,HVDKIT_BENCH_REDUCER=buckets",
+                   "--variant", "torch-nocomm:HVDKIT_BENCH_BIND=core",
                    "--out", str(tmp_path))
     assert result.returncode == 0, explain(result)
     assert not (tmp_path / "train.json").exists()    # the CNN's report name: an MLP run leaves it alone
     report = json.loads((tmp_path / "train-mlp.json").read_text())
     lever = "hvdkit-torch-horovodrun HOROVOD_CYCLE_TIME=5 HVDKIT_BENCH_REDUCER=buckets"
-    assert list(report["results"]) == modes + [lever] and report["mismatches"] == [] and report["model"] == "mlp"
+    bound = "torch-nocomm HVDKIT_BENCH_BIND=core"
+    assert list(report["results"]) == modes + [lever, bound] and report["mismatches"] == [], report["mismatches"]
+    assert report["model"] == "mlp"
     modes = [m for m in modes if m != "torch-nocomm"] + [lever]   # the rows that average, checked alike below
-    assert report["variants"] == {lever: {"HOROVOD_CYCLE_TIME": "5", "HVDKIT_BENCH_REDUCER": "buckets"}}
+    assert report["variants"] == {lever: {"HOROVOD_CYCLE_TIME": "5", "HVDKIT_BENCH_REDUCER": "buckets"},
+                                  bound: {"HVDKIT_BENCH_BIND": "core"}}
+    # the binding lever: mpirun --bind-to core puts rank 0 on one CPU, read back from the kernel; the kit's
+    # --bind-to none leaves it every CPU this test may use
+    assert len(report["results"].pop(bound)["2"]["ran_with"][0]["cpus_allowed"]) == 1
+    assert report["results"]["torch-nocomm"]["2"]["ran_with"][0]["cpus_allowed"] == sorted(os.sched_getaffinity(0))
+    assert "| CPUs allowed |" in (tmp_path / "train-mlp.md").read_text()
     lever_knobs = report["results"][lever]["2"]["ran_with"][0]["collectives"]["knobs"]
     assert lever_knobs["HOROVOD_CYCLE_TIME"] == "5"
     assert lever_knobs["HVDKIT_BENCH_REDUCER"] == "buckets", lever_knobs   # the reducer, read back from torch
@@ -123,7 +132,7 @@ def test_train_bench_smallest_size(tmp_path):
     md = (tmp_path / "train-mlp.md").read_text()
     assert "| hvdkit-torch-horovodrun |" in md and "wide MLP (784-2048-2048-10" in md
     assert report["launcher"] == {"hvdkit-torch-horovodrun": "horovodrun --mpi", "hvdkit-keras": "mpirun",
-                                  "torch-nocomm": "mpirun", lever: "horovodrun --mpi"}
+                                  "torch-nocomm": "mpirun", lever: "horovodrun --mpi", bound: "mpirun"}
     assert f"horovodrun --mpi: hvdkit-torch-horovodrun, {lever}" in md and "mpirun: hvdkit-keras, torch-nocomm" in md
     assert "| torch-nocomm | 2 | torch 1/1 |" in md and "| none (each rank alone; 2 ranks) |" in md
     assert "; buckets reducer |" in md and "; horovod reducer |" in md
@@ -203,6 +212,17 @@ def test_a_lever_of_a_mode_not_benched_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_binding_lever_on_a_row_not_under_mpirun_is_one_line(tmp_path):
+    # horovodrun starts its own mpirun with --bind-to none (or no mpirun at all, under Gloo): nothing to bind
+    result = bench("train", "--modes", "hvdkit-torch-horovodrun", "--variant",
+                   "hvdkit-torch-horovodrun:HVDKIT_BENCH_BIND=core", "--out", str(tmp_path), timeout=60)
+    assert result.returncode == 2 and result.stdout == "", explain(result)
+    line = result.stderr.strip()
+    assert "\n" not in line and "HVDKIT_BENCH_BIND binds the ranks of a mode run under mpirun, not " \
+        "hvdkit-torch-horovodrun" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 def _ran(framework="torch", threads=1, backend=None, controller="mpi", ops="mpi"):
     return {"threads": {"framework": framework, "intra_op": threads, "inter_op": threads}, "busy_threads": 1,
             "cpu_cores_used": 1.0, "collectives": {"backend": backend} if backend else
@@ -238,7 +258,7 @@ def test_train_report_medians_ratios_scaling_and_mismatches():
     md = bench_run._train_markdown(r)
     assert "| hvdkit-torch | 110 (100-120) | 180 (180-200) | 0.90 (0.75-0.91) |" in md
     assert "- hvdkit-torch / torch-ddp @2: 1.00x (0.90-1.20)" in md
-    assert "| torch-ddp | 1 | torch 1/1 | 1 | 1.00 | torch.distributed gloo |" in md
+    assert "| torch-ddp | 1 | torch 1/1 | 1 | 1.00 | - | torch.distributed gloo |" in md
     assert "**Read back differs from what the row asked:**" in md and "- hvdkit-keras @1: Horovod cpu_ops gloo" in md
 
 
@@ -255,6 +275,21 @@ def test_train_report_compares_a_lever_row_with_its_mode_and_checks_its_settings
     knobs[lever]["HOROVOD_CACHE_CAPACITY"] = "1024"   # Horovod saw something else: flagged
     r = bench_run._train_report(found, [2], steps=2, batch=8, rounds=2, variants=variants)
     assert r["mismatches"] == [f"{lever} @2: HOROVOD_CACHE_CAPACITY=1024, asked 0"]
+    # a binding lever whose rank 0 could still run on every CPU this process may (the binding did not take): flagged
+    bound = "torch-nocomm HVDKIT_BENCH_BIND=core"
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs: on one, a bound rank and an unbound one look alike")
+    every = sorted(os.sched_getaffinity(0))
+    found = {row: [{"samples_per_sec": 100, "ran_with": {**_ran(backend="none"), "cpus_allowed": every}}]
+             for row in (("torch-nocomm", 2), (bound, 2))}
+    variants = {bound: ("torch-nocomm", {"HVDKIT_BENCH_BIND": "core"})}
+    r = bench_run._train_report(found, [2], steps=2, batch=8, rounds=1, variants=variants)
+    assert r["mismatches"] == [f"{bound} @2: rank 0 may run on CPUs {bench_run._cpu_text(every)}, every CPU the bench "
+                               "may use, asked HVDKIT_BENCH_BIND=core"]
+    found[(bound, 2)][0]["ran_with"]["cpus_allowed"] = every[1:2]
+    r = bench_run._train_report(found, [2], steps=2, batch=8, rounds=1, variants=variants)
+    row = f"| torch-nocomm HVDKIT_BENCH_BIND=core | 2 | torch 1/1 | 1 | 1.00 | {every[1]} |"
+    assert r["mismatches"] == [] and row in bench_run._train_markdown(r)
 
 
 def test_both_bench_models_have_the_advertised_size_in_both_frameworks():

@@ -108,3 +108,9 @@ def test_a_sharded_fit_after_a_horovod_wrapped_one_is_refused_in_one_line(ranks)
         # a layer unfrozen after the first fit: Horovod's wrapper averages a fixed set of parameters
         message = r["unfrozen_after_wrapped"]
         assert message and "\n" not in message and "require grad" in message and "new TorchAdapter" in message, message
+        # a fit stopped between backward and the step (injected): its allreduces were never synchronized, and the
+        # next fit on that adapter is refused (under Adasum its parameters would hold a partial update)
+        assert r["stopped_mid_step"] == "injected: stopped after the backward pass", r["stopped_mid_step"]
+        message = r["fit_after_stopped_mid_step"]
+        assert message and "\n" not in message and "between the backward pass and the optimizer step" in message, \
+            message

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import HvdkitError
 from ..launch import launch_command
@@ -83,6 +83,10 @@ TRAIN_EXPECT = {"hvdkit-torch": HOROVOD_MPI, "hvdkit-torch-horovodrun": HOROVOD_
 # the tensor operations it shows are the ones the row ran. For checking, not measuring: an initialized timeline keeps a
 # writer thread spinning on rank 0 for the whole row (Horovod 0.28.1's TimelineWriter::WriterLoop; ~0.5 core here)
 PROBE = {"HOROVOD_TIMELINE": "DYNAMIC"}
+# --variant MODE:HVDKIT_BENCH_BIND=core: the row's mpirun binds each rank to a core (Open MPI's --bind-to) instead of
+# the kit's --bind-to none; every row reads back the CPUs its rank 0 may run on (``cpus_allowed`` of ran_with)
+BIND_KEY = "HVDKIT_BENCH_BIND"
+BINDINGS = ("none", "core", "hwthread")
 
 
 # ---- a fresh environment per row ---------------------------------------------------------------------------
@@ -124,6 +128,8 @@ def _run_row(args: Sequence[str], np: int, base_env: Dict[str, str], result: str
         if launcher == "horovodrun":
             controller = controller or "gloo"
         cmd = launch_command(["-m", *args], np=np, launcher=launcher, controller=controller)
+        if (settings or {}).get(BIND_KEY):   # (parse_variant allows it on mpirun rows only)
+            cmd[cmd.index("--bind-to") + 1] = settings[BIND_KEY]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)
         try:
@@ -170,6 +176,12 @@ def _mismatches(what: str, expect: Dict, ran: Dict) -> List[str]:
         want = expect.get("cpu_ops" if key == "cpu_ops_timeline" else key)
         if want is not None and (key in coll or key != "cpu_ops_timeline") and coll.get(key) != want:
             bad.append(f"{what}: Horovod {key} {coll.get(key)}, asked {want}")
+    bind, unbound = expect.get("knobs", {}).get(BIND_KEY), expect.get("cpus_unbound")
+    # bound, rank 0 may still run on every CPU the bench may (more than one): the binding did not take. (Not "more
+    # than one CPU": --bind-to core allows every hardware thread of the core.)
+    if bind in ("core", "hwthread") and unbound and len(unbound) > 1 and ran.get("cpus_allowed") == unbound:
+        bad.append(f"{what}: rank 0 may run on CPUs {_cpu_text(ran['cpus_allowed'])}, every CPU the bench may use, "
+                   f"asked {BIND_KEY}={bind}")
     knobs = coll.get("knobs") or {}
     for key, want in expect.get("knobs", {}).items():   # a --variant's settings, as Horovod's C++ side sees them
         if key in knobs and knobs[key] != want:          # (only the knobs Horovod rows read back can be checked)
@@ -198,6 +210,19 @@ def _ran_with_text(ran: Dict) -> tuple:
     else:
         coll = c.get("backend", "-")
     return threads, coll
+
+
+def _cpu_text(cpus: Optional[List[int]]) -> str:
+    """[0, 1, 3] -> "0-1,3" (None: not read back, a report from before the field)."""
+    if cpus is None:
+        return "-"
+    spans, start = [], None
+    for i, cpu in enumerate(cpus):
+        start = cpu if start is None else start
+        if i + 1 == len(cpus) or cpus[i + 1] != cpu + 1:
+            spans.append(f"{start}" if start == cpu else f"{start}-{cpu}")
+            start = None
+    return ",".join(spans)
 
 
 def _human(n: int) -> str:
@@ -344,6 +369,10 @@ def bench_train(out_dir: str, modes: List[str], workers: List[int], steps: int, 
     made = provenance()   # before the run: the checkout may change under it
     base_env = _clean_env()
     variants = dict(variants or {})
+    bound = [name for name, (_, settings) in variants.items() if settings.get(BIND_KEY, "none") != "none"]
+    if bound and max(workers) > (os.cpu_count() or 1):   # Open MPI refuses to bind more ranks than cores
+        raise HvdkitError(f"{bound[0]}: binding each rank to a core needs at most {os.cpu_count()} workers on this "
+                          f"machine (asked {max(workers)}); pass --workers up to {os.cpu_count()}")
     base = {**{m: (m, {}) for m in modes}, **variants}   # row name -> (mode, settings)
     rows = [(name, w) for w in workers for name in base]
     found: Dict[tuple, List[Dict]] = {row: [] for row in rows}
@@ -382,6 +411,13 @@ def parse_variant(text: str) -> tuple:
         raise HvdkitError(f"bad --variant {text!r}; pass MODE:KEY=VALUE[,KEY=VALUE], MODE one of "
                           f"{', '.join(TORCH_MODES + KERAS_MODES)}, e.g. hvdkit-torch:HOROVOD_CYCLE_TIME=5")
     settings = dict(p.split("=", 1) for p in pairs)
+    bind = settings.get(BIND_KEY)
+    if bind is not None and bind not in BINDINGS:
+        raise HvdkitError(f"bad --variant {text!r}: {BIND_KEY} takes one of {', '.join(BINDINGS)} (mpirun's "
+                          f"--bind-to), e.g. hvdkit-torch:{BIND_KEY}=core")
+    if bind is not None and _train_launch(mode)[0] != "mpirun":
+        raise HvdkitError(f"bad --variant {text!r}: {BIND_KEY} binds the ranks of a mode run under mpirun, not "
+                          f"{mode} (horovodrun starts its own mpirun, or none); e.g. hvdkit-torch:{BIND_KEY}=core")
     return f"{mode} " + " ".join(f"{k}={v}" for k, v in settings.items()), (mode, settings)
 
 
@@ -392,8 +428,10 @@ def _train_report(found: Dict[tuple, List[Dict]], workers: List[int], steps: int
     names = list(dict.fromkeys(name for name, _ in found))
     mode_of = {n: variants[n][0] if n in variants else n for n in names}
     results, mismatches = {}, []
+    unbound = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None   # the driver's CPUs
     for (name, world), runs in found.items():
-        expect = {**TRAIN_EXPECT[mode_of[name]], "knobs": variants[name][1] if name in variants else {}}
+        expect = {**TRAIN_EXPECT[mode_of[name]], "knobs": variants[name][1] if name in variants else {},
+                  "cpus_unbound": unbound}
         bad = [m for run in runs for m in _mismatches(f"{name} @{world}", expect, run["ran_with"])]
         mismatches += list(dict.fromkeys(bad))
         results.setdefault(name, {})[str(world)] = {**_spread([run["samples_per_sec"] for run in runs]),
@@ -447,17 +485,19 @@ def _train_markdown(r: Dict) -> str:
                                   for launcher in r["launcher"].values()}))
     lines += ["", f"What each row ran with (its own job, {launchers}, and a fresh environment; read back in rank 0; "
                   f"busy threads: those holding at least {int(100 * BUSY_SHARE)}% of the process's CPU time while "
-                  "training; cores used: the process's CPU time / wall time):", "",
-              "| mode | workers | threads (intra/inter) | busy threads | cores used | collectives |",
-              "|---|---|---|---|---|---|"]
+                  "training; cores used: the process's CPU time / wall time; CPUs allowed: those rank 0 may run "
+                  "on):", "",
+              "| mode | workers | threads (intra/inter) | busy threads | cores used | CPUs allowed | collectives |",
+              "|---|---|---|---|---|---|---|"]
     for mode, by_w in r["results"].items():
         for w in ws:
             rans = by_w[str(w)]["ran_with"]
             busy = sorted(ran.get("busy_threads", 0) for ran in rans)
             busy = f"{busy[0]}" if busy[0] == busy[-1] else f"{busy[0]}-{busy[-1]}"
             cores = statistics.median(ran.get("cpu_cores_used", 0) for ran in rans)
+            cpus = " / ".join(dict.fromkeys(_cpu_text(ran.get("cpus_allowed")) for ran in rans))
             for threads, coll in sorted({_ran_with_text(ran) for ran in rans}):
-                lines.append(f"| {mode} | {w} | {threads} | {busy} | {cores:.2f} | {coll} |")
+                lines.append(f"| {mode} | {w} | {threads} | {busy} | {cores:.2f} | {cpus} | {coll} |")
     lines += _mismatch_lines(r["mismatches"]) + _probe_lines(r)
     return "\n".join(lines) + "\n"
 

@@ -228,6 +228,27 @@ if backend_name == "torch":   # after a fit on Horovod's optimizer (its hooks st
         record["unfrozen_after_wrapped"] = None
     except HvdkitError as e:
         record["unfrozen_after_wrapped"] = str(e)
+    # a fit that stopped between backward and the step, on every rank: Horovod's allreduces of that step were
+    # launched and never synchronized (an HvdkitError leaves Horovod up, so the script may fit again): the next fit
+    # on that adapter is refused. nonfinite="stop" (the default) pins the step to _checked_step
+    model, opt = B.model_and_opt(seed=123)
+    adapter = B.adapter(model, opt)
+
+    def stop_before_the_step():
+        raise HvdkitError("injected: stopped after the backward pass")
+
+    adapter._checked_step = stop_before_the_step   # the guard's step: synchronize, norm, step
+    try:
+        Trainer(adapter, TrainConfig(epochs=1, batch_size=4, nonfinite="stop", **quiet)).fit((X, Y))
+        record["stopped_mid_step"] = None
+    except HvdkitError as e:
+        record["stopped_mid_step"] = str(e)
+    del adapter._checked_step
+    try:
+        Trainer(adapter, TrainConfig(epochs=1, batch_size=4, **quiet)).fit((X, Y))
+        record["fit_after_stopped_mid_step"] = None
+    except HvdkitError as e:
+        record["fit_after_stopped_mid_step"] = str(e)
 
 # 6. Divergence check: make rank 1 differ on purpose; the check must name the rank and the tensor.
 model, opt = B.model_and_opt(seed=5)
