@@ -732,7 +732,8 @@ def main(argv=None) -> int:
         f"{k}: {v}" for k, v in sorted(MODEL_TITLES.items())))
     t.add_argument("--variant", action="append", default=[], metavar="MODE:KEY=VALUE[,KEY=VALUE]",
                    help="an extra row: MODE with these settings, compared with MODE's row round by round "
-                        "(repeatable), e.g. hvdkit-torch:HOROVOD_CYCLE_TIME=5")
+                        "(repeatable), e.g. hvdkit-torch:HOROVOD_CYCLE_TIME=5; HVDKIT_BENCH_BIND=core (mpirun rows) "
+                        "binds each rank to a core")
     t.add_argument("--probe-ops", action="store_true", help=PROBE_HELP)
     t.add_argument("--out", default="results/bench")
     c = sub.add_parser("combine", help="the spread over whole runs of bench train: each ratio's median per run")
