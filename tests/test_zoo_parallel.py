@@ -74,6 +74,13 @@ def test_sync_batchnorm_ranks_hold_identical_parameters_and_statistics(ranks):
 
 def test_sync_batchnorm_with_an_empty_rank_equals_one_process(ranks):
     # 57 images: the last step holds 1 sample, on rank 0; rank 1 joins with no sample
+    if ranks[0].get("empty_conv_channels", 4) != 4:
+        # A TensorFlow bug, not averaged away by the kit: its oneDNN Conv2D (forward and filter gradient) mishandles an
+        # empty batch on this CPU, and an empty rank runs its step on zero rows (README "Known limits"). Strict:
+        # the scenario must fail as described, with the mismatched allreduce it causes
+        for r in ranks:
+            assert "Mismatched ALLREDUCE tensor shapes" in r["bn_sync_empty"].get("crash", ""), r["bn_sync_empty"]
+        pytest.xfail(f"TF's oneDNN Conv2D gives an empty batch {ranks[0]['empty_conv_channels']} channels, not 4")
     a, b = scenario(ranks, "bn_sync_empty")
     assert (a["last_step_samples"], b["last_step_samples"]) == (1, 0)
     assert a["params_crc"] == b["params_crc"] and a["stats_crc"] == b["stats_crc"]
