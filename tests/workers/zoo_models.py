@@ -165,6 +165,14 @@ class KerasZoo:
                                   L.ReLU(), L.Flatten(), L.Dense(10)])
         return model, keras.optimizers.SGD(0.05, momentum=0.9)
 
+    def bn_mlp(self, seed):
+        """BatchNorm without a convolution (TF's oneDNN Conv2D mishandles an empty batch on some CPUs)."""
+        keras, L = self.keras, self.keras.layers
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(), L.Dense(16), L.BatchNormalization(), L.ReLU(),
+                                  L.Dense(10)])
+        return model, keras.optimizers.SGD(0.05, momentum=0.9)
+
     def dropout_mlp(self, seed):
         keras, L = self.keras, self.keras.layers
         keras.utils.set_random_seed(seed)
