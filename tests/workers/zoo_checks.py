@@ -27,7 +27,8 @@ from hvdkit.sharding import plan_epoch  # noqa: E402
 from zoo_models import SEQ, VOCAB, zoo  # noqa: E402
 
 backend, out_dir = sys.argv[1], sys.argv[2]
-COMMON = ["bn_sync", "bn_sync_empty", "bn_sync_empty_dense", "bn_local", "dropout", "optimizers", "token", "regularized"]
+COMMON = ["bn_sync", "bn_sync_empty", "bn_sync_empty_dense", "bn_local", "dropout", "optimizers", "token",
+          "regularized"]
 ALL = COMMON + ["token_sparse", "reducers"] if backend == "torch" else COMMON
 scenarios = sys.argv[3].split(",") if len(sys.argv) > 3 else ALL
 Z = zoo(backend)
