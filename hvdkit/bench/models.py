@@ -189,11 +189,15 @@ def _read(path: str) -> str:
         return ""
 
 
+def cpus_allowed():
+    """The CPUs this process may run on (a launcher's binding as the kernel applies it), sorted; None off Linux."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def ran_with(framework: str = None, busy: dict = None, collectives: dict = None) -> dict:
     """One row's read-back: the framework's thread counts (``torch`` or ``tensorflow``; None: neither ran),
     ``busy`` (:meth:`CpuThreads.busy`, taken before any probe), the collectives, and the CPUs this process may run
     on (``cpus_allowed``: the launcher's binding as the kernel applies it)."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"threads": framework_threads(framework) if framework else None,
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "collectives": collectives or {},
-            "cpus_allowed": cpus, **(busy or {})}
+            "cpus_allowed": cpus_allowed(), **(busy or {})}

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..errors import HvdkitError
 from ..launch import launch_command
-from .models import BUSY_SHARE
+from .models import BUSY_SHARE, cpus_allowed
 from .provenance import finished, provenance, provenance_line
 
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -428,7 +428,7 @@ def _train_report(found: Dict[tuple, List[Dict]], workers: List[int], steps: int
     names = list(dict.fromkeys(name for name, _ in found))
     mode_of = {n: variants[n][0] if n in variants else n for n in names}
     results, mismatches = {}, []
-    unbound = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None   # the driver's CPUs
+    unbound = cpus_allowed()   # the driver's CPUs
     for (name, world), runs in found.items():
         expect = {**TRAIN_EXPECT[mode_of[name]], "knobs": variants[name][1] if name in variants else {},
                   "cpus_unbound": unbound}

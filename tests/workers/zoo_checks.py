@@ -137,20 +137,26 @@ def bn_sync():
             "ref_stats": values(Z.stats(ref))}
 
 
-def bn_sync_empty():
-    """SyncBatchNorm when the last step leaves a rank with no sample (57 images: rank 0 holds 1, rank 1 none)."""
+def _sync_empty(build):
+    """SyncBatchNorm when the last step leaves a rank with no sample (57 images: rank 0 holds 1, rank 1 none):
+    ``build``'s model trained, against one process."""
     data = (XI[:57], YI[:57])
     cfg = TrainConfig(epochs=1, batch_size=BATCH, sync_batchnorm=True, **QUIET)
-    model, adapter, result, _ = fit(Z.bn_cnn, data, cfg)
-    ref, _ = reference(Z.bn_cnn, data, 1, result.world_size)
-    rec = {"world": result.world_size, "steps": result.global_step,
-           "last_step_samples": last_step_samples(57, result),
-           "params_maxdiff": maxdiff(Z.params(model), Z.params(ref)),
-           "stats_maxdiff": maxdiff(Z.stats(model), Z.stats(ref)), "stats_crc": crc(Z.stats(model)),
-           "params_crc": crc(Z.params(model))}
+    model, adapter, result, _ = fit(build, data, cfg)
+    ref, _ = reference(build, data, 1, result.world_size)
+    return {"world": result.world_size, "steps": result.global_step,
+            "last_step_samples": last_step_samples(57, result), "layer_types": bn_layer_types(model),
+            "params_maxdiff": maxdiff(Z.params(model), Z.params(ref)),
+            "stats_maxdiff": maxdiff(Z.stats(model), Z.stats(ref)), "stats_crc": crc(Z.stats(model)),
+            "params_crc": crc(Z.params(model))}
+
+
+def bn_sync_empty():
+    """The empty rank with SyncBatchNorm after a convolution."""
+    rec = _sync_empty(Z.bn_cnn)
     if Z.framework == "torch":  # without sync, torch BatchNorm cannot train rank 0's 1-sample batch: refused up front
         try:
-            fit(Z.bn_cnn, data, TrainConfig(epochs=1, batch_size=BATCH, **QUIET))
+            fit(Z.bn_cnn, (XI[:57], YI[:57]), TrainConfig(epochs=1, batch_size=BATCH, **QUIET))
             rec["plain_error"] = None
         except HvdkitError as e:
             rec["plain_error"] = str(e)
@@ -162,15 +168,7 @@ def bn_sync_empty_dense():
     Conv2D mishandles an empty batch (bn_sync_empty then fails on Keras; see the test)."""
     if Z.framework == "torch":   # (one sample over all ranks leaves torch's BatchNorm1d one value per channel;
         return {"skipped": "Keras only"}   # torch's empty rank is bn_sync_empty's, unaffected by the TF bug)
-    data = (XI[:57], YI[:57])
-    cfg = TrainConfig(epochs=1, batch_size=BATCH, sync_batchnorm=True, **QUIET)
-    model, adapter, result, _ = fit(Z.bn_mlp, data, cfg)
-    ref, _ = reference(Z.bn_mlp, data, 1, result.world_size)
-    return {"world": result.world_size, "steps": result.global_step,
-            "last_step_samples": last_step_samples(57, result), "layer_types": bn_layer_types(model),
-            "params_maxdiff": maxdiff(Z.params(model), Z.params(ref)),
-            "stats_maxdiff": maxdiff(Z.stats(model), Z.stats(ref)), "stats_crc": crc(Z.stats(model)),
-            "params_crc": crc(Z.params(model))}
+    return _sync_empty(Z.bn_mlp)
 
 
 # ---- 2. BatchNorm CNN, no sync: statistics averaged before eval and checkpoint ------------------------------
