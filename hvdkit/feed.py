@@ -24,9 +24,10 @@ from .sharding import Step, eval_indices, plan_epoch, smallest_share
 class MicroBatch(NamedTuple):
     """One backward pass on one rank: ``count`` samples whose mean loss is multiplied by ``weight``.
 
-    ``count == 0`` (a rank with nothing left in the short last step): ``inputs``/``targets`` are an empty
-    batch of the right shape (or None where the source cannot make one); the adapter still joins the step's
-    collectives with a zero gradient.
+    ``count == 0`` (a rank with nothing left in the short last step): ``inputs``/``targets`` are a batch that
+    must not count (:meth:`IndexedFeed.idle_batch`): zero rows of the right shape, or for Keras one stand-in row
+    (or None where the source cannot make one); the adapter still joins the step's collectives with a zero
+    gradient.
     """
     inputs: Any
     targets: Any
@@ -93,10 +94,15 @@ class IndexedFeed(Feed):
             self._empty = tuple(_cut_to_empty(part) for part in self.fetch(np.zeros(1, dtype=np.int64)))
         return self._empty
 
+    def idle_batch(self) -> Tuple[Any, Any]:
+        """What a micro-batch with no sample runs on: :meth:`empty_batch` here (a framework whose kernels
+        mishandle zero rows gives a stand-in row instead: hvdkit.keras.feed.ArrayFeed)."""
+        return self.empty_batch()
+
     def step_batches(self, steps, rank, size):
         for step in steps:
             yield step, [MicroBatch(*self.fetch(ids), weight, len(ids)) if len(ids) else
-                         MicroBatch(*self.empty_batch(), weight, 0)
+                         MicroBatch(*self.idle_batch(), weight, 0)
                          for ids, weight in zip(step.micro_batches, step.weights)]
 
     def eval_batches(self, rank, size, batch_size):

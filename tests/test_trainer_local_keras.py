@@ -372,3 +372,71 @@ def test_built_models_with_unbuilt_weightless_or_unused_layers_train(how):
     result = Trainer(adapter, TrainConfig(**dict(QUIET, epochs=1)), process=LocalProcess()).fit((X, Y), (X, Y))
     assert result.global_step == 8 and np.isfinite(result.eval["loss"])
     assert len(before) == 6 and all(not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+
+
+# ---- an idle micro-batch: one weight-0 stand-in row, never zero rows (TF's oneDNN kernels mishandle those) ----
+X49 = np.random.default_rng(8).normal(size=(49, 8, 8, 1)).astype(np.float32)
+Y49 = np.random.default_rng(9).integers(0, 3, size=49).astype(np.int64)
+IDLE = dict(QUIET, epochs=2, accumulation=2)   # 49 samples, 2 x 4 a step: the last step's micro-batches are [1, 0]
+
+
+def idle_fit(build, mode, sync, **config):
+    model = build()
+    optimizer = keras.optimizers.Adam(0.01)
+    if mode == "fit":
+        model.compile(optimizer=optimizer, loss=LOSS)
+        adapter = KerasFitAdapter(model)
+    else:
+        adapter = KerasAdapter(model, optimizer, LOSS)
+    result = Trainer(adapter, TrainConfig(**dict(IDLE, sync_batchnorm=sync, **config)),
+                     process=LocalProcess()).fit((X49, Y49))
+    return result, model
+
+
+def dense_bn():
+    """Everything a stand-in row could leak into: BatchNorm's moments, an activity regularizer (a call loss), a
+    kernel regularizer (which must stay), dropout; no convolution, so zero rows work here too."""
+    keras.utils.set_random_seed(6)
+    L = keras.layers
+    return keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(), L.Dense(
+        16, kernel_regularizer=keras.regularizers.l2(0.01), activity_regularizer=keras.regularizers.l1(0.01)),
+        L.BatchNormalization(), L.ReLU(), L.Dropout(0.3), L.Dense(3)])
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
+@pytest.mark.parametrize("sync", [False, True])
+def test_an_idle_micro_batch_on_a_stand_in_row_trains_as_on_zero_rows(monkeypatch, mode, sync):
+    from hvdkit.feed import IndexedFeed
+    from hvdkit.keras.feed import ArrayFeed
+    last = plan_epoch(49, 0, 1, 4, 0, 0, 2)[-1]
+    assert [len(ids) for ids in last.micro_batches] == [1, 0]
+    stand_ins = []
+    real_idle = ArrayFeed.idle_batch
+    monkeypatch.setattr(ArrayFeed, "idle_batch", lambda self: stand_ins.append(1) or real_idle(self))
+    with_stand_in, model = idle_fit(dense_bn, mode, sync)
+    assert stand_ins and len(model.layers[2].moving_mean.numpy()) == 16
+    assert len(ArrayFeed((X49, Y49)).idle_batch()[0]) == 1
+    monkeypatch.setattr(ArrayFeed, "idle_batch", IndexedFeed.empty_batch)   # zero rows: how it ran before
+    with_zero_rows, reference = idle_fit(dense_bn, mode, sync)
+    assert np.abs(flat(model) - flat(reference)).max() < 1e-6   # weights, BatchNorm's moving statistics
+    assert abs(with_stand_in.history[-1]["loss"] - with_zero_rows.history[-1]["loss"]) < 1e-6
+
+
+def pooled_cnn():
+    """Convolutions and max pooling: on an empty batch TF's oneDNN Conv2D gives the wrong shape or fails and
+    MaxPool's gradient aborts the process, on CPUs with AMX/AVX512-FP16 (README "Empty ranks")."""
+    keras.utils.set_random_seed(7)
+    L = keras.layers
+    return keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, padding="same", activation="relu"),
+                             L.Conv2D(8, 3, padding="same"), L.BatchNormalization(), L.ReLU(), L.MaxPooling2D(),
+                             L.Flatten(), L.Dense(3)])
+
+
+def test_an_idle_micro_batch_trains_a_pooled_cnn_alike_in_both_adapters():
+    finals = {}
+    for mode in ("loop", "fit"):
+        result, model = idle_fit(pooled_cnn, mode, sync=True)
+        assert result.global_step == 2 * 7 and np.isfinite(flat(model)).all()
+        finals[mode] = flat(model)
+    assert np.abs(finals["loop"] - finals["fit"]).max() < 1e-5
+    assert np.abs(finals["loop"] - flat(pooled_cnn())).max() > 1e-3   # it trained

@@ -9,6 +9,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -23,6 +24,7 @@ from ..adapter import Adapter, check_metrics
 from ..errors import HvdkitError
 from .feed import make_feed
 from .precision import check_model_precision
+from . import standin
 from .process import HorovodProcess
 from .sync_batchnorm import make_sync_batchnorm
 
@@ -114,6 +116,11 @@ class UpdateGate:
     def last(self) -> Tuple[bool, float]:
         norm = float(self.norm.numpy())
         return math.isfinite(norm), norm
+
+
+def _flagged(batch):
+    """The stand-in flag set while a micro-batch without samples runs (nothing to do for one with samples)."""
+    return contextlib.nullcontext() if batch.count else standin.idle()
 
 
 def poison(loss, variable):
@@ -351,14 +358,15 @@ class KerasAdapter(Adapter):
     def _grads(self, x, y, weight, training=True):
         """Data loss and gradients of ``weight * loss + regularization / accumulation`` (the regularization
         joins every micro-batch, an empty one too, so the averaged gradient carries it exactly once).
-        ``training=False`` only for an empty batch without SyncBatchNorm: BatchNormalization would fold the
-        empty batch's NaN moments into its moving statistics."""
+        ``training=False`` only for a stand-in without SyncBatchNorm: BatchNormalization would fold the stand-in
+        row's moments into its moving statistics."""
         with tf.GradientTape() as tape:
             outputs = self.model(x, training=training)
             loss = tf.reduce_sum(self.loss_fn(y, outputs))   # an empty batch gives an empty loss: 0 here
             scaled = loss * tf.cast(weight, loss.dtype)
-            if self.model.losses:  # kernel/activity regularizers, as Keras' own fit adds them
-                scaled += tf.cast(tf.add_n(self.model.losses), scaled.dtype) / self.accumulation
+            if self.model.losses:  # kernel/activity regularizers, as Keras' own fit adds them (a stand-in's
+                scaled += standin.counted_regularization(self.model, self.model.losses, scaled.dtype) \
+                    / self.accumulation   # activity ones dropped)
             if self.nonfinite != "off":
                 scaled += poison(loss, self._smallest_variable())
         variables = self.model.trainable_variables
@@ -410,14 +418,11 @@ class KerasAdapter(Adapter):
         return tf.stack([tf.cast(loss, tf.float64), tf.cast(norm.read_value(), tf.float64)])  # float64: both exact
 
     def _inputs(self, batch):
-        """(x, y, weight, training) for one micro-batch; an empty one runs the model on zero samples (a stream's
-        weight-0 filler example cut away), so regularizers and SyncBatchNorm's collective still run."""
-        if batch.count:
-            x, y = batch.inputs, batch.targets
-        else:   # every array of a nest (a multi-input model's dict or tuple) cut to zero rows
-            x, y = (tf.nest.map_structure(lambda a: a[:0], batch.inputs),
-                    tf.nest.map_structure(lambda a: a[:0], batch.targets))
-        return x, y, tf.constant(batch.weight, tf.float32), bool(batch.count) or self.sync_batchnorm
+        """(x, y, weight, training) for one micro-batch. One without samples runs on the feed's stand-in row with
+        weight 0, flagged (:mod:`.standin`), so regularizers and SyncBatchNorm's collective still run; without
+        SyncBatchNorm in inference mode (BatchNormalization's moving statistics stay, no dropout draw)."""
+        weight = batch.weight if batch.count else 0.0
+        return batch.inputs, batch.targets, tf.constant(weight, tf.float32), bool(batch.count) or self.sync_batchnorm
 
     def buffers_before_step(self):
         """Skip mode: the buffers as they are before a step (None otherwise), for :meth:`undo_skipped_step`."""
@@ -442,7 +447,8 @@ class KerasAdapter(Adapter):
     def _train_step(self, micro_batches) -> Tuple[float, int]:
         if len(micro_batches) == 1:  # the common case: one graph call per step, as in a hand-written loop
             b = micro_batches[0]
-            out = self._one_step(*self._inputs(b)).numpy()
+            with _flagged(b):
+                out = self._one_step(*self._inputs(b)).numpy()
             if out.ndim:   # [loss, norm]: the step's verdict comes with its loss
                 norm = float(out[1])
                 self._verdict = (math.isfinite(norm), norm)
@@ -450,7 +456,8 @@ class KerasAdapter(Adapter):
             return (loss * b.count if b.count else 0.0), b.count
         total, loss_sum, count = None, 0.0, 0
         for b in micro_batches:
-            loss, grads = self._grad_step(*self._inputs(b))
+            with _flagged(b):
+                loss, grads = self._grad_step(*self._inputs(b))
             total = list(grads) if total is None else [a + g for a, g in zip(total, grads)]
             if b.count:
                 loss_sum += float(loss) * b.count

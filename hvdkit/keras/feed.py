@@ -112,13 +112,19 @@ class ArrayFeed(IndexedFeed):
     def fetch(self, ids: np.ndarray):
         return self.x[ids], self.y[ids]
 
+    def idle_batch(self):
+        """Sample 0 as a one-row stand-in (:mod:`hvdkit.keras.standin`): TF's oneDNN kernels mishandle zero rows."""
+        if not hasattr(self, "_stand_in"):
+            self._stand_in = self.fetch(np.zeros(1, dtype=np.int64))
+        return self._stand_in
+
     def fit_input(self, steps: List[Step], rank: int, size: int,
                   accumulation: int) -> Tuple[tf.data.Dataset, Optional[Iterator]]:
         """One ``(x, y, sample_weight)`` batch per micro-batch of ``steps``; ids are in the steps already."""
         micro = [(ids, weight) for step in steps for ids, weight in zip(step.micro_batches, step.weights)]
         # One gather per epoch, then tensor slices: a Python generator per batch is 2-3x slower. A rank with
-        # no sample in a (short, last) step gets an empty batch: Keras still runs the step (regularizers,
-        # SyncBatchNorm's collective, the allreduce) and no stand-in sample skews BatchNorm's statistics.
+        # no sample in a (short, last) step gets the stand-in row with weight 0: Keras still runs the step
+        # (regularizers, SyncBatchNorm's collective, the allreduce); the step hooks tell the layers it is one.
         ids = np.concatenate([i for i, _ in micro])
         # Keras averages the k accumulated gradients; the plan's weights assume a sum, hence * k.
         weights = np.concatenate([np.full(len(i), w * accumulation, np.float32) for i, w in micro])
@@ -127,9 +133,10 @@ class ArrayFeed(IndexedFeed):
         xs, ys = self.x[ids], self.y[ids]
         cut = lead * sizes[0]
         dataset = tf.data.Dataset.from_tensor_slices((xs[:cut], ys[:cut], weights[:cut])).batch(max(sizes[0], 1))
-        for s in sizes[lead:]:  # the short (or empty) micro-batches of the last step, each its own batch
-            dataset = dataset.concatenate(tf.data.Dataset.from_tensors(
-                (xs[cut:cut + s], ys[cut:cut + s], weights[cut:cut + s])))
+        for s in sizes[lead:]:  # the short (or idle) micro-batches of the last step, each its own batch
+            part = (xs[cut:cut + s], ys[cut:cut + s], weights[cut:cut + s]) if s else \
+                (*self.idle_batch(), np.zeros(1, np.float32))
+            dataset = dataset.concatenate(tf.data.Dataset.from_tensors(part))
             cut += s
         return dataset.with_options(one_thread_options()), None
 
@@ -186,7 +193,8 @@ class StreamFeed(Feed):
     def _batches(self, steps: List[Step], rank: int) -> tf.data.Dataset:
         """(x, y, weight, ids) per step of ``steps``: this rank's share in batches, then empty steps.
 
-        An empty step is fed one real example with weight 0 (and no id), so the rank still joins the allreduce.
+        An empty step is fed one real example (the stand-in, :mod:`hvdkit.keras.standin`) with no id, so the
+        rank still joins the allreduce; so is a batch missing from a stream shorter than its ``n``.
         """
         epoch, seed, batch_size, segments = self._epoch
         last = segments[-1]
@@ -195,7 +203,7 @@ class StreamFeed(Feed):
         self._planned = sum(len(s.micro_batches[0]) for s in steps)
         weights = [s.weights[0] for s in steps if len(s.micro_batches[0])]
         filler_x, filler_y = tf.nest.map_structure(lambda t: t[None], self._filler_row()[1])
-        empty = (tf.zeros([0], tf.int64), tf.nest.map_structure(lambda t: t[:0], (filler_x, filler_y)))
+        empty = (tf.zeros([0], tf.int64), (filler_x, filler_y))
         self._tally.assign([0, 0])
         rows = self.source.segment_dataset(rank, seed, epoch, segments).skip(done).batch(batch_size)
         # Once this rank's stream held exactly what the plan said (an epoch read to its end), the count is
@@ -238,8 +246,8 @@ class StreamFeed(Feed):
         """``(x, y, sample_weight)`` per step; with ``record_ids`` also an iterator of each step's ids
         (read by a second pass over the input: Keras' loop hides its batches)."""
         batches = self._batches(steps, rank)
-        # the weight-0 filler of an empty step cut to zero rows (its ids are empty): see ArrayFeed.fit_input
-        dataset = batches.map(lambda x, y, w, ids: (*_cut(x, y, tf.shape(ids)[0]), tf.fill([tf.shape(ids)[0]], w)))
+        # a step without ids trains the stand-in row with weight 0 (the step hooks flag it): see ArrayFeed.fit_input
+        dataset = batches.map(_with_sample_weight)
         ids = iter(batches.map(lambda x, y, w, ids: ids)) if self.record_ids else None
         return dataset, ids
 
@@ -248,5 +256,7 @@ class StreamFeed(Feed):
             yield x, y
 
 
-def _cut(x, y, rows):
-    return tf.nest.map_structure(lambda t: t[:rows], x), tf.nest.map_structure(lambda t: t[:rows], y)
+def _with_sample_weight(x, y, weight, ids):
+    """``(x, y, per-row weight)``: ``weight`` on each row with an id; the stand-in row of a batch without ids 0."""
+    rows = tf.shape(ids)[0]
+    return x, y, tf.fill([tf.shape(tf.nest.flatten(x)[0])[0]], tf.where(rows > 0, weight, 0.0))

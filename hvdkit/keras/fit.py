@@ -16,9 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from ..errors import HvdkitError
 from ..sharding import Step
+from . import standin
 from .adapter import KerasAdapter, poison
 from .sync_batchnorm import make_empty_safe_batchnorm
 from .feed import with_ids as with_ids_of
@@ -36,8 +38,13 @@ class _StepHooks(keras.callbacks.Callback):
         self.base_sum, self.seen = 0.0, 0  # good steps' loss before Keras' running mean restarted; samples since
         self.done, self.stopped = 0, False
         self.buffers = None  # skip mode: the buffers before the step (KerasAdapter.buffers_before_step)
+        self.idle, self.tracker, self.restored = False, None, False   # this batch a stand-in; the running mean
 
     def on_train_batch_begin(self, batch, logs=None):
+        self.idle = not len(self.steps[batch // self.k].micro_batches[batch % self.k])
+        if self.idle:   # the stand-in row (standin): flagged, and Keras' running loss mean put back after it
+            self.tracker = [v.numpy() for v in self.model._loss_tracker.variables]
+            standin.flag().assign(True)
         if batch % self.k == 0:
             self.before_step(self.steps[batch // self.k])
             if self.adapter is not None:
@@ -45,11 +52,18 @@ class _StepHooks(keras.callbacks.Callback):
                 self.adapter._before_update()
 
     def on_train_batch_end(self, batch, logs=None):
+        if self.idle:
+            standin.flag().assign(False)
+            for v, value in zip(self.model._loss_tracker.variables, self.tracker):
+                v.assign(value)
+            self.restored = True
         if (batch + 1) % self.k:
             return
         step = self.steps[batch // self.k]
         here = sum(len(ids) for ids in step.micro_batches)
-        running = float(logs["loss"])  # Keras reports the epoch's running mean
+        # Keras reports the epoch's running mean (read back from its tracker where a stand-in was taken out)
+        running = float(self.model._loss_tracker.result() if self.restored else logs["loss"])
+        self.restored = False
         self.seen += here
         if self.adapter is None or self.adapter.nonfinite == "off" or self.adapter.last_step_finite()[0]:
             self.count += here
@@ -153,6 +167,14 @@ class KerasFitAdapter(KerasAdapter):
             raise HvdkitError(f"this Keras {keras.__version__} optimizer has no _clip_gradients step to average "
                               "gradients in; use the KerasAdapter (GradientTape loop) instead of model.fit")
         original, scale, apply = optimizer._clip_gradients, optimizer.scale_loss, optimizer.apply
+        model = self.model
+
+        def counted_loss(loss):
+            call, weights = standin.split_losses(model, model.losses)
+            if not call:   # nothing a stand-in row adds but its weight-0 data loss: the loss as it is
+                return loss
+            kept = tf.add_n([tf.cast(w, loss.dtype) for w in weights]) if weights else tf.zeros((), loss.dtype)
+            return tf.where(standin.flag(), kept, loss)
 
         def clip_gradients(grads):
             reduced = adapter.process.allreduce_gradients(list(grads), compression=adapter.compression)
@@ -162,7 +184,9 @@ class KerasFitAdapter(KerasAdapter):
 
         def scale_loss(loss):
             # Keras' train_step passes the loss through here inside the gradient tape: a rank's non-finite loss
-            # becomes a NaN gradient, so the averaged norm is NaN on every rank (no collective of its own)
+            # becomes a NaN gradient, so the averaged norm is NaN on every rank (no collective of its own);
+            # a stand-in row's loss is its weight regularization alone (its data loss has weight 0 already)
+            loss = counted_loss(loss)
             scaled = scale(loss)
             if adapter.nonfinite != "off":
                 scaled = scaled + keras.ops.cast(poison(loss, adapter._smallest_variable()), scaled.dtype)
@@ -198,8 +222,11 @@ class KerasFitAdapter(KerasAdapter):
             self._place_shards()
             self._sharded.reset_accumulation()
         hooks = _StepHooks(steps, self.accumulation, before_step, after_step, adapter=self)
-        self.model.fit(dataset, epochs=1, steps_per_epoch=batches, verbose=0, shuffle=False,
-                       callbacks=[hooks, *self.keras_callbacks])
+        try:
+            self.model.fit(dataset, epochs=1, steps_per_epoch=batches, verbose=0, shuffle=False,
+                           callbacks=[hooks, *self.keras_callbacks])
+        finally:   # a step that failed on a stand-in (a lost peer, a stop) must not leave the next fit flagged
+            standin.flag().assign(False)
         if hooks.done != len(steps) and not hooks.stopped:  # Keras only warns when the input runs out
             raise HvdkitError(f"the input ran out after {hooks.done} of {len(steps)} steps (for tf.data: pass the "
                               "pipeline's true example count as n)")

@@ -4,7 +4,8 @@ Horovod's ``hvd.SyncBatchNormalization`` does not work on Keras 3 (it passes ``f
 BatchNormalization rejects), and Keras' own ``synchronized=True`` needs a tf.distribute strategy. This layer
 overrides only how the batch moments are computed: per channel, each rank's sum, sum of squares and count
 (float64) are summed over ranks in one allreduce (differentiable: its gradient is an allreduce too). A rank
-with no samples in a step calls it on an empty batch and adds zeros. Without Horovod running
+with no samples in a step calls it on a stand-in row (:mod:`hvdkit.keras.standin`) and adds zeros. Without
+Horovod running
 (``LocalProcess``) it is plain BatchNormalization.
 
 Example::
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from . import standin
 
 
 def _horovod():
@@ -29,7 +32,21 @@ def _horovod():
 
 
 @keras.saving.register_keras_serializable(package="hvdkit")
-class SyncBatchNormalization(keras.layers.BatchNormalization):
+class EmptySafeBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization that leaves its moving statistics alone on a training batch that must not count: a
+    stand-in row (:mod:`hvdkit.keras.standin`), or an empty batch (Keras' own folds its NaN moments into them).
+    Keras ``fit`` trains a rank without samples in the short last step on a stand-in, so the fit adapter gives
+    every plain BatchNormalization this behaviour."""
+
+    def _moments(self, inputs, mask):
+        mean, variance = super()._moments(inputs, mask)
+        moving = (tf.cast(self.moving_mean, mean.dtype), tf.cast(self.moving_variance, variance.dtype))
+        counts = tf.logical_and(tf.size(inputs) > 0, tf.logical_not(standin.flag()))
+        return tf.cond(counts, lambda: (mean, variance), lambda: moving)
+
+
+@keras.saving.register_keras_serializable(package="hvdkit")
+class SyncBatchNormalization(EmptySafeBatchNormalization):
     """Drop-in for ``keras.layers.BatchNormalization`` (no masks, no renorm)."""
 
     #: Part of the collective's name: the same on every rank. make_sync_batchnorm numbers layers in model
@@ -38,7 +55,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
 
     def _moments(self, inputs, mask):
         hvd = _horovod()
-        if hvd is None:  # no Horovod (LocalProcess): one rank, no empty batches
+        if hvd is None:  # no Horovod (LocalProcess): one rank, a stand-in or empty batch counting for nothing
             return super()._moments(inputs, mask)
         if mask is not None or self.renorm:
             raise ValueError("SyncBatchNormalization supports neither masks nor renorm")
@@ -46,7 +63,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         x = tf.cast(inputs, tf.float64)
         count = tf.cast(tf.size(x), tf.float64) / tf.cast(tf.maximum(tf.size(tf.reduce_sum(x, axes)), 1), tf.float64)
         local = tf.concat([tf.reshape(tf.reduce_sum(x, axes), [-1]), tf.reshape(tf.reduce_sum(x * x, axes), [-1]),
-                           tf.reshape(count, [1])], 0)
+                           tf.reshape(count, [1])], 0) * standin.keep(tf.float64)   # a stand-in row adds nothing
         # The name starts with "Horovod" (a lost peer is recognised by it, see hvdkit.keras.process) and is the
         # layer's own: ranks running this in different step graphs still pair up.
         tag = self.collective_index if self.collective_index is not None else self.name
@@ -54,10 +71,13 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                               ignore_name_scope=True)
         channels = tf.size(local) // 2
         n = total[-1]
-        mean = total[:channels] / n
-        variance = tf.maximum(total[channels:2 * channels] / n - mean * mean, 0.0)
+        counts = n > 0   # no sample on any rank (an accumulation micro-batch idle everywhere): moving statistics
+        mean = total[:channels] / tf.maximum(n, 1.0)   # no 0/0: a NaN would reach the gradient through the where
+        variance = tf.maximum(total[channels:2 * channels] / tf.maximum(n, 1.0) - mean * mean, 0.0)
         shape = tf.shape(tf.reduce_sum(tf.cast(inputs, tf.float32), axes, keepdims=False))
-        return (tf.cast(tf.reshape(mean, shape), inputs.dtype), tf.cast(tf.reshape(variance, shape), inputs.dtype))
+        mean, variance = (tf.cast(tf.reshape(v, shape), inputs.dtype) for v in (mean, variance))
+        return (tf.where(counts, mean, tf.cast(self.moving_mean, mean.dtype)),
+                tf.where(counts, variance, tf.cast(self.moving_variance, variance.dtype)))
 
 
 def make_sync_batchnorm(model: keras.Model) -> int:
@@ -77,18 +97,6 @@ def _swap_plain_batchnorm(model: keras.Model, cls) -> list:
     for layer in layers:
         layer.__class__ = cls
     return layers
-
-
-@keras.saving.register_keras_serializable(package="hvdkit")
-class EmptySafeBatchNormalization(keras.layers.BatchNormalization):
-    """BatchNormalization that leaves its moving statistics alone on an empty training batch (Keras' own
-    folds that batch's NaN moments into them). Keras ``fit`` trains a rank without samples in the short
-    last step on an empty batch, so the fit adapter gives every plain BatchNormalization this behaviour."""
-
-    def _moments(self, inputs, mask):
-        mean, variance = super()._moments(inputs, mask)
-        moving = (tf.cast(self.moving_mean, mean.dtype), tf.cast(self.moving_variance, variance.dtype))
-        return tf.cond(tf.size(inputs) > 0, lambda: (mean, variance), lambda: moving)
 
 
 def make_empty_safe_batchnorm(model: keras.Model) -> int:

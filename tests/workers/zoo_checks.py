@@ -27,8 +27,8 @@ from hvdkit.sharding import plan_epoch  # noqa: E402
 from zoo_models import SEQ, VOCAB, zoo  # noqa: E402
 
 backend, out_dir = sys.argv[1], sys.argv[2]
-COMMON = ["bn_sync", "bn_sync_empty", "bn_sync_empty_dense", "bn_local", "dropout", "optimizers", "token",
-          "regularized"]
+COMMON = ["bn_sync", "bn_sync_empty", "bn_sync_empty_dense", "pool_empty", "bn_local", "dropout", "optimizers",
+          "token", "regularized"]
 ALL = COMMON + ["token_sparse", "reducers"] if backend == "torch" else COMMON
 scenarios = sys.argv[3].split(",") if len(sys.argv) > 3 else ALL
 Z = zoo(backend)
@@ -53,7 +53,7 @@ def maxdiff(a, b):
     """Largest absolute difference of two (name, array) lists, compared by position."""
     assert len(a) == len(b), (len(a), len(b))
     assert all(x.shape == y.shape for (_, x), (_, y) in zip(a, b)), [(x.shape, y.shape) for (_, x), (_, y) in zip(a, b)]
-    return float(max(np.abs(x - y).max() for (_, x), (_, y) in zip(a, b)))
+    return float(max((np.abs(x - y).max() for (_, x), (_, y) in zip(a, b)), default=0.0))
 
 
 def crc(pairs):
@@ -137,11 +137,11 @@ def bn_sync():
             "ref_stats": values(Z.stats(ref))}
 
 
-def _sync_empty(build):
-    """SyncBatchNorm when the last step leaves a rank with no sample (57 images: rank 0 holds 1, rank 1 none):
-    ``build``'s model trained, against one process."""
+def _empty_rank(build, sync=True):
+    """The last step leaves a rank with no sample (57 images: rank 0 holds 1, rank 1 none): ``build``'s model
+    trained (with SyncBatchNorm if ``sync``), against one process."""
     data = (XI[:57], YI[:57])
-    cfg = TrainConfig(epochs=1, batch_size=BATCH, sync_batchnorm=True, **QUIET)
+    cfg = TrainConfig(epochs=1, batch_size=BATCH, sync_batchnorm=sync, **QUIET)
     model, adapter, result, _ = fit(build, data, cfg)
     ref, _ = reference(build, data, 1, result.world_size)
     return {"world": result.world_size, "steps": result.global_step,
@@ -153,7 +153,7 @@ def _sync_empty(build):
 
 def bn_sync_empty():
     """The empty rank with SyncBatchNorm after a convolution."""
-    rec = _sync_empty(Z.bn_cnn)
+    rec = _empty_rank(Z.bn_cnn)
     if Z.framework == "torch":  # without sync, torch BatchNorm cannot train rank 0's 1-sample batch: refused up front
         try:
             fit(Z.bn_cnn, (XI[:57], YI[:57]), TrainConfig(epochs=1, batch_size=BATCH, **QUIET))
@@ -164,11 +164,16 @@ def bn_sync_empty():
 
 
 def bn_sync_empty_dense():
-    """The same empty rank with SyncBatchNorm after a Dense layer: no convolution, so it holds where TF's oneDNN
-    Conv2D mishandles an empty batch (bn_sync_empty then fails on Keras; see the test)."""
+    """The same empty rank with SyncBatchNorm after a Dense layer."""
     if Z.framework == "torch":   # (one sample over all ranks leaves torch's BatchNorm1d one value per channel;
-        return {"skipped": "Keras only"}   # torch's empty rank is bn_sync_empty's, unaffected by the TF bug)
-    return _sync_empty(Z.bn_mlp)
+        return {"skipped": "Keras only"}   # torch's empty rank is bn_sync_empty's)
+    return _empty_rank(Z.bn_mlp)
+
+
+def pool_empty():
+    """The same empty rank in a CNN with two convolutions and max pooling (no BatchNorm): where TF's oneDNN
+    kernels mishandle zero rows (Conv2D's shape, MaxPool's gradient aborts), Keras' stand-in row must hold."""
+    return _empty_rank(Z.pool_cnn, sync=False)
 
 
 # ---- 2. BatchNorm CNN, no sync: statistics averaged before eval and checkpoint ------------------------------
@@ -332,7 +337,7 @@ def reducers():
 record = {"backend": backend, "rank": LAUNCH_RANK, "seconds": {"start": round(time.perf_counter() - STARTED, 2)}}
 if Z.framework != "torch":
     # the channels TensorFlow's Conv2D gives an empty batch (4 filters on 1 channel): TF 2.21's oneDNN kernels on
-    # some CPUs (seen with AMX and AVX512-FP16) return the input's 1, which breaks an empty rank's step
+    # some CPUs (seen with AMX and AVX512-FP16) return the input's 1; the kit never runs zero rows on Keras
     try:
         import tensorflow as tf
         record["empty_conv_channels"] = int(tf.nn.conv2d(tf.zeros([0, 8, 8, 1]), tf.zeros([3, 3, 1, 4]), 1,

@@ -4,6 +4,7 @@ need: the one-process reference step and readers that take every observed value 
 
 Models (the same architecture in torch and Keras):
   bn_cnn       conv 3x3 -> BatchNorm -> ReLU -> dense, on 8x8x1 digit images; SGD with momentum
+  pool_cnn     conv 3x3 -> ReLU -> conv 3x3 -> ReLU -> max pool 2x2 -> dense, on the same images; Adam
   dropout_mlp  dense -> ReLU -> Dropout(0.5) -> dense; SGD with momentum
   mlp          dense -> tanh -> dense; Adam, AdamW (weight decay) or SGD with momentum
   token_model  tokens -> Embedding -> LayerNorm -> mean over the sequence -> dense (torch: optionally sparse)
@@ -56,6 +57,13 @@ class TorchZoo:
         model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                               nn.Linear(4 * 8 * 8, 10))
         return model, self.torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def pool_cnn(self, seed):
+        nn = self.nn
+        self.torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+        return model, self.torch.optim.Adam(model.parameters(), lr=0.01)
 
     def dropout_mlp(self, seed):
         nn = self.nn
@@ -165,8 +173,16 @@ class KerasZoo:
                                   L.ReLU(), L.Flatten(), L.Dense(10)])
         return model, keras.optimizers.SGD(0.05, momentum=0.9)
 
+    def pool_cnn(self, seed):
+        keras, L = self.keras, self.keras.layers
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, padding="same", activation="relu"),
+                                  L.Conv2D(8, 3, padding="same", activation="relu"), L.MaxPooling2D(), L.Flatten(),
+                                  L.Dense(10)])
+        return model, keras.optimizers.Adam(0.01)
+
     def bn_mlp(self, seed):
-        """BatchNorm without a convolution (TF's oneDNN Conv2D mishandles an empty batch on some CPUs)."""
+        """BatchNorm after a dense layer (no convolution)."""
         keras, L = self.keras, self.keras.layers
         keras.utils.set_random_seed(seed)
         model = keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(), L.Dense(16), L.BatchNormalization(), L.ReLU(),
