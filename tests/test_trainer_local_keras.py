@@ -380,16 +380,32 @@ Y49 = np.random.default_rng(9).integers(0, 3, size=49).astype(np.int64)
 IDLE = dict(QUIET, epochs=2, accumulation=2)   # 49 samples, 2 x 4 a step: the last step's micro-batches are [1, 0]
 
 
-def idle_fit(build, mode, sync, **config):
+class KerasLogs(keras.callbacks.Callback):
+    """What a user's Keras callback sees in ``fit``: every batch's and epoch's logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append(dict(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append(dict(logs))
+
+
+def idle_fit(build, mode, sync, x=X49, **config):
     model = build()
     optimizer = keras.optimizers.Adam(0.01)
-    if mode == "fit":
-        model.compile(optimizer=optimizer, loss=LOSS)
-        adapter = KerasFitAdapter(model)
+    logs = KerasLogs()
+    if mode == "fit":   # with a compiled metric Keras updates without sample weights
+        model.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"])
+        adapter = KerasFitAdapter(model, keras_callbacks=[logs])
     else:
         adapter = KerasAdapter(model, optimizer, LOSS)
     result = Trainer(adapter, TrainConfig(**dict(IDLE, sync_batchnorm=sync, **config)),
-                     process=LocalProcess()).fit((X49, Y49))
+                     process=LocalProcess()).fit((x, Y49))
+    result.keras_logs = logs.seen
     return result, model
 
 
@@ -416,10 +432,24 @@ def test_an_idle_micro_batch_on_a_stand_in_row_trains_as_on_zero_rows(monkeypatc
     with_stand_in, model = idle_fit(dense_bn, mode, sync)
     assert stand_ins and len(model.layers[2].moving_mean.numpy()) == 16
     assert len(ArrayFeed((X49, Y49)).idle_batch()[0]) == 1
-    monkeypatch.setattr(ArrayFeed, "idle_batch", IndexedFeed.empty_batch)   # zero rows: how it ran before
+    monkeypatch.setattr(ArrayFeed, "idle_batch", IndexedFeed.empty_batch)   # zero rows (as before, but flagged)
     with_zero_rows, reference = idle_fit(dense_bn, mode, sync)
     assert np.abs(flat(model) - flat(reference)).max() < 1e-6   # weights, BatchNorm's moving statistics
     assert abs(with_stand_in.history[-1]["loss"] - with_zero_rows.history[-1]["loss"]) < 1e-6
+    # fit: a user's Keras callbacks see the same training logs (running loss, accuracy), batch by batch
+    assert len(with_stand_in.keras_logs) == len(with_zero_rows.keras_logs) == (30 if mode == "fit" else 0)
+    for a, b in zip(with_stand_in.keras_logs, with_zero_rows.keras_logs):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-6 for k in a), (a, b)
+
+
+@pytest.mark.parametrize("mode", ["loop", "fit"])
+def test_a_stand_in_row_is_finite_where_the_first_sample_is_not(monkeypatch, mode):
+    # weight 0 cannot hide a NaN (it reaches the gradients backwards): the stand-in is the first finite sample, so
+    # a NaN in sample 0 fails its own step only, not also every epoch's last (idle) one
+    x = X49.copy()
+    x[0, 0, 0, 0] = np.nan
+    result, _ = idle_fit(dense_bn, mode, False, x=x, nonfinite="skip")
+    assert result.skipped_steps == 2 and result.global_step == 14   # sample 0's step in each epoch, no other
 
 
 def pooled_cnn():

@@ -78,6 +78,15 @@ def test_sync_batchnorm_with_an_empty_rank_equals_one_process(ranks):
     assert_empty_rank_equals_one_process(ranks, "bn_sync_empty")
 
 
+def test_sync_batchnorm_with_a_micro_batch_idle_on_every_rank_equals_one_process(ranks):
+    # Keras, accumulation 2, 49 images: the last step is [1, 0] samples on rank 0 and [0, 0] on rank 1
+    if backend(ranks) == "torch":
+        pytest.skip("Keras only")
+    a, b = scenario(ranks, "bn_sync_idle_everywhere")
+    assert (a["last_micro_batches"], b["last_micro_batches"]) == ([1, 0], [0, 0])
+    assert_empty_rank_equals_one_process(ranks, "bn_sync_idle_everywhere")
+
+
 def test_a_pooled_cnn_with_an_empty_rank_equals_one_process(ranks):
     # two convolutions and max pooling, no BatchNorm: on zero rows TF's oneDNN MaxPool gradient aborts the process
     # (on the CPUs where its Conv2D gives an empty batch the wrong channel count: recorded by the worker)

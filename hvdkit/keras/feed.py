@@ -113,9 +113,11 @@ class ArrayFeed(IndexedFeed):
         return self.x[ids], self.y[ids]
 
     def idle_batch(self):
-        """Sample 0 as a one-row stand-in (:mod:`hvdkit.keras.standin`): TF's oneDNN kernels mishandle zero rows."""
+        """The first sample whose features and labels are all finite, as a one-row stand-in
+        (:mod:`hvdkit.keras.standin`: TF's oneDNN kernels mishandle zero rows). Finite because weight 0 cannot hide
+        a NaN: it would reach the gradients through the backward pass and fail the step on every rank."""
         if not hasattr(self, "_stand_in"):
-            self._stand_in = self.fetch(np.zeros(1, dtype=np.int64))
+            self._stand_in = self.fetch(np.array([_first_finite(self.x, self.y)], dtype=np.int64))
         return self._stand_in
 
     def fit_input(self, steps: List[Step], rank: int, size: int,
@@ -139,6 +141,18 @@ class ArrayFeed(IndexedFeed):
             dataset = dataset.concatenate(tf.data.Dataset.from_tensors(part))
             cut += s
         return dataset.with_options(one_thread_options()), None
+
+
+def _first_finite(*arrays, chunk: int = 4096) -> int:
+    """The first row finite in every float array of ``arrays`` (0 if there is none, or nothing is a float)."""
+    floats = [a for a in arrays if np.issubdtype(a.dtype, np.floating)]
+    for lo in range(0, len(arrays[0]), chunk):
+        ok = np.ones(min(chunk, len(arrays[0]) - lo), bool)
+        for a in floats:
+            ok &= np.isfinite(a[lo:lo + chunk].reshape(len(ok), -1)).all(axis=1)
+        if ok.any():
+            return lo + int(np.argmax(ok))
+    return 0
 
 
 class StreamFeed(Feed):

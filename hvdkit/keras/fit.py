@@ -42,8 +42,9 @@ class _StepHooks(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.idle = not len(self.steps[batch // self.k].micro_batches[batch % self.k])
-        if self.idle:   # the stand-in row (standin): flagged, and Keras' running loss mean put back after it
-            self.tracker = [v.numpy() for v in self.model._loss_tracker.variables]
+        if self.idle:   # the stand-in row (standin): flagged, and Keras' metrics (its running loss mean, the
+            # compiled metrics, some of which take no sample weight) put back as they were after it
+            self.tracker = [v.numpy() for v in self._metric_variables()]
             standin.flag().assign(True)
         if batch % self.k == 0:
             self.before_step(self.steps[batch // self.k])
@@ -51,11 +52,17 @@ class _StepHooks(keras.callbacks.Callback):
                 self.buffers = self.adapter.buffers_before_step()
                 self.adapter._before_update()
 
+    def _metric_variables(self) -> list:
+        return [v for metric in self.model.metrics for v in metric.variables]
+
     def on_train_batch_end(self, batch, logs=None):
         if self.idle:
             standin.flag().assign(False)
-            for v, value in zip(self.model._loss_tracker.variables, self.tracker):
+            for v, value in zip(self._metric_variables(), self.tracker):
                 v.assign(value)
+            if logs is not None:   # the callbacks after this one see the batch's logs without the stand-in
+                logs.update({k: float(v) for k, v in self.model.get_metrics_result().items()
+                             if k in logs and np.ndim(v) == 0})
             self.restored = True
         if (batch + 1) % self.k:
             return
@@ -170,11 +177,11 @@ class KerasFitAdapter(KerasAdapter):
         model = self.model
 
         def counted_loss(loss):
-            call, weights = standin.split_losses(model, model.losses)
+            call, _ = standin.split_losses(model, model.losses)
             if not call:   # nothing a stand-in row adds but its weight-0 data loss: the loss as it is
                 return loss
-            kept = tf.add_n([tf.cast(w, loss.dtype) for w in weights]) if weights else tf.zeros((), loss.dtype)
-            return tf.where(standin.flag(), kept, loss)
+            # taken back out, not recomputed: a where() would run (and differentiate) both sides every step
+            return loss - tf.cast(standin.flag(), loss.dtype) * tf.cast(tf.add_n(call), loss.dtype)
 
         def clip_gradients(grads):
             reduced = adapter.process.allreduce_gradients(list(grads), compression=adapter.compression)

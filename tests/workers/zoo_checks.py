@@ -27,8 +27,8 @@ from hvdkit.sharding import plan_epoch  # noqa: E402
 from zoo_models import SEQ, VOCAB, zoo  # noqa: E402
 
 backend, out_dir = sys.argv[1], sys.argv[2]
-COMMON = ["bn_sync", "bn_sync_empty", "bn_sync_empty_dense", "pool_empty", "bn_local", "dropout", "optimizers",
-          "token", "regularized"]
+COMMON = ["bn_sync", "bn_sync_empty", "bn_sync_empty_dense", "bn_sync_idle_everywhere", "pool_empty", "bn_local",
+          "dropout", "optimizers", "token", "regularized"]
 ALL = COMMON + ["token_sparse", "reducers"] if backend == "torch" else COMMON
 scenarios = sys.argv[3].split(",") if len(sys.argv) > 3 else ALL
 Z = zoo(backend)
@@ -137,15 +137,17 @@ def bn_sync():
             "ref_stats": values(Z.stats(ref))}
 
 
-def _empty_rank(build, sync=True):
+def _empty_rank(build, sync=True, n=57, accumulation=1):
     """The last step leaves a rank with no sample (57 images: rank 0 holds 1, rank 1 none): ``build``'s model
     trained (with SyncBatchNorm if ``sync``), against one process."""
-    data = (XI[:57], YI[:57])
-    cfg = TrainConfig(epochs=1, batch_size=BATCH, sync_batchnorm=sync, **QUIET)
+    data = (XI[:n], YI[:n])
+    cfg = TrainConfig(epochs=1, batch_size=BATCH, sync_batchnorm=sync, accumulation=accumulation, **QUIET)
     model, adapter, result, _ = fit(build, data, cfg)
-    ref, _ = reference(build, data, 1, result.world_size)
+    ref, _ = reference(build, data, 1, result.world_size, accumulation)
+    last = plan_epoch(n, result.rank, result.world_size, BATCH, QUIET["seed"], 0, accumulation)[-1]
     return {"world": result.world_size, "steps": result.global_step,
-            "last_step_samples": last_step_samples(57, result), "layer_types": bn_layer_types(model),
+            "last_step_samples": last_step_samples(n, result), "layer_types": bn_layer_types(model),
+            "last_micro_batches": [len(ids) for ids in last.micro_batches],
             "params_maxdiff": maxdiff(Z.params(model), Z.params(ref)),
             "stats_maxdiff": maxdiff(Z.stats(model), Z.stats(ref)), "stats_crc": crc(Z.stats(model)),
             "params_crc": crc(Z.params(model))}
@@ -168,6 +170,14 @@ def bn_sync_empty_dense():
     if Z.framework == "torch":   # (one sample over all ranks leaves torch's BatchNorm1d one value per channel;
         return {"skipped": "Keras only"}   # torch's empty rank is bn_sync_empty's)
     return _empty_rank(Z.bn_mlp)
+
+
+def bn_sync_idle_everywhere():
+    """SyncBatchNorm with accumulation 2 on 49 images: the last step's second micro-batch holds no sample on any
+    rank (its moments must be the moving ones, not 0/0)."""
+    if Z.framework == "torch":
+        return {"skipped": "Keras only"}
+    return _empty_rank(Z.bn_cnn, n=49, accumulation=2)
 
 
 def pool_empty():
