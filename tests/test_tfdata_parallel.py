@@ -69,7 +69,8 @@ def test_embedding_gradients_with_an_empty_rank_do_not_hang(ranks, mode):
 
 
 def test_a_two_input_model_trains_through_a_ranks_empty_last_step(ranks):
-    # the same 49 examples as a dict of two inputs: rank 1's last step is empty, its inputs cut to zero rows each
+    # the same 49 examples as a dict of two inputs: rank 1's last step is empty; it runs on the stand-in (the
+    # stream's first example, every input of the dict), flagged
     for r in ranks:
         assert r["two_inputs_loop"] == {"steps": 14, "samples": 49, "finite": True}
 

@@ -410,8 +410,8 @@ def idle_fit(build, mode, sync, x=X49, **config):
 
 
 def dense_bn():
-    """Everything a stand-in row could leak into: BatchNorm's moments, an activity regularizer (a call loss), a
-    kernel regularizer (which must stay), dropout; no convolution, so zero rows work here too."""
+    """What a stand-in row could leak into: BatchNorm's moments, an activity regularizer (a call loss), dropout;
+    and a kernel regularizer; no convolution, so zero rows work here too."""
     keras.utils.set_random_seed(6)
     L = keras.layers
     return keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(), L.Dense(
@@ -430,9 +430,10 @@ def test_an_idle_micro_batch_on_a_stand_in_row_trains_as_on_zero_rows(monkeypatc
     real_idle = ArrayFeed.idle_batch
     monkeypatch.setattr(ArrayFeed, "idle_batch", lambda self: stand_ins.append(1) or real_idle(self))
     with_stand_in, model = idle_fit(dense_bn, mode, sync)
-    assert stand_ins and len(model.layers[2].moving_mean.numpy()) == 16
-    assert len(ArrayFeed((X49, Y49)).idle_batch()[0]) == 1
-    monkeypatch.setattr(ArrayFeed, "idle_batch", IndexedFeed.empty_batch)   # zero rows (as before, but flagged)
+    assert stand_ins and len(ArrayFeed((X49, Y49)).idle_batch()[0]) == 1   # one row stood in
+    # the reference: the same idle micro-batch on zero rows (flagged too: in one process SyncBatchNorm is the
+    # plain layer, whose zero-row moments the flag also keeps out; its Horovod path is the zoo's)
+    monkeypatch.setattr(ArrayFeed, "idle_batch", IndexedFeed.empty_batch)
     with_zero_rows, reference = idle_fit(dense_bn, mode, sync)
     assert np.abs(flat(model) - flat(reference)).max() < 1e-6   # weights, BatchNorm's moving statistics
     assert abs(with_stand_in.history[-1]["loss"] - with_zero_rows.history[-1]["loss"]) < 1e-6
@@ -453,8 +454,8 @@ def test_a_stand_in_row_is_finite_where_the_first_sample_is_not(monkeypatch, mod
 
 
 def pooled_cnn():
-    """Convolutions and max pooling: on an empty batch TF's oneDNN Conv2D gives the wrong shape or fails and
-    MaxPool's gradient aborts the process, on CPUs with AMX/AVX512-FP16 (README "Empty ranks")."""
+    """Two convolutions, BatchNorm and max pooling: on an empty batch TF's oneDNN Conv2D gives the wrong shape or
+    fails and MaxPool's gradient aborts the process, on CPUs with AMX/AVX512-FP16 (README "Empty ranks")."""
     keras.utils.set_random_seed(7)
     L = keras.layers
     return keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, padding="same", activation="relu"),
@@ -470,3 +471,17 @@ def test_an_idle_micro_batch_trains_a_pooled_cnn_alike_in_both_adapters():
         finals[mode] = flat(model)
     assert np.abs(finals["loop"] - finals["fit"]).max() < 1e-5
     assert np.abs(finals["loop"] - flat(pooled_cnn())).max() > 1e-3   # it trained
+
+
+def test_a_stand_in_drops_the_call_losses_and_keeps_the_weight_regularizers():
+    from hvdkit.keras import standin
+    model = dense_bn()
+    model(X49[:2], training=True)   # the call losses (here the activity regularizer's) of this call
+    weights = [v.regularizer(v) for v in model.trainable_weights if v.regularizer is not None]
+    assert len(weights) == 1 and len(model.losses) == 2
+    total = float(tf.add_n(model.losses))
+    assert float(standin.uncounted(model, tf.float32)) == 0.0   # not flagged: everything counts
+    with standin.idle():
+        kept = total - float(standin.uncounted(model, tf.float32))
+    assert abs(kept - float(weights[0])) < 1e-6 and abs(total - kept) > 1e-3
+    assert standin.uncounted(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), tf.float32) is None

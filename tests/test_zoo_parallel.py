@@ -89,7 +89,7 @@ def test_sync_batchnorm_with_a_micro_batch_idle_on_every_rank_equals_one_process
 
 def test_a_pooled_cnn_with_an_empty_rank_equals_one_process(ranks):
     # two convolutions and max pooling, no BatchNorm: on zero rows TF's oneDNN MaxPool gradient aborts the process
-    # (on the CPUs where its Conv2D gives an empty batch the wrong channel count: recorded by the worker)
+    # on some CPUs (README "Empty ranks"); Keras runs the idle rank on a stand-in row instead
     a = assert_empty_rank_equals_one_process(ranks, "pool_empty")
     assert not a["layer_types"]   # no BatchNorm: the stand-in row alone
 

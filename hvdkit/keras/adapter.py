@@ -139,7 +139,7 @@ class AnyBatchSize:
     stall of the whole graph's tracing (0.5 s on a two-layer model here, seconds on a large one) while the other
     ranks wait in the step's collectives. Before the first call with a ``training`` value this traces the step on
     the inputs' specs with the batch dimension unknown, as hvdkit's ``fit`` path (and Keras' ``fit`` on a tf.data
-    input) does; every batch size then runs that one graph. (An empty micro-batch without SyncBatchNorm runs with
+    input) does; every batch size then runs that one graph. (An idle micro-batch without SyncBatchNorm runs with
     ``training=False``, its own graph, traced when the first one comes, as before.)
 
     Example::
@@ -356,17 +356,21 @@ class KerasAdapter(Adapter):
         return clipped
 
     def _grads(self, x, y, weight, training=True):
-        """Data loss and gradients of ``weight * loss + regularization / accumulation`` (the regularization
-        joins every micro-batch, an empty one too, so the averaged gradient carries it exactly once).
+        """Data loss and gradients of ``weight * loss + regularization / accumulation`` (the weight regularizers
+        join every micro-batch, an idle one too, so the averaged gradient carries them exactly once; a stand-in's
+        call losses are taken out, :func:`.standin.uncounted`).
         ``training=False`` only for a stand-in without SyncBatchNorm: BatchNormalization would fold the stand-in
         row's moments into its moving statistics."""
         with tf.GradientTape() as tape:
             outputs = self.model(x, training=training)
-            loss = tf.reduce_sum(self.loss_fn(y, outputs))   # an empty batch gives an empty loss: 0 here
+            loss = tf.reduce_sum(self.loss_fn(y, outputs))   # a stand-in's counts for nothing: weight 0
             scaled = loss * tf.cast(weight, loss.dtype)
-            if self.model.losses:  # kernel/activity regularizers, as Keras' own fit adds them (a stand-in's
-                scaled += standin.counted_regularization(self.model, self.model.losses, scaled.dtype) \
-                    / self.accumulation   # activity ones dropped)
+            if self.model.losses:  # kernel/activity regularizers, as Keras' own fit adds them
+                regularization = tf.cast(tf.add_n(self.model.losses), scaled.dtype)
+                dropped = standin.uncounted(self.model, scaled.dtype)
+                if dropped is not None:
+                    regularization -= dropped
+                scaled += regularization / self.accumulation
             if self.nonfinite != "off":
                 scaled += poison(loss, self._smallest_variable())
         variables = self.model.trainable_variables

@@ -41,27 +41,27 @@ def make_feed(data: Any) -> Feed:
 def with_ids(step: Step, ids, n: int) -> Step:
     """``step`` naming the sample ids it trains.
 
-    A stream whose true count differs from ``n`` may give fewer ids than the plan (an empty batch stands in
-    for missing examples); the step still runs on every rank, and the epoch's end reports the wrong count
+    A stream whose true count differs from ``n`` may give fewer ids than the plan (the stand-in row, with no
+    id, fills in for missing examples); the step still runs on every rank, and the epoch's end reports the wrong count
     (:meth:`StreamFeed.check_tally`) with the same error on every rank.
     """
     return dataclasses.replace(step, micro_batches=[np.asarray(ids)])
 
 
-def conform(batches: tf.data.Dataset, planned: int, batch_size: int, empty, tally: tf.Variable) -> tf.data.Dataset:
+def conform(batches: tf.data.Dataset, planned: int, batch_size: int, idle, tally: tf.Variable) -> tf.data.Dataset:
     """The ``ceil(planned / batch_size)`` batches a plan for ``planned`` examples expects, whatever ``batches``
     (``(ids, (x, y))`` of ``batch_size``, the last maybe short) really holds; count its examples on the way.
 
     A wrong declared count must not make one rank run more or fewer steps than the others (they would wait
     in a collective for it): examples past ``planned`` are read but dropped, missing batches replaced by
-    ``empty`` (zero rows). The last planned batch is only given out once ``batches`` ran out, so by the end
+    ``idle`` (no id, the stand-in row). The last planned batch is only given out once ``batches`` ran out, so by the end
     of the epoch ``tally`` holds ``[examples found, 1]`` even under Keras' ``fit``, which stops pulling after
     the last step: the price is reading the tail after this rank's share (a few examples when the count is
     right), not a second pass. Per batch, not per example: a scan over examples cost ~100 us each here.
     """
     k = -(-planned // batch_size)
     last = planned - (k - 1) * batch_size
-    end = tf.data.Dataset.from_tensors((empty, tf.constant(True)))
+    end = tf.data.Dataset.from_tensors((idle, tf.constant(True)))
     tagged = batches.map(_not_end, num_parallel_calls=1).concatenate(end)
     k_t, last_t = tf.constant(k, tf.int64), tf.constant(last, tf.int32)
 
@@ -81,8 +81,8 @@ def conform(batches: tf.data.Dataset, planned: int, batch_size: int, empty, tall
         return (count, index, held), (out, emit)
 
     zero = tf.constant(0, tf.int64)
-    out = tagged.scan((zero, zero, empty), step).filter(_emitted).map(_batch, num_parallel_calls=1)
-    return out.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(k)
+    out = tagged.scan((zero, zero, idle), step).filter(_emitted).map(_batch, num_parallel_calls=1)
+    return out.concatenate(tf.data.Dataset.from_tensors(idle).repeat()).take(k)
 
 
 def _not_end(ids, xy):
@@ -217,13 +217,13 @@ class StreamFeed(Feed):
         self._planned = sum(len(s.micro_batches[0]) for s in steps)
         weights = [s.weights[0] for s in steps if len(s.micro_batches[0])]
         filler_x, filler_y = tf.nest.map_structure(lambda t: t[None], self._filler_row()[1])
-        empty = (tf.zeros([0], tf.int64), (filler_x, filler_y))
+        idle = (tf.zeros([0], tf.int64), (filler_x, filler_y))   # the stand-in row, no id
         self._tally.assign([0, 0])
         rows = self.source.segment_dataset(rank, seed, epoch, segments).skip(done).batch(batch_size)
         # Once this rank's stream held exactly what the plan said (an epoch read to its end), the count is
         # right for good (the pipeline must repeat itself) and the plain batches are used: building the
         # counting pipeline costs ~150 ms of tracing per epoch here, too much for small epochs.
-        real = rows if self._verified else conform(rows, self._planned, batch_size, empty, self._tally)
+        real = rows if self._verified else conform(rows, self._planned, batch_size, idle, self._tally)
         ds = tf.data.Dataset.zip((real, tf.data.Dataset.from_tensor_slices(tf.constant(weights, tf.float32))))
         ds = ds.map(lambda batch, w: (batch[1][0], batch[1][1], w, batch[0]), num_parallel_calls=1)
         if len(steps) > len(weights):

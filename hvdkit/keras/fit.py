@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from ..errors import HvdkitError
 from ..sharding import Step
@@ -38,13 +37,13 @@ class _StepHooks(keras.callbacks.Callback):
         self.base_sum, self.seen = 0.0, 0  # good steps' loss before Keras' running mean restarted; samples since
         self.done, self.stopped = 0, False
         self.buffers = None  # skip mode: the buffers before the step (KerasAdapter.buffers_before_step)
-        self.idle, self.tracker, self.restored = False, None, False   # this batch a stand-in; the running mean
+        self.idle, self.metric_state = False, []   # this batch a stand-in; then Keras' metric variables before it
 
     def on_train_batch_begin(self, batch, logs=None):
         self.idle = not len(self.steps[batch // self.k].micro_batches[batch % self.k])
         if self.idle:   # the stand-in row (standin): flagged, and Keras' metrics (its running loss mean, the
-            # compiled metrics, some of which take no sample weight) put back as they were after it
-            self.tracker = [v.numpy() for v in self._metric_variables()]
+            # compiled metrics, some of which take no sample weight) put back as they were before it
+            self.metric_state = [(v, v.numpy()) for metric in self.model.metrics for v in metric.variables]
             standin.flag().assign(True)
         if batch % self.k == 0:
             self.before_step(self.steps[batch // self.k])
@@ -52,25 +51,19 @@ class _StepHooks(keras.callbacks.Callback):
                 self.buffers = self.adapter.buffers_before_step()
                 self.adapter._before_update()
 
-    def _metric_variables(self) -> list:
-        return [v for metric in self.model.metrics for v in metric.variables]
-
     def on_train_batch_end(self, batch, logs=None):
         if self.idle:
             standin.flag().assign(False)
-            for v, value in zip(self._metric_variables(), self.tracker):
+            for v, value in self.metric_state:
                 v.assign(value)
-            if logs is not None:   # the callbacks after this one see the batch's logs without the stand-in
+            if logs is not None:   # this hook's running loss below and the callbacks after it: without the row
                 logs.update({k: float(v) for k, v in self.model.get_metrics_result().items()
                              if k in logs and np.ndim(v) == 0})
-            self.restored = True
         if (batch + 1) % self.k:
             return
         step = self.steps[batch // self.k]
         here = sum(len(ids) for ids in step.micro_batches)
-        # Keras reports the epoch's running mean (read back from its tracker where a stand-in was taken out)
-        running = float(self.model._loss_tracker.result() if self.restored else logs["loss"])
-        self.restored = False
+        running = float(logs["loss"])  # Keras reports the epoch's running mean
         self.seen += here
         if self.adapter is None or self.adapter.nonfinite == "off" or self.adapter.last_step_finite()[0]:
             self.count += here
@@ -130,7 +123,7 @@ class KerasFitAdapter(KerasAdapter):
             # Keras accumulates k micro-batch gradients and applies their mean every k-th call.
             self.optimizer.gradient_accumulation_steps = accumulation
         super().prepare(lr_factor, accumulation, sync_batchnorm, clip_grad_norm, precision, shard_optimizer)
-        make_empty_safe_batchnorm(self.model)  # an empty last-step batch must not poison moving statistics
+        make_empty_safe_batchnorm(self.model)  # an idle micro-batch's stand-in must not enter moving statistics
         # Horovod's TF ops have no XLA kernels, and Keras' jit_compile="auto" would compile train_step.
         self.model.jit_compile = False
         self.model.train_function = None
@@ -177,11 +170,8 @@ class KerasFitAdapter(KerasAdapter):
         model = self.model
 
         def counted_loss(loss):
-            call, _ = standin.split_losses(model, model.losses)
-            if not call:   # nothing a stand-in row adds but its weight-0 data loss: the loss as it is
-                return loss
-            # taken back out, not recomputed: a where() would run (and differentiate) both sides every step
-            return loss - tf.cast(standin.flag(), loss.dtype) * tf.cast(tf.add_n(call), loss.dtype)
+            dropped = standin.uncounted(model, loss.dtype)   # a stand-in's call losses (its data loss has weight 0)
+            return loss if dropped is None else loss - dropped
 
         def clip_gradients(grads):
             reduced = adapter.process.allreduce_gradients(list(grads), compression=adapter.compression)

@@ -4,14 +4,16 @@ A rank with no sample left in a step (the short last step of an epoch, or an emp
 still runs the model: its step holds collectives (the gradient allreduce, SyncBatchNormalization's sums)
 every rank must join. TensorFlow 2.21's oneDNN kernels mishandle zero-row batches on some CPUs (seen with AMX
 and AVX512-FP16): Conv1D/2D/3D and SeparableConv give a wrong shape or fail, and MaxPooling's gradient aborts
-the process. So the Keras feeds give such a micro-batch one real row (the dataset's first example) with weight
-0, and everything that could let that row count reads :func:`flag` instead:
+the process. So the Keras feeds give such a micro-batch one real row (for arrays the first sample whose values
+are all finite, for tf.data the first example) with weight 0, and everything that could let that row count
+reads :func:`flag` instead:
 
 - the loss: weight 0, and the losses layers add while called (activity regularizers, ``add_loss``) are
-  dropped; the weight regularizers stay, as on every micro-batch (:func:`split_losses`);
+  taken out (:func:`uncounted`); the weight regularizers stay, as on every micro-batch;
 - SyncBatchNormalization leaves the row out of its sums; the fit path's BatchNormalization keeps its moving
   statistics (the loop runs an idle micro-batch without SyncBatchNorm with ``training=False``);
-- ``model.fit``'s running loss mean is put back as it was before the idle batch.
+- ``model.fit``'s metrics (the running loss, compiled metrics) and the batch's logs are put back as they were
+  before the stand-in batch.
 
 Example::
 
@@ -52,21 +54,19 @@ def idle():
         flag().assign(False)
 
 
-def split_losses(model, losses) -> tuple:
-    """``(call losses, weight regularization losses)`` of ``model.losses`` as given in ``losses``.
-
-    Keras 3 lists the losses added while the layers ran (``add_loss``, activity regularizers) first and one
-    loss per trainable variable with a regularizer last (``Layer.losses``)."""
+def call_losses(model) -> list:
+    """The losses ``model``'s layers added while last called (``add_loss``, activity regularizers): Keras 3's
+    ``Layer.losses`` lists them first and one loss per trainable variable with a regularizer last."""
+    losses = model.losses
     weights = sum(1 for v in model.trainable_weights if getattr(v, "regularizer", None) is not None)
-    cut = len(losses) - weights
-    return list(losses[:cut]), list(losses[cut:])
+    return list(losses[:len(losses) - weights])
 
 
-def counted_regularization(model, losses, dtype) -> tf.Tensor:
-    """``sum(losses)`` with the call losses dropped while a stand-in runs (the flag is read only when there are
-    call losses: a model without them traces no read)."""
-    call, weights = split_losses(model, losses)
-    total = tf.cast(tf.add_n(weights), dtype) if weights else tf.zeros((), dtype)
-    if call:
-        total += tf.cast(tf.add_n(call), dtype) * keep(dtype)
-    return total
+def uncounted(model, dtype):
+    """What a stand-in must not add to ``sum(model.losses)``: the call losses while :func:`flag` is set, 0
+    otherwise; None for a model without call losses (then nothing reads the flag). Taken out of the sum rather
+    than the sum rebuilt without them, so a micro-batch with samples adds exactly what it did before."""
+    call = call_losses(model)
+    if not call:
+        return None
+    return tf.cast(flag(), dtype) * tf.cast(tf.add_n(call), dtype)

@@ -4,9 +4,9 @@ Horovod's ``hvd.SyncBatchNormalization`` does not work on Keras 3 (it passes ``f
 BatchNormalization rejects), and Keras' own ``synchronized=True`` needs a tf.distribute strategy. This layer
 overrides only how the batch moments are computed: per channel, each rank's sum, sum of squares and count
 (float64) are summed over ranks in one allreduce (differentiable: its gradient is an allreduce too). A rank
-with no samples in a step calls it on a stand-in row (:mod:`hvdkit.keras.standin`) and adds zeros. Without
-Horovod running
-(``LocalProcess``) it is plain BatchNormalization.
+with no samples in a step calls it on a stand-in row (:mod:`hvdkit.keras.standin`) and adds zeros; with no
+sample on any rank the moving statistics stand in. Without Horovod running (``LocalProcess``) it is
+:class:`EmptySafeBatchNormalization`.
 
 Example::
 
@@ -41,8 +41,8 @@ class EmptySafeBatchNormalization(keras.layers.BatchNormalization):
     def _moments(self, inputs, mask):
         mean, variance = super()._moments(inputs, mask)
         moving = (tf.cast(self.moving_mean, mean.dtype), tf.cast(self.moving_variance, variance.dtype))
-        counts = tf.logical_and(tf.size(inputs) > 0, tf.logical_not(standin.flag()))
-        return tf.cond(counts, lambda: (mean, variance), lambda: moving)
+        any_sample = tf.logical_and(tf.size(inputs) > 0, tf.logical_not(standin.flag()))
+        return tf.cond(any_sample, lambda: (mean, variance), lambda: moving)
 
 
 @keras.saving.register_keras_serializable(package="hvdkit")
@@ -71,13 +71,13 @@ class SyncBatchNormalization(EmptySafeBatchNormalization):
                               ignore_name_scope=True)
         channels = tf.size(local) // 2
         n = total[-1]
-        counts = n > 0   # no sample on any rank (an accumulation micro-batch idle everywhere): moving statistics
+        any_sample = n > 0   # no sample on any rank (an accumulation micro-batch idle everywhere): moving statistics
         mean = total[:channels] / tf.maximum(n, 1.0)   # no 0/0: a NaN would reach the gradient through the where
         variance = tf.maximum(total[channels:2 * channels] / tf.maximum(n, 1.0) - mean * mean, 0.0)
         shape = tf.shape(tf.reduce_sum(tf.cast(inputs, tf.float32), axes, keepdims=False))
         mean, variance = (tf.cast(tf.reshape(v, shape), inputs.dtype) for v in (mean, variance))
-        return (tf.where(counts, mean, tf.cast(self.moving_mean, mean.dtype)),
-                tf.where(counts, variance, tf.cast(self.moving_variance, variance.dtype)))
+        return (tf.where(any_sample, mean, tf.cast(self.moving_mean, mean.dtype)),
+                tf.where(any_sample, variance, tf.cast(self.moving_variance, variance.dtype)))
 
 
 def make_sync_batchnorm(model: keras.Model) -> int:

@@ -120,8 +120,8 @@ for mode in ("loop", "fit"):
     emb_result = Trainer(emb_adapter, TrainConfig(**cfg)).fit(
         TFStream(tf.data.Dataset.from_tensor_slices((tokens, Y[:49])), n=49))
     record[f"embedding_{mode}"] = {"steps": emb_result.global_step, "samples": emb_result.train_samples_per_epoch}
-# A two-input model (a dict of inputs) through the same uneven stream, in the loop: rank 1's empty last step cuts
-# every input to zero rows (slicing the dict itself raised TypeError there).
+# A two-input model (a dict of inputs) through the same uneven stream, in the loop: rank 1's empty last step runs
+# on the stand-in row, a dict of one-row inputs.
 keras.utils.set_random_seed(5)
 a, b = keras.Input(shape=(4,), name="a"), keras.Input(shape=(2,), name="b")
 two = keras.Model({"a": a, "b": b}, keras.layers.Dense(3)(keras.layers.Concatenate()([a, b])))
