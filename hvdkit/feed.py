@@ -25,10 +25,9 @@ class MicroBatch(NamedTuple):
     """One backward pass on one rank: ``count`` samples whose mean loss is multiplied by ``weight``.
 
     ``count == 0`` (a rank with nothing left in the short last step, or an empty accumulation micro-batch):
-    ``inputs``/``targets`` are a batch that
-    must not count (:meth:`IndexedFeed.idle_batch`): zero rows of the right shape, or for Keras one stand-in row
-    (or None where the source cannot make one); the adapter still joins the step's collectives with a zero
-    gradient.
+    ``inputs``/``targets`` are a batch that must not count (:meth:`IndexedFeed.idle_batch`): zero rows of the
+    right shape, or for Keras one stand-in row (or None where the source cannot make one); the adapter still
+    joins the step's collectives with a zero gradient.
     """
     inputs: Any
     targets: Any

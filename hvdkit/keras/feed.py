@@ -42,8 +42,8 @@ def with_ids(step: Step, ids, n: int) -> Step:
     """``step`` naming the sample ids it trains.
 
     A stream whose true count differs from ``n`` may give fewer ids than the plan (the stand-in row, with no
-    id, fills in for missing examples); the step still runs on every rank, and the epoch's end reports the wrong count
-    (:meth:`StreamFeed.check_tally`) with the same error on every rank.
+    id, fills in for missing examples); the step still runs on every rank, and the epoch's end reports the
+    wrong count (:meth:`StreamFeed.check_tally`) with the same error on every rank.
     """
     return dataclasses.replace(step, micro_batches=[np.asarray(ids)])
 
@@ -54,10 +54,10 @@ def conform(batches: tf.data.Dataset, planned: int, batch_size: int, idle, tally
 
     A wrong declared count must not make one rank run more or fewer steps than the others (they would wait
     in a collective for it): examples past ``planned`` are read but dropped, missing batches replaced by
-    ``idle`` (no id, the stand-in row). The last planned batch is only given out once ``batches`` ran out, so by the end
-    of the epoch ``tally`` holds ``[examples found, 1]`` even under Keras' ``fit``, which stops pulling after
-    the last step: the price is reading the tail after this rank's share (a few examples when the count is
-    right), not a second pass. Per batch, not per example: a scan over examples cost ~100 us each here.
+    ``idle`` (no id, the stand-in row). The last planned batch is only given out once ``batches`` ran out, so
+    by the end of the epoch ``tally`` holds ``[examples found, 1]`` even under Keras' ``fit``, which stops
+    pulling after the last step: the price is reading the tail after this rank's share (a few examples when the
+    count is right), not a second pass. Per batch, not per example: a scan over examples cost ~100 us each here.
     """
     k = -(-planned // batch_size)
     last = planned - (k - 1) * batch_size
