@@ -40,9 +40,12 @@ class EmptySafeBatchNormalization(keras.layers.BatchNormalization):
 
     def _moments(self, inputs, mask):
         mean, variance = super()._moments(inputs, mask)
-        moving = (tf.cast(self.moving_mean, mean.dtype), tf.cast(self.moving_variance, variance.dtype))
         any_sample = tf.logical_and(tf.size(inputs) > 0, tf.logical_not(standin.flag()))
-        return tf.cond(any_sample, lambda: (mean, variance), lambda: moving)
+        return tf.cond(any_sample, lambda: (mean, variance), lambda: self._moving_moments(mean.dtype))
+
+    def _moving_moments(self, dtype):
+        """The moving statistics as this batch's moments: Keras' update then leaves them where they are."""
+        return tf.cast(self.moving_mean, dtype), tf.cast(self.moving_variance, dtype)
 
 
 @keras.saving.register_keras_serializable(package="hvdkit")
@@ -76,8 +79,8 @@ class SyncBatchNormalization(EmptySafeBatchNormalization):
         variance = tf.maximum(total[channels:2 * channels] / tf.maximum(n, 1.0) - mean * mean, 0.0)
         shape = tf.shape(tf.reduce_sum(tf.cast(inputs, tf.float32), axes, keepdims=False))
         mean, variance = (tf.cast(tf.reshape(v, shape), inputs.dtype) for v in (mean, variance))
-        return (tf.where(any_sample, mean, tf.cast(self.moving_mean, mean.dtype)),
-                tf.where(any_sample, variance, tf.cast(self.moving_variance, variance.dtype)))
+        moving_mean, moving_variance = self._moving_moments(inputs.dtype)
+        return tf.where(any_sample, mean, moving_mean), tf.where(any_sample, variance, moving_variance)
 
 
 def make_sync_batchnorm(model: keras.Model) -> int:
